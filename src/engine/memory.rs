@@ -1,0 +1,369 @@
+//! The embedded engine: one node, everything in process memory.
+//!
+//! History is bounded per conversation (`chat.history_max_messages`, oldest
+//! dropped first) and lost on restart; the server says so in its start-up log.
+//! Each conversation has its own lock; a message is stored and handed to the
+//! hub under that lock, so every connection sees a conversation's messages in
+//! `seq` order.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::Arc,
+};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+
+use super::{
+    Appended, Counters, Engine, Group, MembershipChange, MessagePage, NewMessage, Page, ReceiptRow, Route,
+    StoredMessage,
+};
+use crate::{
+    error::EngineResult,
+    hub::{Event, EventKind, Hub, Topic, now_us},
+    protocol::{ConversationObject, MessageFrame, SenderRef, render},
+};
+
+#[derive(Default)]
+struct Conversation {
+    /// Retained messages, ascending; `messages[i].seq == first_seq + i`.
+    messages: VecDeque<StoredMessage>,
+    last_seq: u64,
+    /// `(sender, client_msg_id)` -> seq, for retained messages.
+    idempotency: HashMap<(Arc<str>, Arc<str>), u64>,
+    receipts: HashMap<String, (u64, u64)>,
+    group: Option<Group>,
+    open_members: BTreeSet<String>,
+}
+
+impl Conversation {
+    fn first_seq(&self) -> u64 {
+        self.messages.front().map_or(self.last_seq + 1, |m| m.seq)
+    }
+
+    fn index_of(&self, seq: u64) -> usize {
+        // seq <= first: 0; seq beyond the end: len.
+        (seq.saturating_sub(self.first_seq()) as usize).min(self.messages.len())
+    }
+
+    fn object(&self, id: &str) -> ConversationObject {
+        let g = self.group.as_ref();
+        ConversationObject {
+            id: id.to_string(),
+            title: g.map(|g| g.title.clone()).unwrap_or_default(),
+            members: g.map(|g| g.members.clone()).unwrap_or_default(),
+            last_seq: self.last_seq,
+        }
+    }
+}
+
+pub struct MemoryEngine {
+    hub: Arc<Hub>,
+    max_messages: usize,
+    convs: RwLock<HashMap<String, Arc<Mutex<Conversation>>>>,
+    /// user -> group conversations and direct conversations with messages.
+    user_index: RwLock<HashMap<String, BTreeSet<String>>>,
+    /// user -> open connections on this node.
+    presence: Mutex<HashMap<String, usize>>,
+}
+
+impl MemoryEngine {
+    pub fn new(hub: Arc<Hub>, max_messages: usize) -> Self {
+        Self {
+            hub,
+            max_messages: max_messages.max(1),
+            convs: RwLock::default(),
+            user_index: RwLock::default(),
+            presence: Mutex::default(),
+        }
+    }
+
+    fn conv(&self, id: &str) -> Arc<Mutex<Conversation>> {
+        if let Some(c) = self.convs.read().get(id) {
+            return c.clone();
+        }
+        self.convs.write().entry(id.to_string()).or_default().clone()
+    }
+
+    fn existing(&self, id: &str) -> Option<Arc<Mutex<Conversation>>> {
+        self.convs.read().get(id).cloned()
+    }
+
+    fn dispatch(&self, route: &Route, event: &Event) {
+        for topic in route {
+            self.hub.dispatch(topic, event);
+        }
+    }
+
+    fn index_members(&self, conv: &str, added: &[String], removed: &[String]) {
+        let mut idx = self.user_index.write();
+        for u in added {
+            idx.entry(u.clone()).or_default().insert(conv.to_string());
+        }
+        for u in removed {
+            if let Some(set) = idx.get_mut(u) {
+                set.remove(conv);
+            }
+        }
+    }
+}
+
+fn normalise(members: Vec<String>) -> Vec<String> {
+    let set: BTreeSet<String> = members.into_iter().collect();
+    set.into_iter().collect()
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn ready(&self) -> bool {
+        true
+    }
+
+    async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Appended> {
+        let conv = self.conv(&msg.conversation);
+        let first_message;
+        let appended = {
+            let mut c = conv.lock();
+            let sender: Arc<str> = msg.sender.id.as_str().into();
+            let cmid: Arc<str> = msg.client_msg_id.as_str().into();
+            if let Some(&seq) = c.idempotency.get(&(sender.clone(), cmid.clone())) {
+                let i = c.index_of(seq);
+                let ts_ms = c.messages[i].ts_ms;
+                return Ok(Appended { seq, ts_ms, duplicate: true });
+            }
+            let seq = c.last_seq + 1;
+            let stored = StoredMessage {
+                seq,
+                ts_ms: msg.ts_ms,
+                sender_id: sender.clone(),
+                sender_name: msg.sender.name.as_str().into(),
+                body: msg.body.as_str().into(),
+                client_msg_id: cmid.clone(),
+            };
+            let frame = render(&MessageFrame {
+                ty: "message",
+                conversation: &msg.conversation,
+                seq,
+                ts: msg.ts_ms,
+                sender: SenderRef { id: &msg.sender.id, name: &msg.sender.name },
+                body: &msg.body,
+                client_msg_id: &msg.client_msg_id,
+            });
+            c.last_seq = seq;
+            c.messages.push_back(stored);
+            c.idempotency.insert((sender, cmid), seq);
+            while c.messages.len() > self.max_messages {
+                if let Some(old) = c.messages.pop_front() {
+                    c.idempotency.remove(&(old.sender_id, old.client_msg_id));
+                }
+            }
+            first_message = seq == 1;
+            let mut event = Event::new(EventKind::Message, frame);
+            event.stored_at_us = Some(now_us());
+            // Under the conversation lock: delivery order is seq order.
+            self.dispatch(route, &event);
+            Appended { seq, ts_ms: msg.ts_ms, duplicate: false }
+        };
+        if first_message && let Some(pair) = &msg.participants {
+            self.index_members(&msg.conversation, pair, &[]);
+        }
+        Ok(appended)
+    }
+
+    async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage> {
+        let Some(conv) = self.existing(conversation) else {
+            return Ok(MessagePage::default());
+        };
+        let c = conv.lock();
+        let (from, to, has_more) = match page {
+            Page::Before(before, limit) => {
+                let end = before.map_or(c.messages.len(), |b| c.index_of(b));
+                let start = end.saturating_sub(limit);
+                (start, end, start > 0)
+            }
+            Page::After(after, limit) => {
+                let start = c.index_of(after.saturating_add(1));
+                let end = (start + limit).min(c.messages.len());
+                (start, end, end < c.messages.len())
+            }
+        };
+        Ok(MessagePage { messages: c.messages.range(from..to).cloned().collect(), has_more })
+    }
+
+    async fn last_seq(&self, conversation: &str) -> EngineResult<u64> {
+        Ok(self.existing(conversation).map_or(0, |c| c.lock().last_seq))
+    }
+
+    async fn set_receipt(
+        &self,
+        conversation: &str,
+        user: &str,
+        seq: u64,
+        read: bool,
+    ) -> EngineResult<Option<ReceiptRow>> {
+        let conv = self.conv(conversation);
+        let mut c = conv.lock();
+        let entry = c.receipts.entry(user.to_string()).or_default();
+        let before = *entry;
+        entry.0 = entry.0.max(seq);
+        if read {
+            entry.1 = entry.1.max(seq);
+        }
+        let after = *entry;
+        Ok((after != before).then(|| ReceiptRow { user: user.to_string(), delivered_seq: after.0, read_seq: after.1 }))
+    }
+
+    async fn receipts(&self, conversation: &str) -> EngineResult<Vec<ReceiptRow>> {
+        let Some(conv) = self.existing(conversation) else {
+            return Ok(Vec::new());
+        };
+        let c = conv.lock();
+        let mut rows: Vec<ReceiptRow> = c
+            .receipts
+            .iter()
+            .map(|(u, (d, r))| ReceiptRow { user: u.clone(), delivered_seq: *d, read_seq: *r })
+            .collect();
+        rows.sort_by(|a, b| a.user.cmp(&b.user));
+        Ok(rows)
+    }
+
+    async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
+        Ok(self.existing(conversation).and_then(|c| c.lock().group.clone()))
+    }
+
+    async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange> {
+        let conv = self.conv(conversation);
+        let change = {
+            let mut c = conv.lock();
+            let members = normalise(members);
+            let old: BTreeSet<String> =
+                c.group.as_ref().map(|g| g.members.iter().cloned().collect()).unwrap_or_default();
+            let new: BTreeSet<String> = members.iter().cloned().collect();
+            let added = new.difference(&old).cloned().collect();
+            let removed = old.difference(&new).cloned().collect();
+            c.group = Some(Group { title: title.to_string(), members });
+            MembershipChange { conversation: c.object(conversation), added, removed }
+        };
+        self.index_members(conversation, &change.added, &change.removed);
+        Ok(change)
+    }
+
+    async fn update_group(
+        &self,
+        conversation: &str,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> EngineResult<Option<MembershipChange>> {
+        let Some(conv) = self.existing(conversation) else {
+            return Ok(None);
+        };
+        let change = {
+            let mut c = conv.lock();
+            let Some(group) = c.group.as_mut() else {
+                return Ok(None);
+            };
+            let mut set: BTreeSet<String> = group.members.iter().cloned().collect();
+            let mut added = Vec::new();
+            let mut removed = Vec::new();
+            for u in normalise(remove) {
+                if set.remove(&u) {
+                    removed.push(u);
+                }
+            }
+            for u in normalise(add) {
+                if set.insert(u.clone()) {
+                    // A user both removed and added in one call ends up a member.
+                    removed.retain(|r| *r != u);
+                    added.push(u);
+                }
+            }
+            group.members = set.into_iter().collect();
+            MembershipChange { conversation: c.object(conversation), added, removed }
+        };
+        self.index_members(conversation, &change.added, &change.removed);
+        Ok(Some(change))
+    }
+
+    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>> {
+        Ok(self.user_index.read().get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
+        Ok(conversations
+            .iter()
+            .map(|id| {
+                let Some(conv) = self.existing(id) else {
+                    return Counters::default();
+                };
+                let c = conv.lock();
+                let read_seq = c.receipts.get(user).map_or(0, |r| r.1);
+                let from = c.index_of(read_seq + 1);
+                let unread = c.messages.range(from..).filter(|m| &*m.sender_id != user).count() as u64;
+                Counters { last_seq: c.last_seq, read_seq, unread }
+            })
+            .collect())
+    }
+
+    async fn join_open(&self, conversation: &str, user: &str) -> EngineResult<usize> {
+        let conv = self.conv(conversation);
+        let mut c = conv.lock();
+        if !c.open_members.contains(user) {
+            c.open_members.insert(user.to_string());
+        }
+        Ok(c.open_members.len())
+    }
+
+    async fn open_members(&self, conversation: &str) -> EngineResult<Vec<String>> {
+        Ok(self.existing(conversation).map(|c| c.lock().open_members.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
+        self.dispatch(route, &event);
+        Ok(())
+    }
+
+    async fn subscribe(&self, _topics: &[Topic]) -> EngineResult<()> {
+        // The hub is the only subscriber there is.
+        Ok(())
+    }
+
+    fn topics_changed(&self) {}
+
+    async fn presence_up(&self, user: &str) -> EngineResult<bool> {
+        let mut p = self.presence.lock();
+        let n = p.entry(user.to_string()).or_default();
+        *n += 1;
+        Ok(*n == 1)
+    }
+
+    async fn presence_down(&self, user: &str) -> EngineResult<bool> {
+        let mut p = self.presence.lock();
+        match p.get_mut(user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                Ok(false)
+            }
+            Some(_) => {
+                p.remove(user);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>> {
+        let p = self.presence.lock();
+        let mut out: Vec<String> = match users {
+            Some(list) => list.iter().filter(|u| p.contains_key(u.as_str())).cloned().collect(),
+            None => p.keys().cloned().collect(),
+        };
+        out.sort();
+        Ok(out)
+    }
+
+    async fn shutdown(&self) {}
+}

@@ -1,0 +1,198 @@
+//! The engine boundary: storage and fan-out behind one small interface.
+//!
+//! The transport (WebSocket sessions, service API) talks to [`crate::node::Node`],
+//! which talks to an [`Engine`]. Two engines implement it:
+//! - [`memory::MemoryEngine`]: in-process, single node, bounded history in memory.
+//! - `valkey::ValkeyEngine`: durable history and cross-node fan-out on Valkey.
+//!
+//! # Contract
+//! - [`Engine::append`] stores a message and assigns the next gap-free `seq` of
+//!   its conversation, *atomically* with the idempotency record of
+//!   `(sender, client_msg_id)`; it returns only after the message is stored, and
+//!   a repeat returns the first `seq` with `duplicate: true` and publishes
+//!   nothing. The engine publishes the `message` frame itself, in `seq` order
+//!   per conversation.
+//! - [`Engine::publish`] delivers an event to every node's local connections of
+//!   the route's topics (best effort: a node that missed events tells its
+//!   clients to `sync`).
+//! - Engines deliver events to this node's [`Hub`](crate::hub::Hub).
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{
+    error::EngineResult,
+    hub::{Event, Topic},
+    protocol::{ConversationObject, UserRef},
+};
+
+/// The topics an event for one conversation goes to.
+pub type Route = Vec<Topic>;
+
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub conversation: String,
+    pub sender: UserRef,
+    pub body: String,
+    pub client_msg_id: String,
+    /// Server time at arrival, milliseconds since the epoch.
+    pub ts_ms: i64,
+    /// Direct conversations: the two participants, indexed once it holds a message.
+    pub participants: Option<[String; 2]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub sender_id: Arc<str>,
+    pub sender_name: Arc<str>,
+    pub body: Arc<str>,
+    pub client_msg_id: Arc<str>,
+}
+
+/// Which page of a conversation's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// Messages with `seq < before` (all when `None`), the newest `limit` of them.
+    Before(Option<u64>, usize),
+    /// Messages with `seq > after`, the oldest `limit` of them.
+    After(u64, usize),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessagePage {
+    /// Ascending by `seq`.
+    pub messages: Vec<StoredMessage>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRow {
+    pub user: String,
+    pub delivered_seq: u64,
+    pub read_seq: u64,
+}
+
+/// A group conversation (managed by the platform through the service API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub title: String,
+    /// Sorted, unique.
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipChange {
+    pub conversation: ConversationObject,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Per-user counters of one conversation (for `welcome`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub last_seq: u64,
+    pub read_seq: u64,
+    pub unread: u64,
+}
+
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// `memory` or `valkey`, for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Whether storage answers (for /readyz).
+    async fn ready(&self) -> bool;
+
+    /// Stores a message (see the module contract) and publishes it to `route`.
+    async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Appended>;
+
+    async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage>;
+
+    async fn last_seq(&self, conversation: &str) -> EngineResult<u64>;
+
+    /// Raises `user`'s delivered (and, when `read`, read) mark to `seq`. Returns
+    /// the new state when anything changed, `None` when the stored marks were
+    /// already at or above `seq`.
+    async fn set_receipt(
+        &self,
+        conversation: &str,
+        user: &str,
+        seq: u64,
+        read: bool,
+    ) -> EngineResult<Option<ReceiptRow>>;
+
+    /// Every user of the conversation who has sent a receipt.
+    async fn receipts(&self, conversation: &str) -> EngineResult<Vec<ReceiptRow>>;
+
+    async fn group(&self, conversation: &str) -> EngineResult<Option<Group>>;
+
+    /// Several groups at once (one round trip where the engine can).
+    async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Group>>> {
+        let mut out = Vec::with_capacity(conversations.len());
+        for c in conversations {
+            out.push(self.group(c).await?);
+        }
+        Ok(out)
+    }
+
+    /// Creates or replaces a group (title and the whole member list).
+    async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange>;
+
+    /// Adds and removes members. `None` when the group does not exist.
+    async fn update_group(
+        &self,
+        conversation: &str,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> EngineResult<Option<MembershipChange>>;
+
+    /// Group conversations the user belongs to and direct conversations of the
+    /// user that hold a message.
+    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>>;
+
+    /// `last_seq`, `read_seq` and unread count of `user` in each conversation.
+    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>>;
+
+    /// Records that `user` belongs to the open conversation; returns its
+    /// number of known members.
+    async fn join_open(&self, conversation: &str, user: &str) -> EngineResult<usize>;
+
+    /// Known members of an open conversation.
+    async fn open_members(&self, conversation: &str) -> EngineResult<Vec<String>>;
+
+    /// Publishes an event to every node.
+    async fn publish(&self, route: &Route, event: Event) -> EngineResult<()>;
+
+    /// Makes sure this node receives `topics` (the hub already wants them);
+    /// returns once the subscription is active.
+    async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()>;
+
+    /// The hub dropped interest in some topics; unsubscribe lazily.
+    fn topics_changed(&self);
+
+    /// A connection of `user` opened on this node. Returns true when the user
+    /// went from offline to online (on any node).
+    async fn presence_up(&self, user: &str) -> EngineResult<bool>;
+
+    /// A connection of `user` closed on this node. Returns true when the user
+    /// went offline everywhere.
+    async fn presence_down(&self, user: &str) -> EngineResult<bool>;
+
+    /// Which of `users` are online; every online user when `None`.
+    async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>>;
+
+    /// Stops background work (leases, subscriptions) before exit.
+    async fn shutdown(&self);
+}

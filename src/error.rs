@@ -1,0 +1,117 @@
+//! Errors of the chat domain, with the protocol's codes.
+//!
+//! [`ChatError`] is what a frame handler or a service API route answers with: a
+//! code from PROTOCOL.md and a message safe to show to the client. Storage
+//! failures arrive as [`EngineError`] and map to `unavailable` (retry later,
+//! nothing stored) or `internal` (a bug, logged, never detailed to the client).
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// HTTP status of the service API for this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ChatError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ChatError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), retry_after_ms: None }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthorized, m)
+    }
+    pub fn too_large(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::TooLarge, m)
+    }
+    pub fn rate_limited(retry_after_ms: u64) -> Self {
+        Self {
+            code: ErrorCode::RateLimited,
+            message: "sending too fast; retry later".into(),
+            retry_after_ms: Some(retry_after_ms.max(1)),
+        }
+    }
+}
+
+/// A storage or fan-out failure inside an engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The storage cannot be reached or did not answer in time. Nothing was
+    /// stored; the caller may retry.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Storage answered something that cannot be (a bug or corrupt data).
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for ChatError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "storage unavailable");
+                crate::metrics::storage_error();
+                ChatError::new(ErrorCode::Unavailable, "storage unavailable; nothing was stored, retry later")
+            }
+            EngineError::Internal(detail) => {
+                tracing::error!(error = %detail, "storage internal error");
+                crate::metrics::storage_error();
+                ChatError::new(ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;

@@ -1,0 +1,370 @@
+//! Local fan-out: which connections of this node receive which events.
+//!
+//! Events arrive already serialised ([`Event::frame`]); the hub hands each
+//! recipient a reference-counted clone of the same bytes, so fan-out to a
+//! thousand members serialises once. Each connection has a bounded outbound
+//! queue; a connection whose queue is full is closed with 1013 (a slow consumer
+//! must not grow memory or slow the others) — [`Conn::push`] never waits.
+//!
+//! Two kinds of topic reach connections:
+//! - `Topic::Conv(id)`: open and group conversations. A connection is
+//!   subscribed to the conversations its user belongs to; membership events
+//!   update that set while the connection is open.
+//! - `Topic::User(id)`: everything addressed to one user: direct messages
+//!   (`dm:` conversations have exactly two members, so they route by user and
+//!   need no subscription), membership changes, presence in direct conversations.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicU16, Ordering},
+    },
+};
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics;
+
+/// Where an event is published.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Conv(Arc<str>),
+    User(Arc<str>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    Message,
+    Receipt,
+    Typing,
+    Presence,
+    /// The user of a `Topic::User` was added to (`member: true`) or removed from
+    /// a group conversation: subscribe or unsubscribe their connections.
+    Membership {
+        conversation: Arc<str>,
+        member: bool,
+    },
+}
+
+impl EventKind {
+    pub fn frame_type(&self) -> &'static str {
+        match self {
+            EventKind::Message => "message",
+            EventKind::Receipt => "receipt",
+            EventKind::Typing => "typing",
+            EventKind::Presence => "presence",
+            EventKind::Membership { .. } => "conversation",
+        }
+    }
+}
+
+/// One serialised server frame on its way to every local recipient.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventKind,
+    /// Connections of this user do not receive it (typing, own presence).
+    pub exclude_user: Option<Arc<str>>,
+    pub frame: Utf8Bytes,
+    /// For messages: when it was stored (µs since the epoch), for the fan-out
+    /// latency histogram; it crosses nodes inside the pub/sub payload.
+    pub stored_at_us: Option<i64>,
+}
+
+impl Event {
+    pub fn new(kind: EventKind, frame: Utf8Bytes) -> Self {
+        Self { kind, exclude_user: None, frame, stored_at_us: None }
+    }
+    pub fn excluding(mut self, user: &str) -> Self {
+        self.exclude_user = Some(user.into());
+        self
+    }
+}
+
+pub fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Asks a connection to close with a code; the first request wins.
+#[derive(Debug, Default)]
+pub struct Closer {
+    code: AtomicU16,
+    token: CancellationToken,
+}
+
+impl Closer {
+    /// Returns true if this call decided the code.
+    pub fn close(&self, code: u16) -> bool {
+        let won = self.code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        self.token.cancel();
+        won
+    }
+    pub fn code(&self) -> Option<u16> {
+        match self.code.load(Ordering::Acquire) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+    pub async fn closed(&self) {
+        self.token.cancelled().await
+    }
+    pub fn is_closed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+/// A local connection as the hub sees it.
+#[derive(Debug)]
+pub struct Conn {
+    pub id: u64,
+    pub user: Arc<str>,
+    tx: mpsc::Sender<Utf8Bytes>,
+    pub closer: Closer,
+    /// Conversation topics this connection is subscribed to.
+    subs: Mutex<HashSet<Arc<str>>>,
+}
+
+impl Conn {
+    pub fn new(id: u64, user: Arc<str>, queue: usize) -> (Arc<Conn>, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let conn = Arc::new(Conn { id, user, tx, closer: Closer::default(), subs: Mutex::default() });
+        (conn, rx)
+    }
+
+    /// Queues a frame without waiting. A full queue closes the connection with
+    /// 1013 (slow consumer). Returns whether the frame was queued.
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.closer.close(1013) {
+                    metrics::slow_consumer_close();
+                    tracing::warn!(conn = self.id, user = %self.user, "slow consumer: outbound queue full, closing 1013");
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Frames waiting in the outbound queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+type ConnSet = HashMap<u64, Arc<Conn>>;
+
+#[derive(Default)]
+pub struct Hub {
+    users: RwLock<HashMap<Arc<str>, ConnSet>>,
+    convs: RwLock<HashMap<Arc<str>, ConnSet>>,
+}
+
+impl Hub {
+    pub fn new() -> Arc<Hub> {
+        Arc::new(Hub::default())
+    }
+
+    /// Registers a connection for its user's topic. Returns how many
+    /// connections the user now has on this node.
+    pub fn register(&self, conn: &Arc<Conn>) -> usize {
+        let mut users = self.users.write();
+        let set = users.entry(conn.user.clone()).or_default();
+        set.insert(conn.id, conn.clone());
+        set.len()
+    }
+
+    /// Subscribes a connection to conversation topics.
+    pub fn subscribe(&self, conn: &Arc<Conn>, convs: impl IntoIterator<Item = Arc<str>>) {
+        let mut map = self.convs.write();
+        let mut subs = conn.subs.lock();
+        for c in convs {
+            map.entry(c.clone()).or_default().insert(conn.id, conn.clone());
+            subs.insert(c);
+        }
+    }
+
+    fn unsubscribe_locked(map: &mut HashMap<Arc<str>, ConnSet>, conn_id: u64, conv: &str) {
+        if let Some(set) = map.get_mut(conv) {
+            set.remove(&conn_id);
+            if set.is_empty() {
+                map.remove(conv);
+            }
+        }
+    }
+
+    /// Removes a connection everywhere. Returns how many connections its user
+    /// still has on this node.
+    pub fn unregister(&self, conn: &Conn) -> usize {
+        {
+            let mut map = self.convs.write();
+            for c in conn.subs.lock().drain() {
+                Self::unsubscribe_locked(&mut map, conn.id, &c);
+            }
+        }
+        let mut users = self.users.write();
+        match users.get_mut(&conn.user) {
+            Some(set) => {
+                set.remove(&conn.id);
+                let left = set.len();
+                if left == 0 {
+                    users.remove(&conn.user);
+                }
+                left
+            }
+            None => 0,
+        }
+    }
+
+    /// Connections of a user on this node.
+    pub fn user_connections(&self, user: &str) -> usize {
+        self.users.read().get(user).map_or(0, HashMap::len)
+    }
+
+    /// Every local connection (for drain).
+    pub fn connections(&self) -> Vec<Arc<Conn>> {
+        self.users.read().values().flat_map(|s| s.values().cloned()).collect()
+    }
+
+    /// Topics some local connection needs (what a distributed engine subscribes to).
+    pub fn topics(&self) -> Vec<Topic> {
+        let mut out: Vec<Topic> = self.users.read().keys().map(|u| Topic::User(u.clone())).collect();
+        out.extend(self.convs.read().keys().map(|c| Topic::Conv(c.clone())));
+        out
+    }
+
+    /// Whether some local connection needs this topic.
+    pub fn wants(&self, topic: &Topic) -> bool {
+        match topic {
+            Topic::User(u) => self.users.read().contains_key(u),
+            Topic::Conv(c) => self.convs.read().contains_key(c),
+        }
+    }
+
+    /// Delivers an event to the local connections of a topic. Returns the
+    /// number of connections it was queued to.
+    pub fn dispatch(&self, topic: &Topic, event: &Event) -> usize {
+        let exclude = event.exclude_user.as_deref();
+        let deliver = |set: &ConnSet| {
+            let mut n = 0usize;
+            for c in set.values() {
+                if exclude.is_some_and(|u| *u == *c.user) {
+                    continue;
+                }
+                if c.push(event.frame.clone()) {
+                    n += 1;
+                }
+            }
+            n
+        };
+        let n = match topic {
+            Topic::Conv(conv) => self.convs.read().get(conv).map_or(0, deliver),
+            Topic::User(user) => {
+                if let EventKind::Membership { conversation, member } = &event.kind {
+                    self.apply_membership(user, conversation, *member);
+                }
+                self.users.read().get(user).map_or(0, deliver)
+            }
+        };
+        if n > 0 {
+            metrics::deliveries(n as u64);
+            metrics::frames_out(event.kind.frame_type(), n as u64);
+            if let Some(at) = event.stored_at_us {
+                metrics::fanout_latency(((now_us() - at).max(0) as f64) / 1e6);
+            }
+        }
+        n
+    }
+
+    fn apply_membership(&self, user: &str, conv: &Arc<str>, member: bool) {
+        let conns: Vec<Arc<Conn>> = match self.users.read().get(user) {
+            Some(set) => set.values().cloned().collect(),
+            None => return,
+        };
+        if member {
+            for c in &conns {
+                self.subscribe(c, [conv.clone()]);
+            }
+        } else {
+            let mut map = self.convs.write();
+            for c in &conns {
+                c.subs.lock().remove(conv);
+                Self::unsubscribe_locked(&mut map, c.id, conv);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(s: &str) -> Utf8Bytes {
+        Utf8Bytes::from(s.to_string())
+    }
+
+    #[test]
+    fn conv_fanout_excludes_and_counts() {
+        let hub = Hub::new();
+        let (a, mut ra) = Conn::new(1, "alice".into(), 8);
+        let (b, mut rb) = Conn::new(2, "bob".into(), 8);
+        hub.register(&a);
+        hub.register(&b);
+        hub.subscribe(&a, ["g".into()]);
+        hub.subscribe(&b, ["g".into()]);
+        let topic = Topic::Conv("g".into());
+        assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Message, frame("m"))), 2);
+        assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Typing, frame("t")).excluding("alice")), 1);
+        assert_eq!(ra.try_recv().unwrap().as_str(), "m");
+        assert!(ra.try_recv().is_err());
+        assert_eq!(rb.try_recv().unwrap().as_str(), "m");
+        assert_eq!(rb.try_recv().unwrap().as_str(), "t");
+        assert_eq!(hub.unregister(&a), 0);
+        assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Message, frame("m2"))), 1);
+        assert!(hub.wants(&topic));
+        hub.unregister(&b);
+        assert!(!hub.wants(&topic));
+        assert!(hub.topics().is_empty());
+    }
+
+    #[test]
+    fn full_queue_closes_1013_without_blocking_others() {
+        let hub = Hub::new();
+        let (slow, _rs) = Conn::new(1, "slow".into(), 8);
+        let (fast, mut rf) = Conn::new(2, "fast".into(), 64);
+        for c in [&slow, &fast] {
+            hub.register(c);
+            hub.subscribe(c, ["g".into()]);
+        }
+        for _ in 0..20 {
+            hub.dispatch(&Topic::Conv("g".into()), &Event::new(EventKind::Message, frame("m")));
+        }
+        assert_eq!(slow.closer.code(), Some(1013));
+        let mut got = 0;
+        while rf.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 20);
+    }
+
+    #[test]
+    fn membership_event_moves_subscriptions() {
+        let hub = Hub::new();
+        let (c, mut rx) = Conn::new(1, "carol".into(), 8);
+        hub.register(&c);
+        let conv: Arc<str> = "deal".into();
+        let user = Topic::User("carol".into());
+        let join = Event::new(EventKind::Membership { conversation: conv.clone(), member: true }, frame("joined"));
+        hub.dispatch(&user, &join);
+        assert_eq!(hub.dispatch(&Topic::Conv(conv.clone()), &Event::new(EventKind::Message, frame("m"))), 1);
+        let leave = Event::new(EventKind::Membership { conversation: conv.clone(), member: false }, frame("left"));
+        hub.dispatch(&user, &leave);
+        assert_eq!(hub.dispatch(&Topic::Conv(conv), &Event::new(EventKind::Message, frame("m"))), 0);
+        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|f| f.to_string()).collect();
+        assert_eq!(got, ["joined", "m", "left"]);
+    }
+}

@@ -1,0 +1,29 @@
+//! crm-chat: a real-time chat server for a CRM platform.
+//!
+//! The wire contract is PROTOCOL.md (see `docs/protocol.md` for the project's
+//! own account of it).
+//!
+//! # Layout
+//! - [`config`]: figment layering (defaults, TOML, `CHAT_*`), validation, secrets.
+//! - [`protocol`]: client frames in, server frames out.
+//! - [`auth`]: HS256 tokens with the algorithm pinned.
+//! - [`node`]: the transport-agnostic core (membership, send, receipts, presence).
+//! - [`hub`]: local fan-out with bounded per-connection queues.
+//! - [`engine`]: the storage and fan-out boundary; [`engine::memory`] and
+//!   `engine::valkey`.
+//! - [`transport`]: the axum router, WebSocket sessions, service API, health.
+//! - [`app`]: wiring, listener, drain on SIGTERM.
+//! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod ids;
+pub mod metrics;
+pub mod node;
+pub mod protocol;
+pub mod telemetry;
+pub mod transport;

@@ -1,0 +1,135 @@
+//! Prometheus metrics. Names are part of the contract (PROTOCOL.md, "Metric
+//! names"); handles of hot counters are resolved once and cached, so the fan-out
+//! path pays one atomic add per frame type and dispatch, not a registry lookup.
+
+use std::sync::{LazyLock, OnceLock};
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls keep the first).
+pub fn install(node_id: &str) -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .add_global_label("node", node_id)
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                )
+                .expect("static buckets are valid");
+            let handle = builder.install_recorder().expect("metrics recorder installed once");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Renders the Prometheus text (empty before [`install`]).
+pub fn render() -> String {
+    HANDLE.get().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("chat_connections", "Open, authenticated WebSocket connections on this node");
+    describe_counter!("chat_frames_total", "WebSocket frames by direction and type");
+    describe_counter!("chat_messages_stored_total", "Messages stored (not counting idempotent repeats)");
+    describe_counter!("chat_deliveries_total", "Frames queued to local connections by fan-out");
+    describe_histogram!("chat_fanout_latency_seconds", "From a message's store to its local fan-out");
+    describe_counter!("chat_slow_consumer_closes_total", "Connections closed 1013 because their queue was full");
+    describe_counter!("chat_storage_errors_total", "Storage operations that failed");
+    describe_counter!("chat_closes_total", "Connections closed by the server, by close code");
+    describe_counter!("chat_upgrades_rejected_total", "WebSocket upgrades refused, by reason");
+    describe_histogram!("chat_outbound_queue_depth", "Outbound queue depth seen by a connection writer");
+}
+
+/// Frame types counted by [`frame_in`] / [`frame_out`].
+pub const FRAME_TYPES: [&str; 16] = [
+    "hello",
+    "welcome",
+    "send",
+    "ack",
+    "message",
+    "delivered",
+    "read",
+    "receipt",
+    "typing",
+    "history",
+    "sync",
+    "presence",
+    "ping",
+    "pong",
+    "error",
+    "conversation",
+];
+
+struct Frames {
+    inbound: Vec<Counter>,
+    outbound: Vec<Counter>,
+    invalid_in: Counter,
+}
+
+static FRAMES: LazyLock<Frames> = LazyLock::new(|| Frames {
+    inbound: FRAME_TYPES.iter().map(|t| counter!("chat_frames_total", "direction" => "in", "type" => *t)).collect(),
+    outbound: FRAME_TYPES.iter().map(|t| counter!("chat_frames_total", "direction" => "out", "type" => *t)).collect(),
+    invalid_in: counter!("chat_frames_total", "direction" => "in", "type" => "invalid"),
+});
+
+fn index(ty: &str) -> Option<usize> {
+    FRAME_TYPES.iter().position(|t| *t == ty)
+}
+
+pub fn frame_in(ty: &str) {
+    match index(ty) {
+        Some(i) => FRAMES.inbound[i].increment(1),
+        None => FRAMES.invalid_in.increment(1),
+    }
+}
+
+pub fn frames_out(ty: &str, n: u64) {
+    if let Some(i) = index(ty) {
+        FRAMES.outbound[i].increment(n);
+    }
+}
+
+static CONNECTIONS: LazyLock<Gauge> = LazyLock::new(|| gauge!("chat_connections"));
+static STORED: LazyLock<Counter> = LazyLock::new(|| counter!("chat_messages_stored_total"));
+static DELIVERIES: LazyLock<Counter> = LazyLock::new(|| counter!("chat_deliveries_total"));
+static FANOUT: LazyLock<Histogram> = LazyLock::new(|| histogram!("chat_fanout_latency_seconds"));
+static SLOW: LazyLock<Counter> = LazyLock::new(|| counter!("chat_slow_consumer_closes_total"));
+static STORAGE_ERRORS: LazyLock<Counter> = LazyLock::new(|| counter!("chat_storage_errors_total"));
+static QUEUE_DEPTH: LazyLock<Histogram> = LazyLock::new(|| histogram!("chat_outbound_queue_depth"));
+
+pub fn connection_opened() {
+    CONNECTIONS.increment(1.0);
+}
+pub fn connection_closed() {
+    CONNECTIONS.decrement(1.0);
+}
+pub fn message_stored() {
+    STORED.increment(1);
+}
+pub fn deliveries(n: u64) {
+    DELIVERIES.increment(n);
+}
+pub fn fanout_latency(seconds: f64) {
+    FANOUT.record(seconds);
+}
+pub fn slow_consumer_close() {
+    SLOW.increment(1);
+}
+pub fn storage_error() {
+    STORAGE_ERRORS.increment(1);
+}
+pub fn queue_depth(depth: usize) {
+    QUEUE_DEPTH.record(depth as f64);
+}
+pub fn close(code: u16) {
+    counter!("chat_closes_total", "code" => code.to_string()).increment(1);
+}
+pub fn upgrade_rejected(reason: &'static str) {
+    counter!("chat_upgrades_rejected_total", "reason" => reason).increment(1);
+}

@@ -1,0 +1,114 @@
+//! HTTP and WebSocket transport: the router and what its handlers share.
+//!
+//! The transport knows nothing about storage: handlers call [`Node`], which
+//! calls the engine.
+
+pub mod api;
+pub mod assets;
+pub mod health;
+pub mod ws;
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::DefaultBodyLimit,
+    http::{HeaderMap, StatusCode},
+    middleware::from_fn_with_state,
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use ipnet::IpNet;
+use serde_json::json;
+use tower_http::trace::TraceLayer;
+
+use crate::{error::ChatError, node::Node};
+
+/// The whole HTTP surface of a node.
+pub fn router(node: Arc<Node>) -> Router {
+    let service = Router::new()
+        .route("/conversations/{id}", put(api::put_conversation).get(api::get_conversation))
+        .route("/conversations/{id}/members", post(api::post_members))
+        .route("/conversations/{id}/messages", post(api::post_message).get(api::get_messages))
+        .route("/users/{id}/conversations", get(api::get_user_conversations))
+        .route_layer(from_fn_with_state(node.clone(), api::require_api_key));
+    Router::new()
+        .route("/ws/chat", get(ws::upgrade))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/api/v1/dev/token", post(api::dev_token))
+        .nest("/api/v1", service)
+        .route("/", get(assets::index))
+        .route("/static/{*path}", get(assets::file))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(node.cfg.limits.api_body_bytes))
+        .layer(TraceLayer::new_for_http())
+        .with_state(node)
+}
+
+/// `{"error":{"code","message"}}` with the status of the code.
+pub fn api_error(e: &ChatError) -> Response {
+    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut body = json!({"error": {"code": e.code, "message": e.message}});
+    if let Some(ms) = e.retry_after_ms {
+        body["error"]["retry_after_ms"] = json!(ms);
+    }
+    let mut resp = (status, Json(body)).into_response();
+    if let Some(ms) = e.retry_after_ms {
+        let secs = ms.div_ceil(1000).max(1);
+        resp.headers_mut().insert("retry-after", secs.into());
+    }
+    resp
+}
+
+impl IntoResponse for ChatError {
+    fn into_response(self) -> Response {
+        api_error(&self)
+    }
+}
+
+async fn not_found() -> Response {
+    api_error(&ChatError::not_found("no such route"))
+}
+
+async fn method_not_allowed() -> Response {
+    let mut r = api_error(&ChatError::bad_request("method not allowed on this route"));
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    r
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy —
+/// the right-most address in `X-Forwarded-For` that is not a trusted proxy.
+pub fn client_ip(trusted: &[IpNet], peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    hops.into_iter().rev().find(|ip| !is_trusted(ip)).unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4, 5.6.7.8, 10.0.0.3".parse().unwrap());
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        let stranger: IpAddr = "9.9.9.9".parse().unwrap();
+        assert_eq!(client_ip(&trusted, proxy, &h), "5.6.7.8".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(&trusted, stranger, &h), stranger);
+        assert_eq!(client_ip(&[], proxy, &h), proxy);
+    }
+}
