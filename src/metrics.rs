@@ -22,6 +22,16 @@ pub fn install(node_id: &str) -> PrometheusHandle {
                 .expect("static buckets are valid");
             let handle = builder.install_recorder().expect("metrics recorder installed once");
             describe();
+            // Register every series now, so dashboards and alerts see zeros
+            // instead of missing metrics.
+            LazyLock::force(&FRAMES);
+            LazyLock::force(&CONNECTIONS);
+            for m in [&STORED, &DELIVERIES, &SLOW, &STORAGE_ERRORS] {
+                LazyLock::force(m);
+            }
+            for m in [&FANOUT, &QUEUE_DEPTH] {
+                LazyLock::force(m);
+            }
             handle
         })
         .clone()

@@ -372,10 +372,12 @@ async fn writer(
                     break false;
                 }
                 // A peer that stops reading blocks the flush; the closer (or the
-                // timeout) ends the wait instead of the queue growing.
+                // timeout) ends the wait instead of the queue growing. An
+                // interrupted flush keeps its place, so the close frame can
+                // still follow what was already written.
                 tokio::select! {
                     r = timeout(WRITE_TIMEOUT, sink.flush()) => if !matches!(r, Ok(Ok(()))) { break false },
-                    _ = conn.closer.closed() => break false,
+                    _ = conn.closer.closed() => break true,
                 }
             }
             _ = ping.tick() => {
@@ -386,7 +388,18 @@ async fn writer(
         }
     };
     if healthy && let Some(code) = conn.closer.code() {
-        let _ = timeout(Duration::from_secs(2), sink.send(close_message(code))).await;
+        // Bounded: a peer that never reads again is dropped without the frame.
+        let _ = timeout(WRITE_TIMEOUT, async {
+            // Replies queued before the decision (the error that explains a
+            // 4008, say) go out first; a slow consumer's backlog does not.
+            if code != CLOSE_TRY_LATER {
+                while let Ok(f) = rx.try_recv() {
+                    sink.feed(Message::Text(f)).await?;
+                }
+            }
+            sink.send(close_message(code)).await
+        })
+        .await;
     }
     let _ = timeout(Duration::from_secs(2), sink.close()).await;
 }

