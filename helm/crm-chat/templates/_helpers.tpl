@@ -1,0 +1,203 @@
+{{/*
+Chart name, truncated: Kubernetes names are DNS labels of at most 63 characters.
+*/}}
+{{- define "crm-chat.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the release's resources: fullnameOverride, else "<release>-<chart>"
+(just "<release>" when it already contains the chart name), at most 63 characters.
+*/}}
+{{- define "crm-chat.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"<chart>-<version>" for the helm.sh/chart label.
+*/}}
+{{- define "crm-chat.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels: immutable once a Deployment exists, so only name and instance.
+*/}}
+{{- define "crm-chat.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "crm-chat.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Common labels: selector labels plus the ones that may change between releases.
+*/}}
+{{- define "crm-chat.labels" -}}
+helm.sh/chart: {{ include "crm-chat.chart" . }}
+{{ include "crm-chat.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: crm-chat
+{{- end }}
+
+{{/*
+Chat server component labels (selector: name, instance, component).
+*/}}
+{{- define "crm-chat.server.selectorLabels" -}}
+{{ include "crm-chat.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "crm-chat.server.labels" -}}
+{{ include "crm-chat.labels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/*
+Service account the chat pods run as.
+*/}}
+{{- define "crm-chat.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "crm-chat.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference: repository, then "@digest" when a digest is given, else ":tag"
+with the tag defaulting to the chart's appVersion.
+*/}}
+{{- define "crm-chat.image" -}}
+{{- $img := .Values.image }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the JWT secret and API key.
+*/}}
+{{- define "crm-chat.secretName" -}}
+{{- default (include "crm-chat.fullname" .) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/*
+Bundled Valkey: resource name (kept to 52 characters so StatefulSet pod labels
+stay valid) and labels.
+*/}}
+{{- define "crm-chat.valkey.fullname" -}}
+{{- printf "%s-valkey" (include "crm-chat.fullname" . | trunc 45 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "crm-chat.valkey.selectorLabels" -}}
+{{ include "crm-chat.selectorLabels" . }}
+app.kubernetes.io/component: valkey
+{{- end }}
+
+{{- define "crm-chat.valkey.labels" -}}
+{{ include "crm-chat.labels" . }}
+app.kubernetes.io/component: valkey
+{{- end }}
+
+{{/*
+Where CHAT_VALKEY__URL comes from: a dict with "name" and "key" of a Secret, or
+empty when the URL is not set (embedded engine, or sentinels without a URL).
+*/}}
+{{- define "crm-chat.valkey.urlSecretRef" -}}
+{{- $v := .Values.valkey }}
+{{- if $v.existingSecret }}
+{{- dict "name" $v.existingSecret "key" $v.existingSecretKey | toJson }}
+{{- else if or $v.url $v.bundled.enabled }}
+{{- dict "name" (include "crm-chat.valkey.fullname" .) "key" "url" | toJson }}
+{{- else }}
+{{- dict | toJson }}
+{{- end }}
+{{- end }}
+
+{{/*
+True ("true") when some shared Valkey is configured.
+*/}}
+{{- define "crm-chat.valkey.configured" -}}
+{{- $v := .Values.valkey }}
+{{- if or $v.url $v.existingSecret $v.sentinels $v.bundled.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+A secret value: the one given in values, else the one already stored in the
+release's Secret (so upgrades keep it), else a new random one.
+Call with (dict "ctx" $ "secret" "<secret name>" "key" "<data key>" "value" "<given>").
+*/}}
+{{- define "crm-chat.secretValue" -}}
+{{- if .value }}
+{{- .value }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace .secret }}
+{{- $stored := dig "data" .key "" ($existing | default dict) }}
+{{- if $stored }}
+{{- $stored | b64dec }}
+{{- else }}
+{{- randAlphaNum 48 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The address the server listens on inside the pod.
+*/}}
+{{- define "crm-chat.listen" -}}
+{{- $host := .Values.config.listenAddress }}
+{{- if contains ":" $host }}
+{{- printf "[%s]:%d" $host (int .Values.containerPort) }}
+{{- else }}
+{{- printf "%s:%d" $host (int .Values.containerPort) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks that fail rendering with a clear message instead of deploying a setup
+that cannot work.
+*/}}
+{{- define "crm-chat.validate" -}}
+{{- $maxReplicas := int .Values.replicaCount }}
+{{- if .Values.autoscaling.enabled }}
+{{- $maxReplicas = int .Values.autoscaling.maxReplicas }}
+{{- end }}
+{{- if and (gt $maxReplicas 1) (not (include "crm-chat.valkey.configured" .)) }}
+{{- fail (printf "crm-chat: up to %d replicas need a shared Valkey (history and fan-out go through it), but none is configured. Set valkey.url (or valkey.existingSecret, or valkey.sentinels), or valkey.bundled.enabled=true, or run a single replica (replicaCount=1, autoscaling.enabled=false)." $maxReplicas) }}
+{{- end }}
+{{- if and .Values.valkey.bundled.enabled (or .Values.valkey.url .Values.valkey.existingSecret .Values.valkey.sentinels) }}
+{{- fail "crm-chat: valkey.bundled.enabled=true conflicts with an external Valkey (valkey.url, valkey.existingSecret or valkey.sentinels): choose one." }}
+{{- end }}
+{{- if and .Values.valkey.sentinels (not .Values.valkey.serviceName) }}
+{{- fail "crm-chat: valkey.sentinels needs valkey.serviceName (the monitored master's name)." }}
+{{- end }}
+{{- if and .Values.valkey.cluster (not (or .Values.valkey.url .Values.valkey.existingSecret)) }}
+{{- fail "crm-chat: valkey.cluster=true needs a seed node URL (valkey.url or valkey.existingSecret)." }}
+{{- end }}
+{{- if and .Values.valkey.cluster .Values.valkey.sentinels }}
+{{- fail "crm-chat: valkey.cluster and valkey.sentinels exclude each other." }}
+{{- end }}
+{{- if and (eq .Values.config.profile "production") .Values.auth.devTokens }}
+{{- fail "crm-chat: auth.devTokens=true is refused by the production profile (config.profile=production)." }}
+{{- end }}
+{{- $minGrace := add (int .Values.config.drainSeconds) (int .Values.preStopSleepSeconds) 5 }}
+{{- if lt (int .Values.terminationGracePeriodSeconds) (int $minGrace) }}
+{{- fail (printf "crm-chat: terminationGracePeriodSeconds (%d) must be at least config.drainSeconds + preStopSleepSeconds + 5 = %d, or pods are killed mid-drain." (int .Values.terminationGracePeriodSeconds) (int $minGrace)) }}
+{{- end }}
+{{- range $k, $v := dict "jwtSecret" .Values.auth.jwtSecret "apiKey" .Values.auth.apiKey }}
+{{- if and $v (lt (len $v) 32) (eq $.Values.config.profile "production") }}
+{{- fail (printf "crm-chat: auth.%s must be at least 32 bytes (production profile)." $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
