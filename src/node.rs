@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::{
     auth::Authenticator,
     config::Config,
-    engine::{Appended, Engine, MembershipChange, NewMessage, Page, Route},
+    engine::{Appended, Engine, MembershipChange, NewMessage, Page, ReceiptOutcome, Route},
     error::ChatError,
     hub::{Event, EventKind, Hub, Topic},
     ids::{self, Dm},
@@ -147,11 +147,7 @@ impl Node {
         let allowed = match kind {
             Kind::Direct(a, b) => user == a || user == b,
             Kind::Open => true,
-            Kind::Group => self
-                .engine
-                .group(conversation)
-                .await?
-                .is_some_and(|g| g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok()),
+            Kind::Group => self.engine.is_member(conversation, user).await?,
         };
         if allowed { Ok(kind) } else { Err(ChatError::forbidden(format!("not a member of '{conversation}'"))) }
     }
@@ -192,9 +188,11 @@ impl Node {
         client_msg_id: String,
         body: String,
     ) -> Result<Appended, ChatError> {
-        let kind = self.authorize(&sender.id, conversation).await?;
+        // Group membership is checked by the engine in the same step as the write.
+        let kind = self.classify(conversation)?;
         let participants = match kind {
-            Kind::Direct(a, b) => Some([a.to_string(), b.to_string()]),
+            Kind::Direct(a, b) if sender.id == a || sender.id == b => Some([a.to_string(), b.to_string()]),
+            Kind::Direct(..) => return Err(ChatError::forbidden(format!("not a member of '{conversation}'"))),
             _ => None,
         };
         let route = kind.route(conversation);
@@ -205,8 +203,11 @@ impl Node {
             client_msg_id,
             ts_ms: protocol::now_ms(),
             participants,
+            require_member: kind == Kind::Group,
         };
-        let appended = self.engine.append(msg, &route).await?;
+        let Some(appended) = self.engine.append(msg, &route).await? else {
+            return Err(ChatError::forbidden(format!("not a member of '{conversation}'")));
+        };
         if !appended.duplicate {
             metrics::message_stored();
         }
@@ -217,24 +218,24 @@ impl Node {
     /// `delivered` / `read`: raises the user's marks and broadcasts the receipt.
     pub async fn receipt(&self, user: &str, conversation: &str, seq: i64, read: bool) -> Result<(), ChatError> {
         let kind = self.authorize(user, conversation).await?;
-        let last = self.engine.last_seq(conversation).await?;
-        if seq < 1 || seq as u64 > last {
-            return Err(ChatError::bad_request(if last == 0 {
-                format!("'{conversation}' has no messages yet")
-            } else {
-                format!("seq must be between 1 and {last}")
-            }));
-        }
-        if let Some(row) = self.engine.set_receipt(conversation, user, seq as u64, read).await? {
-            let frame = protocol::render(&protocol::Receipt {
-                ty: "receipt",
-                conversation,
-                user,
-                delivered_seq: row.delivered_seq,
-                read_seq: row.read_seq,
-            });
-            self.engine.publish(&kind.route(conversation), Event::new(EventKind::Receipt, frame)).await?;
-        }
+        let row = match self.engine.set_receipt(conversation, user, seq, read).await? {
+            ReceiptOutcome::Changed(row) => row,
+            ReceiptOutcome::Unchanged => return Ok(()),
+            ReceiptOutcome::OutOfRange { last_seq: 0 } => {
+                return Err(ChatError::bad_request(format!("'{conversation}' has no messages yet")));
+            }
+            ReceiptOutcome::OutOfRange { last_seq } => {
+                return Err(ChatError::bad_request(format!("seq must be between 1 and {last_seq}")));
+            }
+        };
+        let frame = protocol::render(&protocol::Receipt {
+            ty: "receipt",
+            conversation,
+            user,
+            delivered_seq: row.delivered_seq,
+            read_seq: row.read_seq,
+        });
+        self.engine.publish(&kind.route(conversation), Event::new(EventKind::Receipt, frame)).await?;
         Ok(())
     }
 

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    Appended, Counters, Engine, Group, MembershipChange, MessagePage, NewMessage, Page, ReceiptRow, Route,
-    StoredMessage,
+    Appended, Counters, Engine, Group, MembershipChange, MessagePage, NewMessage, Page, ReceiptOutcome, ReceiptRow,
+    Route, StoredMessage,
 };
 use crate::{
     error::EngineResult,
@@ -108,6 +108,10 @@ impl MemoryEngine {
     }
 }
 
+fn is_member(g: &Group, user: &str) -> bool {
+    g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok()
+}
+
 fn normalise(members: Vec<String>) -> Vec<String> {
     let set: BTreeSet<String> = members.into_iter().collect();
     set.into_iter().collect()
@@ -123,17 +127,20 @@ impl Engine for MemoryEngine {
         true
     }
 
-    async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Appended> {
+    async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Option<Appended>> {
         let conv = self.conv(&msg.conversation);
         let first_message;
         let appended = {
             let mut c = conv.lock();
+            if msg.require_member && !c.group.as_ref().is_some_and(|g| is_member(g, &msg.sender.id)) {
+                return Ok(None);
+            }
             let sender: Arc<str> = msg.sender.id.as_str().into();
             let cmid: Arc<str> = msg.client_msg_id.as_str().into();
             if let Some(&seq) = c.idempotency.get(&(sender.clone(), cmid.clone())) {
                 let i = c.index_of(seq);
                 let ts_ms = c.messages[i].ts_ms;
-                return Ok(Appended { seq, ts_ms, duplicate: true });
+                return Ok(Some(Appended { seq, ts_ms, duplicate: true }));
             }
             let seq = c.last_seq + 1;
             let stored = StoredMessage {
@@ -171,7 +178,7 @@ impl Engine for MemoryEngine {
         if first_message && let Some(pair) = &msg.participants {
             self.index_members(&msg.conversation, pair, &[]);
         }
-        Ok(appended)
+        Ok(Some(appended))
     }
 
     async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage> {
@@ -198,15 +205,14 @@ impl Engine for MemoryEngine {
         Ok(self.existing(conversation).map_or(0, |c| c.lock().last_seq))
     }
 
-    async fn set_receipt(
-        &self,
-        conversation: &str,
-        user: &str,
-        seq: u64,
-        read: bool,
-    ) -> EngineResult<Option<ReceiptRow>> {
+    async fn set_receipt(&self, conversation: &str, user: &str, seq: i64, read: bool) -> EngineResult<ReceiptOutcome> {
         let conv = self.conv(conversation);
         let mut c = conv.lock();
+        let last_seq = c.last_seq;
+        if seq < 1 || seq as u64 > last_seq {
+            return Ok(ReceiptOutcome::OutOfRange { last_seq });
+        }
+        let seq = seq as u64;
         let entry = c.receipts.entry(user.to_string()).or_default();
         let before = *entry;
         entry.0 = entry.0.max(seq);
@@ -214,7 +220,11 @@ impl Engine for MemoryEngine {
             entry.1 = entry.1.max(seq);
         }
         let after = *entry;
-        Ok((after != before).then(|| ReceiptRow { user: user.to_string(), delivered_seq: after.0, read_seq: after.1 }))
+        Ok(if after == before {
+            ReceiptOutcome::Unchanged
+        } else {
+            ReceiptOutcome::Changed(ReceiptRow { user: user.to_string(), delivered_seq: after.0, read_seq: after.1 })
+        })
     }
 
     async fn receipts(&self, conversation: &str) -> EngineResult<Vec<ReceiptRow>> {
@@ -233,6 +243,10 @@ impl Engine for MemoryEngine {
 
     async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
         Ok(self.existing(conversation).and_then(|c| c.lock().group.clone()))
+    }
+
+    async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool> {
+        Ok(self.existing(conversation).is_some_and(|c| c.lock().group.as_ref().is_some_and(|g| is_member(g, user))))
     }
 
     async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange> {

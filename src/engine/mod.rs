@@ -42,6 +42,21 @@ pub struct NewMessage {
     pub ts_ms: i64,
     /// Direct conversations: the two participants, indexed once it holds a message.
     pub participants: Option<[String; 2]>,
+    /// Group conversations: store only if the sender is a member (checked in
+    /// the same atomic step as the write).
+    pub require_member: bool,
+}
+
+/// What became of a receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiptOutcome {
+    /// `seq` is below 1 or above the conversation's `last_seq`.
+    OutOfRange {
+        last_seq: u64,
+    },
+    /// The stored marks were already at or above `seq`.
+    Unchanged,
+    Changed(ReceiptRow),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,27 +131,24 @@ pub trait Engine: Send + Sync + 'static {
     async fn ready(&self) -> bool;
 
     /// Stores a message (see the module contract) and publishes it to `route`.
-    async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Appended>;
+    /// `None` when `msg.require_member` and the sender is not a member.
+    async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Option<Appended>>;
 
     async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage>;
 
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64>;
 
-    /// Raises `user`'s delivered (and, when `read`, read) mark to `seq`. Returns
-    /// the new state when anything changed, `None` when the stored marks were
-    /// already at or above `seq`.
-    async fn set_receipt(
-        &self,
-        conversation: &str,
-        user: &str,
-        seq: u64,
-        read: bool,
-    ) -> EngineResult<Option<ReceiptRow>>;
+    /// Raises `user`'s delivered (and, when `read`, read) mark to `seq`, after
+    /// checking `1 <= seq <= last_seq` in the same step.
+    async fn set_receipt(&self, conversation: &str, user: &str, seq: i64, read: bool) -> EngineResult<ReceiptOutcome>;
 
     /// Every user of the conversation who has sent a receipt.
     async fn receipts(&self, conversation: &str) -> EngineResult<Vec<ReceiptRow>>;
 
     async fn group(&self, conversation: &str) -> EngineResult<Option<Group>>;
+
+    /// Whether `user` is a member of the group (false when it does not exist).
+    async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool>;
 
     /// Several groups at once (one round trip where the engine can).
     async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Group>>> {
