@@ -18,7 +18,8 @@ use crate::{
 /// Builds the engine the configuration asks for.
 pub async fn engine(cfg: &Config, hub: Arc<Hub>) -> anyhow::Result<Arc<dyn Engine>> {
     if cfg.valkey.url.is_some() || !cfg.valkey.sentinels.is_empty() {
-        anyhow::bail!("valkey.url is set, but this build has no Valkey engine yet");
+        let e = crate::engine::valkey::ValkeyEngine::connect(cfg, hub).await.context("connecting to Valkey")?;
+        return Ok(Arc::new(e));
     }
     tracing::warn!(
         history_max_messages = cfg.chat.history_max_messages,
@@ -56,10 +57,33 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
             }
         })
     };
+    let maintenance = node.engine.maintenance_interval().map(|every| {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match node.engine.maintain().await {
+                    Ok(gone) => {
+                        for user in gone {
+                            if let Err(e) = node.announce_presence(&user, false).await {
+                                tracing::debug!(error = %e, user, "presence announcement failed");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "engine maintenance failed"),
+                }
+            }
+        })
+    });
 
     shutdown.await;
     drain(&node).await;
     pruner.abort();
+    if let Some(m) = maintenance {
+        m.abort();
+    }
     node.engine.shutdown().await;
     stop_http.cancel();
     match tokio::time::timeout(Duration::from_secs(5), server).await {

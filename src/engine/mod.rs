@@ -18,6 +18,7 @@
 //! - Engines deliver events to this node's [`Hub`](crate::hub::Hub).
 
 pub mod memory;
+pub mod valkey;
 
 use std::sync::Arc;
 
@@ -204,6 +205,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Which of `users` are online; every online user when `None`.
     async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>>;
+
+    /// Periodic upkeep (node leases, expired nodes). Returns users who went
+    /// offline everywhere because their node stopped answering.
+    async fn maintain(&self) -> EngineResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// How often [`Engine::maintain`] runs; `None`: never.
+    fn maintenance_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
 
     /// Stops background work (leases, subscriptions) before exit.
     async fn shutdown(&self);

@@ -444,6 +444,14 @@ macro_rules! engine_suite {
                 }
             )*
         }
+        mod valkey_two_nodes {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Engine::Valkey { nodes: 2 }).await
+                }
+            )*
+        }
     };
 }
 

@@ -1,0 +1,82 @@
+-- Stores one message: idempotency check, gap-free seq, stream entry, retention
+-- and publication, as ONE atomic step. Every key is under the conversation's
+-- hash tag, so the script runs on one Cluster slot.
+--
+-- KEYS[1] meta hash     (field `last`: the last seq; `group`: 1 for groups)
+-- KEYS[2] message stream (entry id `<seq>-0`; fields f=frame, t=ts ms, u=sender, k=idempotency key)
+-- KEYS[3] idempotency hash (`<sender>\n<client_msg_id>` -> seq)
+-- KEYS[4] members set   (checked when ARGV[8] == "1")
+-- ARGV[1] idempotency key        ARGV[2] ts (ms)          ARGV[3] sender id
+-- ARGV[4] frame head (`..."seq":`) ARGV[5] frame tail (`,"ts":...}`)
+-- ARGV[6] max messages kept      ARGV[7] min ts kept (ms, 0 = no age limit)
+-- ARGV[8] "1": sender must be in KEYS[4]
+-- ARGV[9] own-seqs key prefix (+ sender id: a sorted set of the sender's seqs, for unread counts)
+-- ARGV[10] pub/sub: "p" PUBLISH, "s" SPUBLISH, "n" none (the caller publishes)
+-- ARGV[11] pub/sub payload head (the seq and "\n" + frame follow)
+-- ARGV[12..] channels
+-- Returns {seq, ts, duplicate(0|1)}, or {-1} when the sender is not a member.
+
+if ARGV[8] == '1' and redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 0 then
+  return {-1}
+end
+
+local function field(entry, name)
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == name then return f[i + 1] end
+  end
+  return nil
+end
+
+local known = redis.call('HGET', KEYS[3], ARGV[1])
+if known then
+  local e = redis.call('XRANGE', KEYS[2], known .. '-0', known .. '-0')
+  local ts = 0
+  if e[1] then ts = tonumber(field(e[1], 't')) end
+  return {tonumber(known), ts, 1}
+end
+
+local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
+local frame = ARGV[4] .. seq .. ARGV[5]
+redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame, 't', ARGV[2], 'u', ARGV[3], 'k', ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], seq)
+redis.call('ZADD', ARGV[9] .. ARGV[3], seq, seq)
+
+-- Retention: drop the oldest entries beyond the count, and (a bounded number
+-- per write) those older than the age limit, with their idempotency records.
+local function drop(entries)
+  for _, e in ipairs(entries) do
+    local id = e[1]
+    local s = string.match(id, '^(%d+)-')
+    redis.call('HDEL', KEYS[3], field(e, 'k'))
+    redis.call('ZREM', ARGV[9] .. field(e, 'u'), s)
+    redis.call('XDEL', KEYS[2], id)
+  end
+end
+local excess = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[6])
+if excess > 0 then
+  drop(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', excess))
+end
+local min_ts = tonumber(ARGV[7])
+if min_ts > 0 then
+  local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
+  local expired = {}
+  for _, e in ipairs(old) do
+    if tonumber(field(e, 't')) < min_ts and tonumber(string.match(e[1], '^(%d+)-')) < seq then
+      table.insert(expired, e)
+    else
+      break
+    end
+  end
+  drop(expired)
+end
+
+if ARGV[10] ~= 'n' then
+  local payload = ARGV[11] .. seq .. '\n' .. frame
+  local cmd = 'PUBLISH'
+  if ARGV[10] == 's' then cmd = 'SPUBLISH' end
+  for i = 12, #ARGV do
+    redis.call(cmd, ARGV[i], payload)
+  end
+end
+return {seq, tonumber(ARGV[2]), 0}
