@@ -111,7 +111,11 @@ pub async fn drain(node: &Node) {
             c.closer.close(crate::transport::ws::CLOSE_RESTART);
         }
     }
-    // Sessions still authenticating see `is_draining` and close themselves.
+    // Sessions that registered after the snapshot; sessions still
+    // authenticating see `is_draining` and close themselves.
+    for c in node.hub.connections() {
+        c.closer.close(crate::transport::ws::CLOSE_RESTART);
+    }
     node.sessions.close();
     if tokio::time::timeout(Duration::from_secs(5), node.sessions.wait()).await.is_err() {
         tracing::warn!(left = node.sessions.len(), "sessions still open after drain");

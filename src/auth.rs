@@ -17,8 +17,9 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// A string or a list of strings (RFC 7519); checked by the validation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<serde_json::Value>,
 }
 
 /// Why a token was refused; shown to the client (nothing secret in it).
@@ -104,7 +105,7 @@ impl Authenticator {
             name: name.map(str::to_string),
             exp,
             iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            aud: self.audience.clone().map(serde_json::Value::String),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")
@@ -167,5 +168,14 @@ mod tests {
         assert!(strict.verify(&strict.sign("alice", None, None)).is_ok());
         // A token with iss/aud is fine where nothing is required.
         assert!(plain.verify(&strict.sign("alice", None, None)).is_ok());
+        // `aud` may be a list.
+        let listed = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub":"alice","exp":9_999_999_999u64,"iss":"crm","aud":["other","chat"]}),
+            &EncodingKey::from_secret(crate::config::LOCAL_DEV_JWT_SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(strict.verify(&listed).is_ok());
+        assert!(plain.verify(&listed).is_ok());
     }
 }

@@ -263,9 +263,14 @@ impl Node {
         conversation: &str,
         page: Page,
     ) -> Result<axum::extract::ws::Utf8Bytes, ChatError> {
-        self.authorize(user, conversation).await?;
+        let kind = self.authorize(user, conversation).await?;
         let page = self.engine.history(conversation, page).await?;
-        let receipts = self.engine.receipts(conversation).await?;
+        let mut receipts = self.engine.receipts(conversation).await?;
+        if kind == Kind::Group {
+            // Receipts of members only (a removed member's marks stay stored).
+            let members = self.engine.group(conversation).await?.map(|g| g.members).unwrap_or_default();
+            receipts.retain(|r| members.binary_search(&r.user).is_ok());
+        }
         Ok(protocol::render(&HistoryPage {
             ty: "history",
             id,

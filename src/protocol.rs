@@ -60,6 +60,11 @@ pub struct ParseError {
     /// The frame's `id`, when it could be read and was valid.
     pub id: Option<Value>,
     pub message: String,
+    /// The frame was a JSON object (as opposed to garbage or another JSON value).
+    pub is_object: bool,
+    /// The frame's type expects a reply (`delivered`, `read` and `typing` do
+    /// not: their errors carry no `id`).
+    pub replies: bool,
 }
 
 #[derive(Deserialize)]
@@ -121,7 +126,12 @@ fn take_limit(v: Option<Value>) -> Result<usize, String> {
 pub fn parse(text: &str) -> Result<Inbound, ParseError> {
     // serde would read a JSON array positionally into `Raw`: refuse non-objects first.
     if !text.trim_start().starts_with('{') {
-        return Err(ParseError { id: None, message: "a frame is one JSON object".into() });
+        return Err(ParseError {
+            id: None,
+            message: "a frame is one JSON object".into(),
+            is_object: false,
+            replies: true,
+        });
     }
     let raw: Raw = match serde_json::from_str(text) {
         Ok(r) => r,
@@ -133,7 +143,7 @@ pub fn parse(text: &str) -> Result<Inbound, ParseError> {
                 .and_then(|mut m| m.remove("id"))
                 .filter(valid_id);
             let message = if e.is_data() { format!("invalid frame: {e}") } else { "invalid JSON".to_string() };
-            return Err(ParseError { id, message });
+            return Err(ParseError { id, message, is_object: e.is_data(), replies: true });
         }
     };
     let id = match raw.id {
@@ -143,10 +153,13 @@ pub fn parse(text: &str) -> Result<Inbound, ParseError> {
             return Err(ParseError {
                 id: None,
                 message: "'id' must be a string of at most 64 characters or an integer".into(),
+                is_object: true,
+                replies: true,
             });
         }
     };
-    let fail = |message: String| ParseError { id: id.clone(), message };
+    let replies = !matches!(&raw.ty, Some(Value::String(t)) if matches!(t.as_str(), "delivered" | "read" | "typing"));
+    let fail = |message: String| ParseError { id: id.clone(), message, is_object: true, replies };
     let ty = match raw.ty {
         Some(Value::String(s)) => s,
         None | Some(Value::Null) => return Err(fail("missing field 'type'".into())),

@@ -1,5 +1,6 @@
 //! Logging: `tracing` with human-readable output in `local` and JSON in
-//! `production`. Structured fields only (user, conversation, seq, conn); never
+//! `production`, both on stderr (stdout carries only the one machine-readable
+//! `listening on` line). Structured fields only (user, conversation, seq, conn); never
 //! a message body or a token.
 
 use tracing_subscriber::{EnvFilter, filter::LevelFilter, fmt, prelude::*};
@@ -16,7 +17,14 @@ pub fn init(cfg: &Config) {
     let registry = tracing_subscriber::registry().with(filter).with(cap);
     let result = match format {
         LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
     };

@@ -271,6 +271,10 @@ async fn receipts_are_monotonic_and_broadcast(engine: Engine) {
     // history lists receipts of members that sent one.
     let h = a.request(json!({"type":"history","conversation":conv})).await;
     assert_eq!(h["receipts"], json!([{"user":"bob","delivered_seq":3,"read_seq":3}]));
+    // ... members only: once bob is removed, his marks are not listed.
+    chat.api(Method::POST, &format!("/api/v1/conversations/{conv}/members"), Some(json!({"remove":["bob"]}))).await;
+    let h = a.request(json!({"type":"history","conversation":conv})).await;
+    assert_eq!(h["receipts"], json!([]));
 }
 
 async fn typing_goes_to_others_only(engine: Engine) {
@@ -284,6 +288,13 @@ async fn typing_goes_to_others_only(engine: Engine) {
     assert_eq!(t, json!({"type":"typing","conversation":conv,"user":{"id":"alice","name":"Alice"}}));
     a1.send(json!({"type":"typing","conversation":"dm:alice:bob"})).await;
     assert_eq!(b.expect_type("typing").await["conversation"], "dm:alice:bob");
+    // A burst is forwarded at most once a second per conversation.
+    for _ in 0..20 {
+        a2.send(json!({"type":"typing","conversation":conv})).await;
+    }
+    a2.barrier().await;
+    let burst = b.drain(SHORT).await;
+    assert_eq!(burst.iter().filter(|v| v["type"] == "typing").count(), 1, "{burst:?}");
     a1.barrier().await;
     a2.barrier().await;
     let not_typing = |v: &Value| v["type"] != "typing";
@@ -444,6 +455,17 @@ async fn group_membership_events(engine: Engine) {
     carol.barrier().await;
     carol.assert_quiet(SHORT, |v| v["type"] != "message" || v["conversation"] != conv.as_str()).await;
     assert_eq!(carol.say(&conv, "still here?").await["code"], "forbidden");
+    // Removed and added in one call: still a member, no event.
+    let (s, obj) = chat
+        .api(
+            Method::POST,
+            &format!("/api/v1/conversations/{conv}/members"),
+            Some(json!({"add":["alice"],"remove":["alice"]})),
+        )
+        .await;
+    assert_eq!((s, obj["members"].clone()), (200, json!(["alice"])));
+    alice.barrier().await;
+    alice.assert_quiet(SHORT, |v| is_presence(v) || v["type"] == "message").await;
     // PUT replaces the member list: alice out, bob in.
     let mut bob = chat.client("bob").await;
     chat.put_group(&conv, &["bob"]).await;
@@ -627,6 +649,21 @@ async fn hello_errors_close_4001() {
     let (frames, end) = c.until_closed(Duration::from_secs(5)).await;
     assert_eq!((frames[0]["code"].as_str(), frames[0]["id"].as_str()), (Some("unauthorized"), Some("x")));
     assert_eq!(end, Ended::Close(4001));
+    // Any JSON object that is not a usable hello counts as another frame.
+    for frame in [json!({"type":"hello","id":3}), json!({"type":"bogus","id":4}), json!({"id":5})] {
+        let mut c = Client::connect(&s.ws_url(), None).await.unwrap();
+        c.send(frame.clone()).await;
+        let (frames, end) = c.until_closed(Duration::from_secs(5)).await;
+        assert_eq!(frames[0]["code"], "unauthorized", "{frame}");
+        assert_eq!(frames[0]["id"], frame["id"]);
+        assert_eq!(end, Ended::Close(4001), "{frame}");
+    }
+    // Garbage is a bad request; the connection may still say hello.
+    let mut c = Client::connect(&s.ws_url(), None).await.unwrap();
+    c.send_raw(tokio_tungstenite::tungstenite::Message::Text("not json".into())).await;
+    assert_eq!(c.next().await["code"], "bad_request");
+    c.send(json!({"type":"hello","token":s.token("alice").await})).await;
+    assert_eq!(c.next().await["type"], "welcome");
     // Silence past auth.hello_timeout_s.
     let mut c = Client::connect(&s.ws_url(), None).await.unwrap();
     let (_, end) = c.until_closed(Duration::from_secs(5)).await;
@@ -669,6 +706,10 @@ async fn token_at_upgrade_header_and_cookie() {
         let r = c.request(json!({"type":"hello","token":token})).await;
         assert_eq!(r["code"], "bad_request");
     }
+    // Another Authorization scheme (a proxy's Basic auth) leaves the cookie to speak.
+    let headers = vec![("authorization", "Basic dXNlcjpwdw==".to_string()), ("cookie", format!("chat_token={token}"))];
+    let mut c = Client::connect(&s.ws_url(), Some(headers)).await.unwrap();
+    assert_eq!(c.next().await["type"], "welcome");
     // A bad token at upgrade: HTTP 401, no upgrade.
     let e = Client::connect(&s.ws_url(), Some(vec![("authorization", "Bearer nope".into())])).await.err().unwrap();
     match e {
@@ -919,4 +960,6 @@ async fn health_metrics_and_dev_tokens() {
     let off = common::Server::start(&[("CHAT_AUTH__DEV_TOKENS", "false")]).await;
     let r = off.http.post(off.url("/api/v1/dev/token")).json(&json!({"user":"alice"})).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    let r = off.http.post(off.url("/api/v1/dev/token")).body("garbage").send().await.unwrap();
+    assert_eq!(r.status(), 404, "the route does not exist, whatever the body");
 }

@@ -290,9 +290,12 @@ impl Engine for MemoryEngine {
             }
             for u in normalise(add) {
                 if set.insert(u.clone()) {
-                    // A user both removed and added in one call ends up a member.
-                    removed.retain(|r| *r != u);
-                    added.push(u);
+                    // Removed and added in one call: still a member, no change.
+                    if let Some(i) = removed.iter().position(|r| *r == u) {
+                        removed.remove(i);
+                    } else {
+                        added.push(u);
+                    }
                 }
             }
             group.members = set.into_iter().collect();

@@ -13,7 +13,7 @@
 //! first code chosen (1013 from a full queue, 1012 from drain, 4008, 1009, ...)
 //! and the writer sends it.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     extract::{
@@ -69,14 +69,23 @@ fn close_message(code: u16) -> Message {
 
 /// Frames written per flush at most (one syscall for a burst of fan-out).
 const WRITE_BATCH: usize = 128;
+/// Typing events forwarded per conversation and connection: one per this.
+const TYPING_EVERY: Duration = Duration::from_secs(1);
 /// How long a write may block before the peer counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The token a client presented before the upgrade, if any.
 fn upgrade_token<'a>(headers: &'a HeaderMap, cookie_name: &str) -> Option<&'a str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        let (scheme, token) = v.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then_some(token.trim());
+    // A Bearer token wins; any other Authorization scheme (say, Basic auth of
+    // a staging proxy) leaves the cookie to speak.
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    if bearer.is_some() {
+        return bearer;
     }
     headers
         .get_all(header::COOKIE)
@@ -221,6 +230,14 @@ async fn authenticate(
                 write_direct(socket, f, "error").await;
                 return Err(CLOSE_UNAUTHORIZED);
             }
+            // A JSON object that is not a usable hello (no token, unknown
+            // type, ...) is "another frame before authentication".
+            Err(e) if e.is_object => {
+                metrics::frame_in("invalid");
+                let f = protocol::error_code(e.id.as_ref(), ErrorCode::Unauthorized, &e.message);
+                write_direct(socket, f, "error").await;
+                return Err(CLOSE_UNAUTHORIZED);
+            }
             Err(e) => {
                 metrics::frame_in("invalid");
                 let f = protocol::error_code(e.id.as_ref(), ErrorCode::BadRequest, &e.message);
@@ -278,10 +295,10 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, pre_auth: Option<UserRe
                     let _ = writer.await;
                 }
                 metrics::connection_closed();
-                teardown(&node, &conn).await;
+                teardown(&node, &conn, true).await;
             }
             Err(e) => {
-                teardown(&node, &conn).await;
+                teardown(&node, &conn, false).await;
                 let code = if e.code == ErrorCode::Internal { CLOSE_INTERNAL } else { CLOSE_TRY_LATER };
                 write_direct(&mut socket, protocol::error(hello_id.as_ref(), &e), "error").await;
                 close_direct(socket, code).await;
@@ -319,9 +336,13 @@ async fn setup(
     Ok((entries, online))
 }
 
-async fn teardown(node: &Node, conn: &Conn) {
+/// Undoes `setup`. `counted`: whether `presence_up` counted this connection.
+async fn teardown(node: &Node, conn: &Conn, counted: bool) {
     node.hub.unregister(conn);
     node.engine.topics_changed();
+    if !counted {
+        return;
+    }
     match node.engine.presence_down(&conn.user).await {
         Ok(true) => {
             if let Err(e) = node.announce_presence(&conn.user, false).await {
@@ -420,6 +441,7 @@ async fn reader(
     strikes: &mut Strikes,
 ) {
     let idle = Duration::from_secs(node.cfg.server.heartbeat_s * 2);
+    let mut typing = HashMap::new();
     loop {
         let next = tokio::select! {
             biased;
@@ -461,7 +483,8 @@ async fn reader(
             Ok(i) => i,
             Err(e) => {
                 metrics::frame_in("invalid");
-                reply(conn, "error", protocol::error_code(e.id.as_ref(), ErrorCode::BadRequest, &e.message));
+                let id = if e.replies { e.id.as_ref() } else { None };
+                reply(conn, "error", protocol::error_code(id, ErrorCode::BadRequest, &e.message));
                 if strikes.bad_frame() {
                     conn.closer.close(CLOSE_POLICY);
                 }
@@ -469,7 +492,7 @@ async fn reader(
             }
         };
         metrics::frame_in(inbound.cmd.kind());
-        if let Err(e) = handle(node, conn, user, &inbound, strikes).await {
+        if let Err(e) = handle(node, conn, user, &inbound, strikes, &mut typing).await {
             let replies =
                 !matches!(inbound.cmd, Command::Delivered { .. } | Command::Read { .. } | Command::Typing { .. });
             let id = if replies { inbound.id.as_ref() } else { None };
@@ -496,6 +519,7 @@ async fn handle(
     user: &UserRef,
     inbound: &Inbound,
     strikes: &mut Strikes,
+    typing: &mut HashMap<String, tokio::time::Instant>,
 ) -> Result<(), ChatError> {
     let id = inbound.id.as_ref();
     match &inbound.cmd {
@@ -514,7 +538,19 @@ async fn handle(
         }
         Command::Delivered { conversation, seq } => node.receipt(&user.id, conversation, *seq, false).await?,
         Command::Read { conversation, seq } => node.receipt(&user.id, conversation, *seq, true).await?,
-        Command::Typing { conversation } => node.typing(user, conversation).await?,
+        Command::Typing { conversation } => {
+            // At most one typing event per conversation per second from a
+            // connection: a typing flood must not fill everyone's queue.
+            let now = tokio::time::Instant::now();
+            let fresh = typing.get(conversation.as_str()).is_none_or(|t| now.duration_since(*t) >= TYPING_EVERY);
+            if fresh {
+                node.typing(user, conversation).await?;
+                if typing.len() >= 64 {
+                    typing.retain(|_, t| now.duration_since(*t) < TYPING_EVERY);
+                }
+                typing.insert(conversation.clone(), now);
+            }
+        }
         Command::History { conversation, before, limit } => {
             let f = node.history(&user.id, id, conversation, Page::Before(*before, *limit)).await?;
             reply(conn, "history", f);

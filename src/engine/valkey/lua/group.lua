@@ -23,21 +23,17 @@ else
     return {}
   end
   local n = tonumber(ARGV[2])
+  local was = {}
   for i = 3 + n, #ARGV do
-    if redis.call('SREM', KEYS[1], ARGV[i]) == 1 then table.insert(removed, ARGV[i]) end
+    if redis.call('SREM', KEYS[1], ARGV[i]) == 1 then was[ARGV[i]] = true end
   end
   for i = 3, 2 + n do
     if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
-      table.insert(added, ARGV[i])
+      -- Removed and added in one call: still a member, no change.
+      if was[ARGV[i]] then was[ARGV[i]] = nil else table.insert(added, ARGV[i]) end
     end
   end
-end
--- A user removed and added in one call ends up a member and is neither.
-local now = {}
-for _, m in ipairs(added) do now[m] = true end
-local gone = {}
-for _, m in ipairs(removed) do
-  if not now[m] then table.insert(gone, m) end
+  for m, _ in pairs(was) do table.insert(removed, m) end
 end
 local meta = redis.call('HMGET', KEYS[2], 'title', 'last')
-return {meta[1] or '', tonumber(meta[2] or '0'), added, gone, redis.call('SMEMBERS', KEYS[1])}
+return {meta[1] or '', tonumber(meta[2] or '0'), added, removed, redis.call('SMEMBERS', KEYS[1])}
