@@ -26,7 +26,13 @@ pub fn init(cfg: &Config) {
                     .with_writer(std::io::stderr),
             )
             .try_init(),
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .try_init(),
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;

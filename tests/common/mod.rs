@@ -142,7 +142,7 @@ impl Server {
         let mut c = Client::connect(&self.ws_url(), None).await.expect("connect");
         c.send(json!({"type":"hello","id":"hello","token":token})).await;
         let w = c.next().await;
-        assert_eq!(w["type"], "welcome", "{w}");
+        assert_eq!(w["type"], "welcome", "{w}\nserver log:\n{}", self.logs());
         c.welcome = w;
         c
     }
@@ -379,34 +379,48 @@ pub enum Engine {
     /// `nodes` nodes sharing one real Valkey/Redis; clients and API calls
     /// alternate between nodes, so every cross-client check crosses nodes.
     Valkey { nodes: usize },
+    /// `nodes` nodes on a real three-master Valkey/Redis Cluster.
+    ValkeyCluster { nodes: usize },
 }
 
 /// A chat service under test: one or more nodes that must behave as one.
 pub struct Chat {
     pub nodes: Vec<Server>,
     pub valkey: Option<valkey::Valkey>,
+    pub cluster: Option<valkey::ValkeyCluster>,
     rr: AtomicUsize,
+}
+
+async fn start_nodes(nodes: usize, url: &str, cluster: bool, env: &[(&str, &str)]) -> Vec<Server> {
+    let mut servers = Vec::new();
+    for i in 0..nodes {
+        let node_id = format!("node{i}");
+        let mut e: Vec<(&str, &str)> =
+            vec![("CHAT_VALKEY__URL", url), ("CHAT_SERVER__NODE_ID", &node_id), ("CHAT_VALKEY__NODE_LEASE_S", "5")];
+        if cluster {
+            e.push(("CHAT_VALKEY__CLUSTER", "true"));
+        }
+        e.extend_from_slice(env);
+        servers.push(Server::start(&e).await);
+    }
+    servers
 }
 
 impl Engine {
     pub async fn start(self, env: &[(&str, &str)]) -> Chat {
         match self {
-            Engine::Memory => Chat { nodes: vec![Server::start(env).await], valkey: None, rr: AtomicUsize::new(0) },
+            Engine::Memory => {
+                Chat { nodes: vec![Server::start(env).await], valkey: None, cluster: None, rr: AtomicUsize::new(0) }
+            }
             Engine::Valkey { nodes } => {
                 let v = valkey::Valkey::start().await;
-                let url = v.url();
-                let mut servers = Vec::new();
-                for i in 0..nodes {
-                    let node_id = format!("node{i}");
-                    let mut e: Vec<(&str, &str)> = vec![
-                        ("CHAT_VALKEY__URL", &url),
-                        ("CHAT_SERVER__NODE_ID", &node_id),
-                        ("CHAT_VALKEY__NODE_LEASE_S", "5"),
-                    ];
-                    e.extend_from_slice(env);
-                    servers.push(Server::start(&e).await);
-                }
-                Chat { nodes: servers, valkey: Some(v), rr: AtomicUsize::new(0) }
+                let servers = start_nodes(nodes, &v.url(), false, env).await;
+                Chat { nodes: servers, valkey: Some(v), cluster: None, rr: AtomicUsize::new(0) }
+            }
+            Engine::ValkeyCluster { nodes } => {
+                let c = valkey::ValkeyCluster::start(3).await;
+                let servers = start_nodes(nodes, &c.url(), true, env).await;
+                Chat { nodes: servers, valkey: None, cluster: Some(c), rr: AtomicUsize::new(0) }
             }
         }
     }
@@ -449,6 +463,14 @@ macro_rules! engine_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Engine::Valkey { nodes: 2 }).await
+                }
+            )*
+        }
+        mod valkey_cluster_two_nodes {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Engine::ValkeyCluster { nodes: 2 }).await
                 }
             )*
         }

@@ -156,3 +156,59 @@ impl Drop for Valkey {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A real three-master cluster (`--cluster-enabled yes`, then
+/// `--cluster create`), no replicas, no persistence.
+pub struct ValkeyCluster {
+    pub masters: Vec<Valkey>,
+}
+
+impl ValkeyCluster {
+    pub async fn start(n: usize) -> ValkeyCluster {
+        let mut masters = Vec::new();
+        for _ in 0..n {
+            let conf = format!("nodes-{}.conf", free_port());
+            masters.push(
+                Valkey::start_with(&[
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+                .await,
+            );
+        }
+        let addrs: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
+        let out = Command::new(cli_binary())
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .expect("cli --cluster create");
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        for _ in 0..100 {
+            let mut ok = true;
+            for m in &masters {
+                let info = m.cli(&["CLUSTER", "INFO"]).await.unwrap_or_default();
+                ok &= info.contains("cluster_state:ok");
+            }
+            if ok {
+                return ValkeyCluster { masters };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cluster did not reach cluster_state:ok");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.masters[0].port)
+    }
+}

@@ -452,7 +452,9 @@ impl Inner {
             return Ok(());
         }
         if self.cluster {
-            self.sub.ssubscribe(missing.clone()).await.map_err(err)?;
+            // Shard channels of different slots cannot share one command.
+            let each = missing.iter().map(|c| self.sub.ssubscribe(c.as_str()));
+            futures_util::future::try_join_all(each).await.map_err(err)?;
         } else {
             self.sub.subscribe(missing.clone()).await.map_err(err)?;
         }
@@ -470,7 +472,8 @@ impl Inner {
                 return;
             }
             let r = if self.cluster {
-                self.sub.sunsubscribe(stale.clone()).await
+                let each = stale.iter().map(|c| self.sub.sunsubscribe(c.as_str()));
+                futures_util::future::try_join_all(each).await.map(|_| ())
             } else {
                 self.sub.unsubscribe(stale.clone()).await
             };
