@@ -305,7 +305,7 @@ function startChat(mode, token) {
   on('presence', onPresence);
   on('conversation', onConversationEvent);
   on('unread', ({ conversation, unread }) => setUnread(conversation, unread));
-  on('reset', ({ conversation }) => { if (conversation === ui.current) openConversation(conversation, { force: true }); });
+  on('reset', onReset);
   showView('chat');
   ensureItem(DEFAULT_CONVERSATION);
   setBidiText(els.whoami, ui.login ? `${ui.login.name} (${ui.login.user})` : 'Connecting…');
@@ -365,6 +365,17 @@ function onState({ state, reason }) {
   els.connSignin.hidden = state !== 'auth_required';
   els.meDot.dataset.online = String(state === 'connected');
   if (state === 'connected') maybeMarkRead();
+}
+
+/** The client dropped its copy of a conversation (e.g. the server lost its data). */
+function onReset({ conversation }) {
+  const item = ui.convs.get(conversation);
+  if (item) {
+    // The preview may show a message that no longer exists; the next one replaces it.
+    item.previewSeq = 0;
+    setBidiText(item.preview, '');
+  }
+  if (conversation === ui.current) openConversation(conversation, { force: true });
 }
 
 function onWelcome({ user, conversations }) {

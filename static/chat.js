@@ -152,6 +152,16 @@ export function uuid() {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
+/** Whether two copies of a message with the same seq are the same message. */
+function sameMessage(a, b) {
+  const sa = a.sender && a.sender.id;
+  const sb = b.sender && b.sender.id;
+  if (sa && sb && sa !== sb) return false;
+  if (a.client_msg_id && b.client_msg_id) return a.client_msg_id === b.client_msg_id;
+  if (a.ts && b.ts) return a.ts === b.ts;
+  return true;
+}
+
 function defaultUrl() {
   const loc = globalThis.location;
   if (!loc) throw new TypeError('ChatClient: `url` is required outside a browser page');
@@ -597,11 +607,7 @@ export class ChatClient extends EventTarget {
       if (Array.isArray(w.members)) c.members = w.members.slice();
       const lastSeq = Number(w.last_seq) || 0;
       // seq never goes down; a lower last_seq means the server lost its data.
-      if (c.maxSeq > lastSeq) {
-        this._reset(c);
-        c.serverLastSeq = c.readSeq = c.deliveredSeq = c.pendingRead = 0;
-        c.receipts.clear();
-      }
+      if (c.maxSeq > lastSeq) this._restart(c);
       c.serverLastSeq = Math.max(c.serverLastSeq, lastSeq);
       const ours = c.readSeq;
       c.readSeq = Number(w.read_seq) || 0;
@@ -612,6 +618,14 @@ export class ChatClient extends EventTarget {
         c.pendingRead = Math.max(c.pendingRead, ours);
       }
       if (c.deliveredSeq < c.readSeq) c.deliveredSeq = c.readSeq;
+    }
+    // A direct conversation is listed once it holds a message, so one we hold
+    // messages of that is not listed lost them on the server (storage reset).
+    const listedIds = new Set(listed.map((c) => c.id));
+    const me = this.user && this.user.id;
+    for (const c of this._convs.values()) {
+      const dm = parseDm(c.id);
+      if (c.maxSeq > 0 && !listedIds.has(c.id) && dm && dm.includes(me)) this._restart(c);
     }
     this._setState('connected');
     this._emit('welcome', {
@@ -637,7 +651,6 @@ export class ChatClient extends EventTarget {
     for (const w of this._readyWaiters.splice(0)) w.resolve();
     this._flushDelivered();
     // 3. catch up: sync what we hold, prefetch what welcome lists
-    const listedIds = new Set(listed.map((c) => c.id));
     const work = [];
     for (const c of this._convs.values()) {
       if (c.loaded) {
@@ -679,6 +692,12 @@ export class ChatClient extends EventTarget {
     const c = this._conv(conversation);
     const seq = Number(f.seq);
     if (seq > c.serverLastSeq) c.serverLastSeq = seq;
+    // Our message stored under a seq we hold for another one: the server
+    // lost its data and numbers from 1 again.
+    const held = Number.isInteger(seq) ? c.messages.get(seq) : undefined;
+    if (held && this.user && !sameMessage(held, { sender: this.user, client_msg_id: cmid, ts: f.ts })) {
+      this._restart(c);
+    }
     // The server stores the body verbatim, so the acked message is known
     // exactly; holding it now makes the order of ack and message irrelevant.
     if (Number.isInteger(seq) && seq > 0 && !c.messages.has(seq) && this.user) {
@@ -695,6 +714,8 @@ export class ChatClient extends EventTarget {
   _onMessage(f) {
     if (!CONV_RE.test(f.conversation)) return;
     const c = this._conv(f.conversation);
+    const held = Number.isInteger(f.seq) ? c.messages.get(f.seq) : undefined;
+    if (held && !sameMessage(held, f)) this._restart(c); // the server lost its data
     this._ingest(c, f, 'live');
     if (!c.loaded || c.maxSeq > c.lastSeq) this._catchUp(c).catch(() => {});
   }
@@ -857,6 +878,14 @@ export class ChatClient extends EventTarget {
       }
       throw err;
     }
+  }
+
+  /** The server no longer has what we hold (its storage was reset): start over. */
+  _restart(c) {
+    this._reset(c);
+    c.serverLastSeq = c.readSeq = c.deliveredSeq = c.pendingRead = 0;
+    c.baseUnread = c.unreadBaseTo = 0;
+    c.receipts.clear();
   }
 
   _reset(c) {

@@ -1,0 +1,772 @@
+//! The demo page and `chat.js` end to end in real headless Chromium.
+//!
+//! Two browsers (alice and bob) drive `static/index.html` against a real
+//! `crm-chat` process through chromedriver: dev sign-in, the console greeting,
+//! a direct conversation, send-to-display latency, ticks (one, two, two blue),
+//! unread badges, typing, right-to-left text, and a server restart on the same
+//! port with a message sent while the server was down.
+//!
+//! Needs Debian's `/usr/bin/chromium` and `/usr/bin/chromedriver`
+//! (`apt-get install chromium chromium-driver`; `$CHROME_BIN` and
+//! `$CHROMEDRIVER` override the paths). The test fails, never skips, without them.
+//!
+//! WebDriver is spoken directly over HTTP with reqwest (W3C WebDriver plus
+//! chromedriver's `POST /session/{id}/se/log` for the browser console).
+//! Screenshots land in `tests/artifacts/`; `docs/screenshot.png` is written
+//! when missing or when `UPDATE_DOCS_SCREENSHOT=1`.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream as StdTcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use common::Server;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+const RECONNECT_WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+const DM: &str = "dm:alice:bob";
+
+fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
+    std::fs::create_dir_all(&dir).expect("create tests/artifacts");
+    dir
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{}-{nanos}", std::process::id())
+}
+
+// ------------------------------------------------------------ chromedriver
+
+/// A chromedriver process on a free port. Dropping it ends every session it
+/// still has (so Chromium quits), then kills chromedriver and anything left
+/// in its process group.
+struct Chromedriver {
+    child: Child,
+    port: u16,
+    url: String,
+    chrome: String,
+    http: reqwest::Client,
+    sessions: Arc<Mutex<Vec<String>>>,
+    profiles: Mutex<Vec<PathBuf>>,
+}
+
+fn require_binary(env_var: &str, default: &str) -> String {
+    let path = std::env::var(env_var).unwrap_or_else(|_| default.to_string());
+    assert!(
+        Path::new(&path).exists(),
+        "{path} not found: the browser test needs Chromium and chromedriver \
+         (run `apt-get install chromium chromium-driver`, or set ${env_var})"
+    );
+    path
+}
+
+impl Chromedriver {
+    async fn start() -> Chromedriver {
+        let chrome = require_binary("CHROME_BIN", "/usr/bin/chromium");
+        let driver = require_binary("CHROMEDRIVER", "/usr/bin/chromedriver");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::fs::File::create(artifacts().join("chromedriver.log")).unwrap();
+        let child = {
+            use std::os::unix::process::CommandExt;
+            Command::new(&driver)
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {driver}: {e} (apt-get install chromium chromium-driver)"))
+        };
+        let mut cd = Chromedriver {
+            child,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            chrome,
+            http: reqwest::Client::new(),
+            sessions: Arc::default(),
+            profiles: Mutex::default(),
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = cd.http.get(format!("{}/status", cd.url)).send().await
+                && let Ok(v) = r.json::<Value>().await
+                && v["value"]["ready"] == true
+            {
+                return cd;
+            }
+            if let Some(status) = cd.child.try_wait().unwrap() {
+                panic!("chromedriver exited ({status}); see tests/artifacts/chromedriver.log");
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not answer on port {port} within {WAIT:?}");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A new headless Chromium with its own fresh profile.
+    async fn browser(&self, name: &'static str) -> Browser {
+        let profile = std::env::temp_dir().join(format!("crm-chat-browser-{name}-{}", unique_suffix()));
+        std::fs::create_dir_all(&profile).unwrap();
+        self.profiles.lock().unwrap().push(profile.clone());
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": self.chrome,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+            "goog:loggingPrefs": {"browser": "ALL"},
+        }}});
+        let r = self.http.post(format!("{}/session", self.url)).json(&caps).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        let id = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("new session for {name}: {v}")).to_string();
+        self.sessions.lock().unwrap().push(id.clone());
+        Browser {
+            name,
+            http: self.http.clone(),
+            base: format!("{}/session/{id}", self.url),
+            id,
+            sessions: self.sessions.clone(),
+            console: Mutex::default(),
+        }
+    }
+}
+
+/// `DELETE /session/{id}` with plain std I/O (usable inside `Drop`).
+fn delete_session_blocking(port: u16, id: &str) {
+    let Ok(mut s) = StdTcpStream::connect(("127.0.0.1", port)) else { return };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "DELETE /session/{id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return;
+    }
+    // chromedriver keeps the connection open: read exactly one response.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            return;
+        }
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        for id in self.sessions.lock().unwrap().drain(..) {
+            delete_session_blocking(self.port, &id);
+        }
+        // chromedriver and whatever is left in its process group (Chromium,
+        // after a failed quit); the group id is chromedriver's pid, not yet reaped.
+        let _ =
+            Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).stderr(Stdio::null()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for p in self.profiles.lock().unwrap().drain(..) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+// ----------------------------------------------------------------- browser
+
+#[derive(Debug, Clone)]
+struct ConsoleEntry {
+    level: String,
+    source: String,
+    message: String,
+}
+
+/// One WebDriver session (one Chromium).
+struct Browser {
+    name: &'static str,
+    http: reqwest::Client,
+    base: String,
+    id: String,
+    sessions: Arc<Mutex<Vec<String>>>,
+    /// Every console entry read so far (chromedriver hands each out once).
+    console: Mutex<Vec<ConsoleEntry>>,
+}
+
+/// A message as the page shows it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+struct Shown {
+    seq: Option<String>,
+    conversation: String,
+    sender: String,
+    body: String,
+    ticks: Option<String>,
+    cmid: Option<String>,
+}
+
+const SHOWN_JS: &str = "return [...document.querySelectorAll('#messages li.msg')].map((li) => ({
+    seq: li.dataset.seq ?? null, conversation: li.dataset.conversation, sender: li.dataset.sender,
+    body: li.querySelector('.body').textContent,
+    ticks: li.querySelector('.ticks') ? li.querySelector('.ticks').dataset.ticks : null,
+    cmid: li.dataset.clientMsgId ?? null }));";
+
+/// Records, inside the page, when each message body first appeared, every
+/// tick state each message went through and when #send was clicked
+/// (Date.now(): both browsers run on this machine, so the clocks agree).
+const RECORDER_JS: &str = "if (!window.__e2e) {
+  const e2e = window.__e2e = { seen: {}, ticks: [], clicks: [] };
+  const scan = () => {
+    for (const li of document.querySelectorAll('#messages li.msg')) {
+      const text = li.querySelector('.body').textContent;
+      if (!(text in e2e.seen)) e2e.seen[text] = Date.now();
+      const t = li.querySelector('.ticks');
+      if (t && t.dataset.ticks && li.__e2eTicks !== t.dataset.ticks) {
+        li.__e2eTicks = t.dataset.ticks;
+        e2e.ticks.push([text, t.dataset.ticks]);
+      }
+    }
+  };
+  new MutationObserver(scan).observe(document.getElementById('messages'),
+    { subtree: true, childList: true, attributes: true, characterData: true });
+  document.addEventListener('click', (ev) => {
+    if (ev.target.closest && ev.target.closest('#send')) e2e.clicks.push(Date.now());
+  }, true);
+  scan();
+}
+return true;";
+
+fn truthy(v: &Value) -> bool {
+    !matches!(v, Value::Null | Value::Bool(false)) && v != &json!(0) && v != &json!("")
+}
+
+impl Browser {
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        // chromedriver wants a JSON body on every POST.
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.map_err(|e| format!("{}: webdriver {path}: {e}", self.name))?;
+        let v: Value = r.json().await.map_err(|e| format!("{}: webdriver {path}: {e}", self.name))?;
+        match v["value"].get("error") {
+            Some(err) => Err(format!("{}: webdriver {path}: {err}: {}", self.name, v["value"]["message"])),
+            None => Ok(v["value"].clone()),
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.cmd(reqwest::Method::POST, path, Some(body)).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.cmd(reqwest::Method::GET, path, None).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn goto(&self, url: &str) {
+        self.post("/url", json!({ "url": url })).await;
+    }
+
+    /// Runs `script` (a function body; `arguments[i]` are `args`) in the page.
+    async fn js(&self, script: &str, args: Value) -> Value {
+        self.post("/execute/sync", json!({ "script": script, "args": args })).await
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self.post("/element", json!({"using": "css selector", "value": css})).await;
+        v[ELEMENT_KEY].as_str().unwrap_or_else(|| panic!("{}: no element {css}: {v}", self.name)).to_string()
+    }
+
+    async fn click(&self, css: &str) {
+        let el = self.find(css).await;
+        self.post(&format!("/element/{el}/click"), json!({})).await;
+    }
+
+    /// Types like a user (real key events, so `input` handlers run).
+    async fn type_text(&self, css: &str, text: &str) {
+        let el = self.find(css).await;
+        self.post(&format!("/element/{el}/value"), json!({ "text": text })).await;
+    }
+
+    async fn screenshot(&self, path: &Path) {
+        let b64 = self.get("/screenshot").await;
+        let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    async fn snap(&self, file: &str) {
+        self.screenshot(&artifacts().join(file)).await;
+    }
+
+    /// Polls `script` every 50 ms until it returns something truthy.
+    async fn wait_js(&self, what: &str, script: &str, args: Value, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.js(script, args.clone()).await;
+            if truthy(&v) {
+                return v;
+            }
+            if Instant::now() >= deadline {
+                let shot = artifacts().join(format!("browser-failure-{}.png", self.name));
+                self.screenshot(&shot).await;
+                panic!("{}: no {what} within {within:?} (last: {v}); screenshot {}", self.name, shot.display());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn wait_state(&self, state: &str, within: Duration) {
+        self.wait_js(
+            &format!("#conn-state[data-state={state}]"),
+            "return document.getElementById('conn-state').dataset.state === arguments[0];",
+            json!([state]),
+            within,
+        )
+        .await;
+    }
+
+    /// Reads the browser console (chromedriver's log endpoint) into `console`.
+    async fn read_console(&self) -> Vec<ConsoleEntry> {
+        let v = self.post("/se/log", json!({"type": "browser"})).await;
+        let mut all = self.console.lock().unwrap();
+        for e in v.as_array().expect("log entries") {
+            all.push(ConsoleEntry {
+                level: e["level"].as_str().unwrap_or_default().to_string(),
+                source: e["source"].as_str().unwrap_or_default().to_string(),
+                message: e["message"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        all.clone()
+    }
+
+    /// The `Chat WebSocket Connected` console lines so far, each checked for
+    /// its `%c` style: chromedriver renders a console.info call as
+    /// `<url> <line:col> "%cChat WebSocket Connected" "color: green; ..."`.
+    async fn connected_logs(&self) -> usize {
+        let mut n = 0;
+        for e in self.read_console().await {
+            let Some(at) = e.message.find("\"%cChat WebSocket Connected\"") else { continue };
+            let style = &e.message[at + "\"%cChat WebSocket Connected\"".len()..];
+            assert_eq!(e.level, "INFO", "{}: {e:?}", self.name);
+            assert_eq!(e.source, "console-api", "{}: {e:?}", self.name);
+            assert!(style.contains("color: green"), "{}: connected log without a green style: {e:?}", self.name);
+            n += 1;
+        }
+        n
+    }
+
+    async fn wait_connected_logs(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let have = self.connected_logs().await;
+            if have >= n {
+                assert_eq!(have, n, "{}: more 'Chat WebSocket Connected' lines than connections", self.name);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {have} 'Chat WebSocket Connected' console lines, expected {n}; console: {:?}",
+                self.name,
+                self.console.lock().unwrap()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn shown(&self) -> Vec<Shown> {
+        serde_json::from_value(self.js(SHOWN_JS, json!([])).await).unwrap()
+    }
+
+    async fn wait_body(&self, body: &str) -> Shown {
+        self.wait_js(
+            &format!("message {body:?}"),
+            "return [...document.querySelectorAll('#messages li.msg .body')].some((b) => b.textContent === arguments[0]);",
+            json!([body]),
+            WAIT,
+        )
+        .await;
+        self.shown().await.into_iter().find(|m| m.body == body).unwrap()
+    }
+
+    async fn wait_ticks(&self, body: &str, state: &str) {
+        self.wait_js(
+            &format!("ticks={state} on {body:?}"),
+            "const li = [...document.querySelectorAll('#messages li.msg')]
+               .find((li) => li.querySelector('.body').textContent === arguments[0]);
+             const t = li && li.querySelector('.ticks');
+             return !!t && t.dataset.ticks === arguments[1];",
+            json!([body, state]),
+            WAIT,
+        )
+        .await;
+    }
+
+    /// The tick states a message went through, in order, as the recorder saw them.
+    async fn tick_history(&self, body: &str) -> Vec<String> {
+        let all = self.js("return window.__e2e.ticks;", json!([])).await;
+        let mut out: Vec<String> = Vec::new();
+        for pair in all.as_array().unwrap() {
+            if pair[0] == body {
+                let s = pair[1].as_str().unwrap().to_string();
+                if out.last() != Some(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        out
+    }
+
+    /// Signs in through the dev form and waits for the connection.
+    async fn login(&self, server: &Server, user: &str, name: &str) {
+        self.goto(&server.url("/")).await;
+        self.wait_js("the sign-in form", "return !document.getElementById('login-view').hidden;", json!([]), WAIT)
+            .await;
+        self.type_text("#login-user", user).await;
+        self.type_text("#login-name", name).await;
+        self.click("#login-submit").await;
+        self.wait_state("connected", WAIT).await;
+        self.wait_js(
+            "the signed-in name",
+            "return document.getElementById('whoami').textContent.includes(arguments[0]);",
+            json!([user]),
+            WAIT,
+        )
+        .await;
+    }
+
+    /// Opens the direct conversation with `other` through the sidebar form.
+    async fn open_dm(&self, other: &str) {
+        self.type_text("#dm-user", other).await;
+        self.click("#dm-open").await;
+        self.wait_js(
+            "the direct conversation, loaded",
+            "const li = document.querySelector(`#conversations li[data-conversation='${arguments[0]}']`);
+             return !!li && li.querySelector('button').getAttribute('aria-current') === 'true'
+               && !document.getElementById('composer').disabled
+               && document.getElementById('history-status').textContent !== 'Loading…';",
+            json!([DM]),
+            WAIT,
+        )
+        .await;
+        self.js(RECORDER_JS, json!([])).await;
+    }
+
+    async fn send(&self, body: &str) {
+        self.type_text("#composer", body).await;
+        self.click("#send").await;
+    }
+
+    async fn window(&self) -> String {
+        self.get("/window").await.as_str().unwrap().to_string()
+    }
+
+    async fn new_tab(&self) -> String {
+        self.post("/window/new", json!({"type": "tab"})).await["handle"].as_str().unwrap().to_string()
+    }
+
+    async fn switch_to(&self, handle: &str) {
+        self.post("/window", json!({ "handle": handle })).await;
+    }
+
+    async fn has_focus(&self) -> bool {
+        self.js("return document.hasFocus();", json!([])).await == true
+    }
+
+    async fn quit(self) {
+        let _ = self.cmd(reqwest::Method::DELETE, "", None).await;
+        self.sessions.lock().unwrap().retain(|s| s != &self.id);
+    }
+}
+
+/// Computed style of the first element matching `css`.
+async fn computed(b: &Browser, css: &str, prop: &str) -> String {
+    let v = b
+        .js(
+            "const el = document.querySelector(arguments[0]);
+             return el ? getComputedStyle(el).getPropertyValue(arguments[1]) : null;",
+            json!([css, prop]),
+        )
+        .await;
+    v.as_str().unwrap_or_else(|| panic!("{}: no element {css}", b.name)).to_string()
+}
+
+fn parse_rgb(s: &str) -> (u8, u8, u8) {
+    let inner = s.trim().trim_start_matches("rgba(").trim_start_matches("rgb(").trim_end_matches(')');
+    let n: Vec<u8> = inner.split(',').take(3).map(|p| p.trim().parse().unwrap()).collect();
+    (n[0], n[1], n[2])
+}
+
+/// Every page shows each stored message once, in seq order, as stored.
+fn assert_matches_server(who: &str, shown: &[Shown], stored: &[Value]) {
+    let seen: Vec<(Option<String>, &str)> = shown.iter().map(|m| (m.seq.clone(), m.body.as_str())).collect();
+    let want: Vec<(Option<String>, &str)> =
+        stored.iter().map(|m| (Some(m["seq"].to_string()), m["body"].as_str().unwrap())).collect();
+    assert_eq!(seen, want, "{who}'s page differs from the server's history");
+}
+
+// -------------------------------------------------------------------- test
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_chat_through_a_server_restart() {
+    let started = Instant::now();
+    let mut server = Server::start(&[]).await;
+    let port = server.addr.port();
+    let driver = Chromedriver::start().await;
+    let (alice, bob) = tokio::join!(driver.browser("alice"), driver.browser("bob"));
+
+    // 1-2. Dev sign-in; the console greets each connection in green.
+    tokio::join!(alice.login(&server, "alice", "Alice"), bob.login(&server, "bob", "Bob"));
+    alice.wait_connected_logs(1).await;
+    bob.wait_connected_logs(1).await;
+
+    // 3. Both open dm:alice:bob from the sidebar form.
+    tokio::join!(alice.open_dm("bob"), bob.open_dm("alice"));
+    for b in [&alice, &bob] {
+        let title = b.js("return document.getElementById('conv-title').textContent;", json!([])).await;
+        let other = if b.name == "alice" { "bob" } else { "alice" };
+        assert!(title.as_str().unwrap().eq_ignore_ascii_case(other), "{}: title {title}", b.name);
+    }
+    // Headless Chromium gives each browser's only tab the focus, which the
+    // page needs to send `read` (document.hasFocus()).
+    assert!(bob.has_focus().await, "bob's page should have focus");
+
+    // 4. alice -> bob: typing indicator, then the message within 1 s.
+    let m1 = "Hi Bob! Did Acme send the signed contract back?";
+    alice.type_text("#composer", m1).await;
+    bob.wait_js(
+        "the typing indicator",
+        "return document.getElementById('typing').textContent.includes('typing');",
+        json!([]),
+        WAIT,
+    )
+    .await;
+    let clicked = Instant::now();
+    alice.click("#send").await;
+    bob.wait_body(m1).await;
+    let outer = clicked.elapsed();
+    let click_ms = alice.js("return window.__e2e.clicks[window.__e2e.clicks.length - 1];", json!([])).await;
+    let seen_ms = bob.js("return window.__e2e.seen[arguments[0]];", json!([m1])).await;
+    let latency = seen_ms.as_i64().unwrap() - click_ms.as_i64().unwrap();
+    println!(
+        "send -> display: {latency} ms in the pages (click on alice's #send to the element in bob's DOM); {outer:?} as seen through WebDriver polling"
+    );
+    assert!((0..1000).contains(&latency), "bob saw the message {latency} ms after alice clicked send");
+    assert!(outer < Duration::from_secs(1), "bob's page showed the message {outer:?} after the click");
+    let shown = bob.shown().await;
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!((shown[0].conversation.as_str(), shown[0].sender.as_str()), (DM, "alice"));
+    assert_eq!(shown[0].ticks, None, "ticks only on own messages");
+    bob.wait_js(
+        "the typing indicator to clear",
+        "return document.getElementById('typing').textContent === '';",
+        json!([]),
+        WAIT,
+    )
+    .await;
+    // bob's page is visible and focused on the conversation: read at once.
+    alice.wait_ticks(m1, "read").await;
+
+    let m2 = "Yes, this morning. It is attached to deal #42.";
+    bob.send(m2).await;
+    alice.wait_body(m2).await;
+    bob.wait_ticks(m2, "read").await;
+
+    // 5. One tick when stored, two when bob has it, two blue when he read it.
+    // bob switches to another tab: his chat tab loses focus (document.hasFocus()
+    // turns false and 'blur' fires), so his page receives but does not read.
+    let bob_chat = bob.window().await;
+    let bob_other = bob.new_tab().await;
+    bob.switch_to(&bob_other).await;
+    let m3 = "Great, I will let finance know.";
+    alice.send(m3).await;
+    alice.wait_ticks(m3, "delivered").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    alice.wait_ticks(m3, "delivered").await; // still not read
+    alice.snap("browser-alice-ticks-delivered.png").await;
+    bob.switch_to(&bob_chat).await; // focus comes back: 'focus' event -> read
+    assert!(bob.has_focus().await, "bob's chat tab should have the focus back");
+    alice.wait_ticks(m3, "read").await;
+    let history = alice.tick_history(m3).await;
+    assert_eq!(history, ["pending", "sent", "delivered", "read"], "tick states alice's page showed for m3");
+    let read_color = parse_rgb(&computed(&alice, "#messages .ticks[data-ticks=read]", "color").await);
+    let text_color = parse_rgb(&computed(&alice, "#messages li.msg.own .meta", "color").await);
+    println!("read ticks {read_color:?}, other own meta {text_color:?}");
+    let (r, g, bl) = read_color;
+    assert!(bl >= 200 && bl > r + 80 && bl > g + 50, "read ticks are not blue: {read_color:?}");
+    assert_ne!(read_color, text_color);
+    alice.snap("browser-alice-ticks.png").await;
+
+    // Unread badge: bob looks at #general while alice writes in the DM.
+    bob.click("#conversations li[data-conversation='general'] button").await;
+    let m4 = "Also, the Dubai office asked for an Arabic greeting on the portal.";
+    alice.send(m4).await;
+    alice.wait_ticks(m4, "delivered").await;
+    let badge = bob
+        .wait_js(
+            "an unread badge on the DM",
+            "const u = document.querySelector(`#conversations li[data-conversation='${arguments[0]}'] .unread`);
+             return u ? u.textContent : null;",
+            json!([DM]),
+            WAIT,
+        )
+        .await;
+    assert_eq!(badge, "1");
+    bob.click(&format!("#conversations li[data-conversation='{DM}'] button")).await;
+    bob.wait_body(m4).await;
+    alice.wait_ticks(m4, "read").await;
+    bob.wait_js(
+        "the unread badge to go",
+        "return !document.querySelector(`#conversations li[data-conversation='${arguments[0]}'] .unread`);",
+        json!([DM]),
+        WAIT,
+    )
+    .await;
+
+    // 6. Arabic is laid out right to left; Latin stays left to right.
+    let arabic = "مرحبا، كيف حالك؟";
+    bob.send(arabic).await;
+    alice.wait_body(arabic).await;
+    bob.wait_ticks(arabic, "read").await;
+    for b in [&alice, &bob] {
+        let v = b
+            .js(
+                "return [...document.querySelectorAll('#messages li.msg .body')].map((el) =>
+                   [el.textContent, el.getAttribute('dir'), getComputedStyle(el).direction]);",
+                json!([]),
+            )
+            .await;
+        for row in v.as_array().unwrap() {
+            assert_eq!(row[1], "auto", "{}: {row}", b.name);
+            let want = if row[0] == arabic { "rtl" } else { "ltr" };
+            assert_eq!(row[2], want, "{}: {row}", b.name);
+        }
+    }
+    bob.snap("browser-bob-arabic.png").await;
+    // Without the composer's focus ring, for the README.
+    alice.js("document.activeElement.blur(); return true;", json!([])).await;
+    alice.snap("browser-alice-conversation.png").await;
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshot.png");
+    if !docs.exists() || std::env::var_os("UPDATE_DOCS_SCREENSHOT").is_some_and(|v| v == "1") {
+        std::fs::create_dir_all(docs.parent().unwrap()).unwrap();
+        alice.screenshot(&docs).await;
+    }
+
+    // Bodies are text, never markup.
+    let markup = "<b>not bold</b> & <img src=x onerror=alert(1)>";
+    alice.send(markup).await;
+    bob.wait_body(markup).await;
+    let children = bob
+        .js(
+            "const b = [...document.querySelectorAll('#messages li.msg .body')].find((b) => b.textContent === arguments[0]);
+             return b.children.length;",
+            json!([markup]),
+        )
+        .await;
+    assert_eq!(children, 0, "a message body was parsed as HTML");
+    alice.wait_ticks(markup, "read").await;
+
+    let before: Vec<Value> = {
+        let (s, v) =
+            server.api(reqwest::Method::GET, &format!("/api/v1/conversations/{DM}/messages?after=0"), None).await;
+        assert_eq!(s, 200, "{v}");
+        v["messages"].as_array().unwrap().clone()
+    };
+    assert_eq!(before.len(), 6);
+    assert_matches_server("alice", &alice.shown().await, &before);
+    assert_matches_server("bob", &bob.shown().await, &before);
+    for b in [&alice, &bob] {
+        let problems: Vec<ConsoleEntry> =
+            b.read_console().await.into_iter().filter(|e| e.level != "INFO" && e.level != "DEBUG").collect();
+        assert!(problems.is_empty(), "{}: console warnings/errors before the restart: {problems:?}", b.name);
+    }
+
+    // 7. Restart: SIGTERM drains (close 1012), exit 0; both pages notice.
+    server.signal("TERM");
+    tokio::join!(alice.wait_state("reconnecting", WAIT), bob.wait_state("reconnecting", WAIT));
+    assert_eq!(server.wait_exit(WAIT).await, Some(0), "crm-chat exit code after SIGTERM");
+    let down_at = Instant::now();
+
+    // alice writes while the server is down: the outbox holds it.
+    let gap = "Sent while the server was down.";
+    alice.send(gap).await;
+    let pending = alice.wait_body(gap).await;
+    assert_eq!(pending.ticks.as_deref(), Some("pending"));
+    assert_eq!(pending.seq, None);
+    let gap_cmid = pending.cmid.clone().expect("client_msg_id on the pending message");
+    alice.snap("browser-alice-offline.png").await;
+
+    // A new process on the same port (the embedded engine starts empty).
+    let listen = format!("127.0.0.1:{port}");
+    let server = Server::start(&[("CHAT_SERVER__LISTEN", &listen)]).await;
+    assert_eq!(server.addr.port(), port);
+    tokio::join!(alice.wait_state("connected", RECONNECT_WAIT), bob.wait_state("connected", RECONNECT_WAIT));
+    println!("both pages reconnected {:?} after the old server exited", down_at.elapsed());
+    alice.wait_connected_logs(2).await;
+    bob.wait_connected_logs(2).await;
+
+    // The gap message: stored once, with the client_msg_id it was first sent with.
+    let got = bob.wait_body(gap).await;
+    alice.wait_ticks(gap, "read").await;
+    let after: Vec<Value> = {
+        let (s, v) =
+            server.api(reqwest::Method::GET, &format!("/api/v1/conversations/{DM}/messages?after=0"), None).await;
+        assert_eq!(s, 200, "{v}");
+        v["messages"].as_array().unwrap().clone()
+    };
+    assert_eq!(after.len(), 1, "the restarted server holds only the gap message: {after:?}");
+    assert_eq!(after[0]["client_msg_id"], gap_cmid.as_str(), "re-sent with the same client_msg_id");
+    assert_eq!(got.seq.as_deref(), Some("1"));
+
+    // Then live traffic again.
+    let m5 = "Back online, all good.";
+    bob.send(m5).await;
+    alice.wait_body(m5).await;
+    bob.wait_ticks(m5, "read").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let any duplicate show up
+    let (s, v) = server.api(reqwest::Method::GET, &format!("/api/v1/conversations/{DM}/messages?after=0"), None).await;
+    assert_eq!(s, 200);
+    let stored = v["messages"].as_array().unwrap();
+    assert_eq!(stored.len(), 2);
+    let (a_shown, b_shown) = (alice.shown().await, bob.shown().await);
+    println!("after the restart alice shows {a_shown:?}");
+    assert_matches_server("alice", &a_shown, stored);
+    assert_matches_server("bob", &b_shown, stored);
+    // The sidebar previews follow too (not the last message from before the restart).
+    for (b, want) in [(&alice, m5.to_string()), (&bob, format!("You: {m5}"))] {
+        let preview = b
+            .js(
+                "return document.querySelector(`#conversations li[data-conversation='${arguments[0]}'] .preview`).textContent;",
+                json!([DM]),
+            )
+            .await;
+        assert_eq!(preview, want.as_str(), "{}'s sidebar preview", b.name);
+    }
+    alice.snap("browser-reconnected.png").await;
+    bob.snap("browser-reconnected-bob.png").await;
+
+    tokio::join!(alice.quit(), bob.quit());
+    drop(driver);
+    println!("browser test took {:?}", started.elapsed());
+}
