@@ -391,7 +391,7 @@ pub struct Chat {
     rr: AtomicUsize,
 }
 
-async fn start_nodes(nodes: usize, url: &str, cluster: bool, env: &[(&str, &str)]) -> Vec<Server> {
+pub async fn start_nodes(nodes: usize, url: &str, cluster: bool, env: &[(&str, &str)]) -> Vec<Server> {
     let mut servers = Vec::new();
     for i in 0..nodes {
         let node_id = format!("node{i}");

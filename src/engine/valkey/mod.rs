@@ -372,15 +372,9 @@ fn note_delivered(inner: &Inner, conv: &Arc<str>, seq: u64) {
 
 /// After the subscriber reconnects: resubscribe, then re-send what was missed.
 async fn watch_reconnects(inner: Arc<Inner>) {
+    // Created after the initial connection: every event here is a reconnect.
     let mut rx = inner.sub.reconnect_rx();
-    let mut first = true;
     while let Ok(server) = rx.recv().await {
-        if first {
-            // The initial connection.
-            first = false;
-            inner.healthy_at_ms.store(crate::protocol::now_ms(), Ordering::Release);
-            continue;
-        }
         tracing::warn!(%server, "pub/sub reconnected; resubscribing and re-sending missed messages");
         if let Err(e) = inner.sub.resubscribe_all().await {
             tracing::warn!(error = %e, "resubscribe failed");
@@ -391,20 +385,61 @@ async fn watch_reconnects(inner: Arc<Inner>) {
 }
 
 /// Re-sends messages local clients may have missed while pub/sub was down.
+/// Storage may come back later than pub/sub: reads are retried (bounded)
+/// until every followed conversation has been checked.
 async fn recover(inner: &Inner) {
     let since = inner.healthy_at_ms.load(Ordering::Acquire) - 5_000;
-    // Every conversation local clients follow: subscribed ones, and the
-    // direct conversations of local users.
+    let mut resent = 0usize;
+    let mut pending: Option<Vec<(String, Route)>> = None;
+    for attempt in 0..120 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let convs = match pending.take() {
+            Some(c) => c,
+            None => match followed(inner).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "recovery: storage not back yet");
+                    continue;
+                }
+            },
+        };
+        let mut failed = Vec::new();
+        for (conv, route) in convs {
+            match resend(inner, &conv, &route, since).await {
+                Ok(n) => resent += n,
+                Err(_) => failed.push((conv, route)),
+            }
+        }
+        if failed.is_empty() {
+            inner.healthy_at_ms.store(crate::protocol::now_ms(), Ordering::Release);
+            tracing::info!(resent, "missed-traffic recovery done");
+            return;
+        }
+        pending = Some(failed);
+    }
+    tracing::error!(resent, "missed-traffic recovery gave up: storage did not answer for 30 s; clients must sync");
+}
+
+/// Every conversation local clients follow: subscribed ones, and the direct
+/// conversations of local users.
+async fn followed(inner: &Inner) -> EngineResult<Vec<(String, Route)>> {
     let mut convs: Vec<(String, Route)> = Vec::new();
+    let mut seen = HashSet::new();
     for topic in inner.hub.topics() {
         match topic {
-            Topic::Conv(c) => convs.push((c.to_string(), vec![Topic::Conv(c)])),
+            Topic::Conv(c) => {
+                if seen.insert(c.to_string()) {
+                    convs.push((c.to_string(), vec![Topic::Conv(c)]));
+                }
+            }
             Topic::User(u) => {
-                let mine: Vec<String> = inner.pool.next().smembers(inner.keys.user_convs(&u)).await.unwrap_or_default();
+                let mine: Vec<String> = inner.pool.next().smembers(inner.keys.user_convs(&u)).await.map_err(err)?;
                 for c in mine {
                     if let ids::Dm::Pair(a, b) = ids::parse_dm(&c) {
                         let route = vec![Topic::User(a.into()), Topic::User(b.into())];
-                        if !convs.iter().any(|(x, _)| *x == c) {
+                        if seen.insert(c.clone()) {
                             convs.push((c, route));
                         }
                     }
@@ -412,33 +447,35 @@ async fn recover(inner: &Inner) {
             }
         }
     }
-    let mut resent = 0usize;
-    for (conv, route) in convs {
-        let from = inner.delivered.lock().get(conv.as_str()).copied();
-        let key = inner.keys.conv(&conv, "msgs");
-        let client = inner.pool.next();
-        let entries: Result<Vec<StreamEntry>, _> = match from {
-            Some(seq) => client.xrange(&key, format!("{}-0", seq + 1), "+", Some(1000)).await,
-            None => client.xrevrange::<Vec<StreamEntry>, _, _, _>(&key, "+", "-", Some(1000)).await.map(|mut v| {
-                v.retain(|e| e.1.get("t").and_then(|t| t.parse::<i64>().ok()).is_some_and(|t| t >= since));
-                v.reverse();
-                v
-            }),
-        };
-        let Ok(entries) = entries else { continue };
-        let conv_arc: Arc<str> = conv.as_str().into();
-        for e in &entries {
-            let Ok((m, frame)) = stored(e) else { continue };
-            let event = Event::new(EventKind::Message, Utf8Bytes::from(frame));
-            for t in &route {
-                inner.hub.dispatch(t, &event);
-            }
-            note_delivered(inner, &conv_arc, m.seq);
-            resent += 1;
+    Ok(convs)
+}
+
+/// Re-sends the messages of one conversation this node has not delivered.
+async fn resend(inner: &Inner, conv: &str, route: &Route, since_ms: i64) -> EngineResult<usize> {
+    let from = inner.delivered.lock().get(conv).copied();
+    let key = inner.keys.conv(conv, "msgs");
+    let client = inner.pool.next();
+    let entries: Vec<StreamEntry> = match from {
+        Some(seq) => client.xrange(&key, format!("{}-0", seq + 1), "+", Some(1000)).await.map_err(err)?,
+        None => {
+            let mut v: Vec<StreamEntry> = client.xrevrange(&key, "+", "-", Some(1000)).await.map_err(err)?;
+            v.retain(|e| e.1.get("t").and_then(|t| t.parse::<i64>().ok()).is_some_and(|t| t >= since_ms));
+            v.reverse();
+            v
         }
+    };
+    let conv_arc: Arc<str> = conv.into();
+    let mut n = 0;
+    for e in &entries {
+        let (m, frame) = stored(e)?;
+        let event = Event::new(EventKind::Message, Utf8Bytes::from(frame));
+        for t in route {
+            inner.hub.dispatch(t, &event);
+        }
+        note_delivered(inner, &conv_arc, m.seq);
+        n += 1;
     }
-    inner.healthy_at_ms.store(crate::protocol::now_ms(), Ordering::Release);
-    tracing::info!(resent, "missed-traffic recovery done");
+    Ok(n)
 }
 
 impl Inner {
