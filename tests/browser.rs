@@ -10,8 +10,9 @@
 //! (`apt-get install chromium chromium-driver`; `$CHROME_BIN` and
 //! `$CHROMEDRIVER` override the paths). The test fails, never skips, without them.
 //!
-//! WebDriver is spoken directly over HTTP with reqwest (W3C WebDriver plus
-//! chromedriver's `POST /session/{id}/se/log` for the browser console).
+//! WebDriver goes through fantoccini; chromedriver's `POST /session/{id}/se/log`
+//! (the browser console, which has no typed fantoccini API) is a custom
+//! `WebDriverCompatibleCommand` sent with `Client::issue_cmd`.
 //! Screenshots land in `tests/artifacts/`; `docs/screenshot.png` is written
 //! when missing or when `UPDATE_DOCS_SCREENSHOT=1`.
 
@@ -26,15 +27,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine as _;
 use common::Server;
+use fantoccini::{Client, Locator, error::CmdError, wd::WebDriverCompatibleCommand, wd::WindowHandle};
+use reqwest::{Method, Url};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
 const RECONNECT_WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 const DM: &str = "dm:alice:bob";
 
 fn artifacts() -> PathBuf {
@@ -120,7 +121,7 @@ impl Chromedriver {
         let profile = std::env::temp_dir().join(format!("crm-chat-browser-{name}-{}", unique_suffix()));
         std::fs::create_dir_all(&profile).unwrap();
         self.profiles.lock().unwrap().push(profile.clone());
-        let caps = json!({"capabilities": {"alwaysMatch": {
+        let Value::Object(caps) = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": self.chrome,
@@ -132,19 +133,17 @@ impl Chromedriver {
                 ],
             },
             "goog:loggingPrefs": {"browser": "ALL"},
-        }}});
-        let r = self.http.post(format!("{}/session", self.url)).json(&caps).send().await.unwrap();
-        let v: Value = r.json().await.unwrap();
-        let id = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("new session for {name}: {v}")).to_string();
+        }) else {
+            unreachable!()
+        };
+        let client = fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("new session for {name}: {e}"));
+        let id = client.session_id().await.unwrap().unwrap_or_else(|| panic!("new session for {name}: no id"));
         self.sessions.lock().unwrap().push(id.clone());
-        Browser {
-            name,
-            http: self.http.clone(),
-            base: format!("{}/session/{id}", self.url),
-            id,
-            sessions: self.sessions.clone(),
-            console: Mutex::default(),
-        }
+        Browser { name, client, id, sessions: self.sessions.clone(), console: Mutex::default() }
     }
 }
 
@@ -208,8 +207,7 @@ struct ConsoleEntry {
 /// One WebDriver session (one Chromium).
 struct Browser {
     name: &'static str,
-    http: reqwest::Client,
-    base: String,
+    client: Client,
     id: String,
     sessions: Arc<Mutex<Vec<String>>>,
     /// Every console entry read so far (chromedriver hands each out once).
@@ -262,57 +260,54 @@ fn truthy(v: &Value) -> bool {
     !matches!(v, Value::Null | Value::Bool(false)) && v != &json!(0) && v != &json!("")
 }
 
+/// chromedriver's `POST /session/{id}/se/log {"type": "browser"}`: the
+/// browser console entries since the last call.
+#[derive(Debug)]
+struct BrowserLog;
+
+impl WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(&self, base: &Url, session: Option<&str>) -> Result<Url, <Url as std::str::FromStr>::Err> {
+        base.join(&format!("session/{}/se/log", session.expect("a WebDriver session")))
+    }
+
+    fn method_and_body(&self, _: &Url) -> (Method, Option<String>) {
+        (Method::POST, Some(json!({"type": "browser"}).to_string()))
+    }
+}
+
 impl Browser {
-    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        // chromedriver wants a JSON body on every POST.
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.map_err(|e| format!("{}: webdriver {path}: {e}", self.name))?;
-        let v: Value = r.json().await.map_err(|e| format!("{}: webdriver {path}: {e}", self.name))?;
-        match v["value"].get("error") {
-            Some(err) => Err(format!("{}: webdriver {path}: {err}: {}", self.name, v["value"]["message"])),
-            None => Ok(v["value"].clone()),
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        self.cmd(reqwest::Method::POST, path, Some(body)).await.unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        self.cmd(reqwest::Method::GET, path, None).await.unwrap_or_else(|e| panic!("{e}"))
+    /// The result of a WebDriver command, or a panic naming the browser.
+    fn ok<T>(&self, what: &str, r: Result<T, CmdError>) -> T {
+        r.unwrap_or_else(|e| panic!("{}: webdriver {what}: {e}", self.name))
     }
 
     async fn goto(&self, url: &str) {
-        self.post("/url", json!({ "url": url })).await;
+        self.ok("goto", self.client.goto(url).await);
     }
 
     /// Runs `script` (a function body; `arguments[i]` are `args`) in the page.
     async fn js(&self, script: &str, args: Value) -> Value {
-        self.post("/execute/sync", json!({ "script": script, "args": args })).await
+        let Value::Array(args) = args else { panic!("js args must be an array: {args}") };
+        self.ok("execute", self.client.execute(script, args).await)
     }
 
-    async fn find(&self, css: &str) -> String {
-        let v = self.post("/element", json!({"using": "css selector", "value": css})).await;
-        v[ELEMENT_KEY].as_str().unwrap_or_else(|| panic!("{}: no element {css}: {v}", self.name)).to_string()
+    async fn find(&self, css: &str) -> fantoccini::elements::Element {
+        self.client.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{}: no element {css}: {e}", self.name))
     }
 
     async fn click(&self, css: &str) {
         let el = self.find(css).await;
-        self.post(&format!("/element/{el}/click"), json!({})).await;
+        self.ok("click", el.click().await);
     }
 
     /// Types like a user (real key events, so `input` handlers run).
     async fn type_text(&self, css: &str, text: &str) {
         let el = self.find(css).await;
-        self.post(&format!("/element/{el}/value"), json!({ "text": text })).await;
+        self.ok("send keys", el.send_keys(text).await);
     }
 
     async fn screenshot(&self, path: &Path) {
-        let b64 = self.get("/screenshot").await;
-        let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap()).unwrap();
+        let png = self.ok("screenshot", self.client.screenshot().await);
         std::fs::write(path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 
@@ -349,7 +344,7 @@ impl Browser {
 
     /// Reads the browser console (chromedriver's log endpoint) into `console`.
     async fn read_console(&self) -> Vec<ConsoleEntry> {
-        let v = self.post("/se/log", json!({"type": "browser"})).await;
+        let v = self.ok("se/log", self.client.issue_cmd(BrowserLog).await);
         let mut all = self.console.lock().unwrap();
         for e in v.as_array().expect("log entries") {
             all.push(ConsoleEntry {
@@ -478,16 +473,16 @@ impl Browser {
         self.click("#send").await;
     }
 
-    async fn window(&self) -> String {
-        self.get("/window").await.as_str().unwrap().to_string()
+    async fn window(&self) -> WindowHandle {
+        self.ok("window", self.client.window().await)
     }
 
-    async fn new_tab(&self) -> String {
-        self.post("/window/new", json!({"type": "tab"})).await["handle"].as_str().unwrap().to_string()
+    async fn new_tab(&self) -> WindowHandle {
+        self.ok("new tab", self.client.new_window(true).await).handle
     }
 
-    async fn switch_to(&self, handle: &str) {
-        self.post("/window", json!({ "handle": handle })).await;
+    async fn switch_to(&self, handle: &WindowHandle) {
+        self.ok("switch to window", self.client.switch_to_window(handle.clone()).await);
     }
 
     async fn has_focus(&self) -> bool {
@@ -495,7 +490,7 @@ impl Browser {
     }
 
     async fn quit(self) {
-        let _ = self.cmd(reqwest::Method::DELETE, "", None).await;
+        let _ = self.client.close().await;
         self.sessions.lock().unwrap().retain(|s| s != &self.id);
     }
 }
