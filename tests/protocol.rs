@@ -932,6 +932,7 @@ async fn health_metrics_and_dev_tokens() {
     assert_eq!(r.status(), 200);
     let r = s.http.get(s.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-chat-node").is_some(), "responses name the node");
     let mut a = s.client("alice").await;
     a.say("general", "counted").await;
     a.barrier().await;

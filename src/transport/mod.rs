@@ -13,14 +13,14 @@ use std::{net::IpAddr, sync::Arc};
 use axum::{
     Json, Router,
     extract::DefaultBodyLimit,
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     middleware::from_fn_with_state,
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
 use ipnet::IpNet;
 use serde_json::json;
-use tower_http::trace::TraceLayer;
+use tower_http::{set_header::SetResponseHeaderLayer, trace::TraceLayer};
 
 use crate::{error::ChatError, node::Node};
 
@@ -45,6 +45,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(node.cfg.limits.api_body_bytes))
         .layer(TraceLayer::new_for_http())
+        // Which node answered (upgrade responses included): for operators
+        // behind a load balancer, and for tests that must cross nodes.
+        .layer(SetResponseHeaderLayer::overriding(
+            HeaderName::from_static("x-chat-node"),
+            HeaderValue::from_str(&node.node_id).unwrap_or_else(|_| HeaderValue::from_static("invalid-node-id")),
+        ))
         .with_state(node)
 }
 
