@@ -74,7 +74,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(cfg: Config) -> ExitCode {
-    telemetry::init(&cfg);
+    let telemetry = telemetry::init(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -92,6 +92,8 @@ fn serve(cfg: Config) -> ExitCode {
         println!("crm-chat listening on http://{local}");
         app::serve(node, listener, app::shutdown_signal()).await
     });
+    drop(rt);
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -20,7 +20,35 @@ pub fn install(node_id: &str) -> PrometheusHandle {
                     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
                 )
                 .expect("static buckets are valid");
-            let handle = builder.install_recorder().expect("metrics recorder installed once");
+            let prometheus = builder.build_recorder();
+            let handle = prometheus.handle();
+            // With OTLP on, every metric goes to both exporters.
+            let installed = match crate::telemetry::meter_provider() {
+                Some(provider) => {
+                    use opentelemetry::metrics::MeterProvider as _;
+                    let otel = metrics_exporter_opentelemetry::Recorder::with_meter(provider.meter("crm-chat"));
+                    let fanout = metrics_util::layers::FanoutBuilder::default()
+                        .add_recorder(prometheus)
+                        .add_recorder(otel)
+                        .build();
+                    metrics::set_global_recorder(fanout).is_ok()
+                }
+                None => metrics::set_global_recorder(prometheus).is_ok(),
+            };
+            if !installed {
+                tracing::warn!("a metrics recorder was installed already; /metrics may be empty");
+            }
+            // Histogram upkeep (what install_recorder would have spawned).
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawn metrics upkeep");
             describe();
             // Register every series now, so dashboards and alerts see zeros
             // instead of missing metrics.

@@ -15,6 +15,7 @@ use std::{
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use serde_json::Value;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::{
     auth::Authenticator,
@@ -205,9 +206,12 @@ impl Node {
             participants,
             require_member: kind == Kind::Group,
         };
-        let Some(appended) = self.engine.append(msg, &route).await? else {
+        let span = tracing::debug_span!("store", conversation, seq = tracing::field::Empty);
+        let stored = self.engine.append(msg, &route).instrument(span.clone()).await?;
+        let Some(appended) = stored else {
             return Err(ChatError::forbidden(format!("not a member of '{conversation}'")));
         };
+        span.record("seq", appended.seq);
         if !appended.duplicate {
             metrics::message_stored();
         }

@@ -172,6 +172,7 @@ impl Engine for MemoryEngine {
             let mut event = Event::new(EventKind::Message, frame);
             event.stored_at_us = Some(now_us());
             // Under the conversation lock: delivery order is seq order.
+            let _fanout = tracing::debug_span!("fanout", kind = "message").entered();
             self.dispatch(route, &event);
             Appended { seq, ts_ms: msg.ts_ms, duplicate: false }
         };

@@ -492,7 +492,11 @@ async fn reader(
             }
         };
         metrics::frame_in(inbound.cmd.kind());
-        if let Err(e) = handle(node, conn, user, &inbound, strikes, &mut typing).await {
+        // Each frame is its own trace, linked to the connection's span.
+        let span = tracing::debug_span!(parent: None, "frame", frame_type = inbound.cmd.kind(), conn = conn.id, user = %user.id);
+        span.follows_from(tracing::Span::current().id());
+        let handled = handle(node, conn, user, &inbound, strikes, &mut typing).instrument(span).await;
+        if let Err(e) = handled {
             let replies =
                 !matches!(inbound.cmd, Command::Delivered { .. } | Command::Read { .. } | Command::Typing { .. });
             let id = if replies { inbound.id.as_ref() } else { None };

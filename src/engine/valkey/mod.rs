@@ -63,6 +63,7 @@ use crate::{
     hub::{Event, EventKind, Hub, Topic, now_us},
     ids,
     protocol::{ConversationObject, format_ts},
+    telemetry,
 };
 
 /// Maps a client error to the engine's two kinds: the storage could not be
@@ -117,8 +118,11 @@ impl Keys {
     }
 }
 
-/// The pub/sub payload: `kind \t exclude \t stored_us \t conversation \t extra \n frame`,
-/// where `extra` is the seq of a message or the member flag of a membership change.
+/// The pub/sub payload:
+/// `kind \t exclude \t stored_us \t conversation \t traceparent \t extra \n frame`,
+/// where `extra` is the seq of a message or the member flag of a membership
+/// change, and `traceparent` (W3C, may be empty) joins the receiving node's
+/// fan-out span to the sender's trace.
 fn encode(event: &Event) -> String {
     let (kind, conv, extra) = match &event.kind {
         EventKind::Message => ("m", "", String::new()),
@@ -130,9 +134,10 @@ fn encode(event: &Event) -> String {
         }
     };
     format!(
-        "{kind}\t{}\t{}\t{conv}\t{extra}\n{}",
+        "{kind}\t{}\t{}\t{conv}\t{}\t{extra}\n{}",
         event.exclude_user.as_deref().unwrap_or(""),
         event.stored_at_us.map(|u| u.to_string()).unwrap_or_default(),
+        telemetry::traceparent().unwrap_or_default(),
         event.frame.as_str()
     )
 }
@@ -140,11 +145,18 @@ fn encode(event: &Event) -> String {
 /// A message's conversation and seq, as carried in its payload header.
 type MessageSeq = (Arc<str>, u64);
 
-/// A decoded payload: the event and, for messages, its conversation and seq.
-fn decode(payload: &str) -> Option<(Event, Option<MessageSeq>)> {
+/// A decoded payload.
+struct Decoded<'a> {
+    event: Event,
+    /// For messages: conversation and seq.
+    seq: Option<MessageSeq>,
+    traceparent: Option<&'a str>,
+}
+
+fn decode(payload: &str) -> Option<Decoded<'_>> {
     let (head, frame) = payload.split_once('\n')?;
     let mut p = head.split('\t');
-    let (kind, exclude, us, conv, extra) = (p.next()?, p.next()?, p.next()?, p.next()?, p.next()?);
+    let (kind, exclude, us, conv, tp, extra) = (p.next()?, p.next()?, p.next()?, p.next()?, p.next()?, p.next()?);
     let kind = match kind {
         "m" => EventKind::Message,
         "r" => EventKind::Receipt,
@@ -163,7 +175,7 @@ fn decode(payload: &str) -> Option<(Event, Option<MessageSeq>)> {
         frame: Utf8Bytes::from(frame.to_string()),
         stored_at_us: us.parse().ok(),
     };
-    Some((event, seq))
+    Some(Decoded { event, seq, traceparent: (!tp.is_empty()).then_some(tp) })
 }
 
 fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
@@ -329,10 +341,16 @@ async fn receive(inner: Arc<Inner>) {
             Ok(msg) => {
                 let Some(topic) = inner.keys.topic(&msg.channel) else { continue };
                 let Some(payload) = msg.value.as_str() else { continue };
-                let Some((event, seq)) = decode(&payload) else {
+                let Some(Decoded { event, seq, traceparent }) = decode(&payload) else {
                     tracing::warn!(channel = %msg.channel, "undecodable pub/sub payload");
                     continue;
                 };
+                // The fan-out on this node joins the sender's trace.
+                let span =
+                    tracing::debug_span!("fanout", kind = event.kind.frame_type(), recipients = tracing::field::Empty);
+                if let Some(tp) = traceparent {
+                    telemetry::join_remote(&span, tp);
+                }
                 if let Some((conv, seq)) = seq {
                     note_delivered(&inner, &conv, seq);
                 }
@@ -349,7 +367,9 @@ async fn receive(inner: Arc<Inner>) {
                 {
                     tracing::warn!(error = %e, conversation = %conv, "subscribe after join failed");
                 }
-                inner.hub.dispatch(&topic, &event);
+                let n = span.in_scope(|| inner.hub.dispatch(&topic, &event));
+                span.record("recipients", n);
+                drop(span);
                 if let Some((_, false)) = joined {
                     inner.clone().reconcile();
                 }
@@ -636,7 +656,8 @@ impl Engine for ValkeyEngine {
         // messages (user channels) are published after the script.
         let in_script = !(i.cluster && msg.participants.is_some());
         let stored_us = now_us();
-        let payload_head = format!("m\t\t{stored_us}\t{conv}\t");
+        let traceparent = telemetry::traceparent().unwrap_or_default();
+        let payload_head = format!("m\t\t{stored_us}\t{conv}\t{traceparent}\t");
         let mut args = vec![
             format!("{}\n{}", msg.sender.id, msg.client_msg_id),
             msg.ts_ms.to_string(),
@@ -998,21 +1019,27 @@ mod tests {
     fn payload_roundtrip() {
         let mut e = Event::new(EventKind::Typing, Utf8Bytes::from("{\"x\":\"a\\nb\"}".to_string())).excluding("bob");
         e.stored_at_us = Some(42);
-        let (d, seq) = decode(&encode(&e)).unwrap();
-        assert_eq!(d.kind, EventKind::Typing);
-        assert_eq!(d.exclude_user.as_deref(), Some("bob"));
-        assert_eq!(d.stored_at_us, Some(42));
-        assert_eq!(d.frame.as_str(), e.frame.as_str());
-        assert!(seq.is_none());
+        let encoded = encode(&e);
+        let d = decode(&encoded).unwrap();
+        assert_eq!(d.event.kind, EventKind::Typing);
+        assert_eq!(d.event.exclude_user.as_deref(), Some("bob"));
+        assert_eq!(d.event.stored_at_us, Some(42));
+        assert_eq!(d.event.frame.as_str(), e.frame.as_str());
+        assert!(d.seq.is_none());
+        assert!(d.traceparent.is_none(), "no trace without OpenTelemetry");
         let m = Event::new(
             EventKind::Membership { conversation: "deal".into(), member: true },
             Utf8Bytes::from_static("{}"),
         );
-        let (d, _) = decode(&encode(&m)).unwrap();
-        assert_eq!(d.kind, EventKind::Membership { conversation: "deal".into(), member: true });
-        let (d, seq) = decode("m\t\t7\tgeneral\t12\n{\"a\":1}").unwrap();
-        assert_eq!(d.kind, EventKind::Message);
-        assert_eq!(seq, Some(("general".into(), 12)));
+        let encoded = encode(&m);
+        let d = decode(&encoded).unwrap();
+        assert_eq!(d.event.kind, EventKind::Membership { conversation: "deal".into(), member: true });
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let raw = format!("m\t\t7\tgeneral\t{tp}\t12\n{{\"a\":1}}");
+        let d = decode(&raw).unwrap();
+        assert_eq!(d.event.kind, EventKind::Message);
+        assert_eq!(d.seq, Some(("general".into(), 12)));
+        assert_eq!(d.traceparent, Some(tp));
     }
 
     #[test]
