@@ -82,6 +82,10 @@ fn describe() {
     describe_counter!("chat_closes_total", "Connections closed by the server, by close code");
     describe_counter!("chat_upgrades_rejected_total", "WebSocket upgrades refused, by reason");
     describe_histogram!("chat_outbound_queue_depth", "Outbound queue depth seen by a connection writer");
+    describe_histogram!("chat_valkey_command_seconds", "Latency of the Valkey engine's atomic scripts, by script");
+    describe_counter!("chat_valkey_errors_total", "Valkey script calls that failed, by script");
+    describe_counter!("chat_pubsub_reconnects_total", "Reconnects of this node's pub/sub connection");
+    describe_counter!("chat_pubsub_resent_total", "Messages re-sent to local clients after missed pub/sub traffic");
 }
 
 /// Frame types counted by [`frame_in`] / [`frame_out`].
@@ -170,4 +174,17 @@ pub fn close(code: u16) {
 }
 pub fn upgrade_rejected(reason: &'static str) {
     counter!("chat_upgrades_rejected_total", "reason" => reason).increment(1);
+}
+
+pub fn valkey_command(script: &'static str, seconds: f64, ok: bool) {
+    histogram!("chat_valkey_command_seconds", "script" => script).record(seconds);
+    if !ok {
+        counter!("chat_valkey_errors_total", "script" => script).increment(1);
+    }
+}
+pub fn pubsub_reconnect() {
+    counter!("chat_pubsub_reconnects_total").increment(1);
+}
+pub fn pubsub_resent(n: u64) {
+    counter!("chat_pubsub_resent_total").increment(n);
 }

@@ -185,4 +185,9 @@ async fn pubsub_connection_cut_leaves_no_silent_gap() {
     assert_eq!(got[&1]["body"], "r0 m0");
     assert_eq!(got[&n]["body"], "r2 m19");
     assert!(nodes[1].logs().contains("recovery done") || nodes[0].logs().contains("recovery done"), "recovery ran");
+    // Operators see it in /metrics.
+    let m = nodes[1].metrics().await;
+    assert!(m.lines().any(|l| l.starts_with("chat_pubsub_reconnects_total") && !l.ends_with(" 0")), "{m}");
+    let m = nodes[0].metrics().await;
+    assert!(m.contains("chat_valkey_command_seconds_bucket{") && m.contains("script=\"append\""), "{m}");
 }

@@ -396,6 +396,7 @@ async fn watch_reconnects(inner: Arc<Inner>) {
     let mut rx = inner.sub.reconnect_rx();
     while let Ok(server) = rx.recv().await {
         tracing::warn!(%server, "pub/sub reconnected; resubscribing and re-sending missed messages");
+        crate::metrics::pubsub_reconnect();
         if let Err(e) = inner.sub.resubscribe_all().await {
             tracing::warn!(error = %e, "resubscribe failed");
         }
@@ -434,6 +435,7 @@ async fn recover(inner: &Inner) {
         }
         if failed.is_empty() {
             inner.healthy_at_ms.store(crate::protocol::now_ms(), Ordering::Release);
+            crate::metrics::pubsub_resent(resent as u64);
             tracing::info!(resent, "missed-traffic recovery done");
             return;
         }

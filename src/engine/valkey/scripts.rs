@@ -6,15 +6,22 @@ use fred::{clients::Pool, types::Value, types::scripts::Script};
 
 use crate::error::EngineResult;
 
-pub struct Lua(Script);
+pub struct Lua {
+    script: Script,
+    /// The script's name in metrics.
+    name: &'static str,
+}
 
 impl Lua {
-    fn new(src: &'static str) -> Self {
-        Lua(Script::from_lua(src))
+    fn new(name: &'static str, src: &'static str) -> Self {
+        Lua { script: Script::from_lua(src), name }
     }
 
     pub async fn run(&self, pool: &Pool, keys: Vec<String>, args: Vec<String>) -> EngineResult<Value> {
-        self.0.evalsha_with_reload(pool.next(), keys, args).await.map_err(super::err)
+        let started = std::time::Instant::now();
+        let r = self.script.evalsha_with_reload(pool.next(), keys, args).await;
+        crate::metrics::valkey_command(self.name, started.elapsed().as_secs_f64(), r.is_ok());
+        r.map_err(super::err)
     }
 }
 
@@ -29,11 +36,11 @@ pub struct Scripts {
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            append: Lua::new(include_str!("lua/append.lua")),
-            receipt: Lua::new(include_str!("lua/receipt.lua")),
-            group: Lua::new(include_str!("lua/group.lua")),
-            presence: Lua::new(include_str!("lua/presence.lua")),
-            sweep: Lua::new(include_str!("lua/sweep.lua")),
+            append: Lua::new("append", include_str!("lua/append.lua")),
+            receipt: Lua::new("receipt", include_str!("lua/receipt.lua")),
+            group: Lua::new("group", include_str!("lua/group.lua")),
+            presence: Lua::new("presence", include_str!("lua/presence.lua")),
+            sweep: Lua::new("sweep", include_str!("lua/sweep.lua")),
         }
     }
 }
