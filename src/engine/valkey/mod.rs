@@ -804,20 +804,13 @@ impl Engine for ValkeyEngine {
     }
 
     async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange> {
-        let k = &self.inner.keys;
         // Members are indexed before they join and unindexed after they
         // leave, so a crash in between leaves an index entry that welcome
         // filters out, never a membership without its index entry.
         self.index(conversation, &members, true).await?;
         let mut args = vec!["put".to_string(), title.to_string()];
         args.extend(members);
-        let r = self
-            .inner
-            .scripts
-            .group
-            .run(&self.inner.pool, vec![k.conv(conversation, "mem"), k.conv(conversation, "meta")], args)
-            .await?;
-        let change = membership_change(conversation, r)?.expect("put always returns a group");
+        let change = self.run_group(conversation, args).await?.expect("put always returns a group");
         self.index(conversation, &change.removed, false).await?;
         Ok(change)
     }
@@ -828,18 +821,11 @@ impl Engine for ValkeyEngine {
         add: Vec<String>,
         remove: Vec<String>,
     ) -> EngineResult<Option<MembershipChange>> {
-        let k = &self.inner.keys;
         self.index(conversation, &add, true).await?;
         let mut args = vec!["update".to_string(), add.len().to_string()];
         args.extend(add.iter().cloned());
         args.extend(remove);
-        let r = self
-            .inner
-            .scripts
-            .group
-            .run(&self.inner.pool, vec![k.conv(conversation, "mem"), k.conv(conversation, "meta")], args)
-            .await?;
-        let Some(change) = membership_change(conversation, r)? else {
+        let Some(change) = self.run_group(conversation, args).await? else {
             // No such group: undo the optimistic index entries.
             self.index(conversation, &add, false).await?;
             return Ok(None);
@@ -970,6 +956,14 @@ impl Engine for ValkeyEngine {
 }
 
 impl ValkeyEngine {
+    /// Runs `group.lua` on a conversation; `None` when an update names no group.
+    async fn run_group(&self, conversation: &str, args: Vec<String>) -> EngineResult<Option<MembershipChange>> {
+        let k = &self.inner.keys;
+        let keys = vec![k.conv(conversation, "mem"), k.conv(conversation, "meta")];
+        let r = self.inner.scripts.group.run(&self.inner.pool, keys, args).await?;
+        membership_change(conversation, r)
+    }
+
     async fn index(&self, conversation: &str, users: &[String], add: bool) -> EngineResult<()> {
         if users.is_empty() {
             return Ok(());
