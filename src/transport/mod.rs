@@ -20,7 +20,10 @@ use axum::{
 };
 use ipnet::IpNet;
 use serde_json::json;
-use tower_http::{set_header::SetResponseHeaderLayer, trace::TraceLayer};
+use tower_http::{
+    set_header::SetResponseHeaderLayer,
+    trace::{DefaultOnFailure, TraceLayer},
+};
 
 use crate::{error::ChatError, node::Node};
 
@@ -44,7 +47,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(node.cfg.limits.api_body_bytes))
-        .layer(TraceLayer::new_for_http())
+        // 5xx are expected while draining (503) and logged where they arise;
+        // the request log stays at debug.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         // Which node answered (upgrade responses included): for operators
         // behind a load balancer, and for tests that must cross nodes.
         .layer(SetResponseHeaderLayer::overriding(
