@@ -1,0 +1,109 @@
+//! The load tool (`crm-chat-load`) at tiny sizes against real servers: every
+//! scenario on the embedded engine and on two Valkey nodes. Correctness only
+//! (nothing lost, duplicated or reordered, no errors), never timing.
+
+mod common;
+
+use common::{API_KEY, JWT_SECRET, Server};
+use serde_json::Value;
+
+/// Runs the load tool and returns its one JSON line.
+async fn load(servers: &[Server], args: &[&str]) -> Value {
+    let urls: Vec<String> = servers.iter().map(|s| s.url("")).collect();
+    let pids: Vec<String> = servers.iter().map(|s| s.pid().to_string()).collect();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-chat-load"))
+        .args(["--url", &urls.join(","), "--server-pid", &pids.join(","), "--api-key", API_KEY])
+        .args(args)
+        .output()
+        .await
+        .expect("run crm-chat-load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stdout: {stdout}\nstderr:\n{stderr}");
+    let v: Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
+    assert!(out.status.success(), "exit {:?}: {v}\nstderr:\n{stderr}", out.status);
+    assert!(v.get("error").is_none(), "{v}");
+    eprintln!("{v}");
+    v
+}
+
+fn assert_clean(v: &Value) {
+    for k in ["lost", "duplicated", "out_of_order"] {
+        assert_eq!(v[k], 0, "{k}: {v}");
+    }
+    assert_eq!(v["errors"], serde_json::json!({}), "errors: {v}");
+}
+
+async fn every_scenario(servers: &[Server]) {
+    let engine = if servers.len() == 1 { "memory" } else { "valkey" };
+    // conns, with dev tokens from the server.
+    let v = load(servers, &["conns", "--n", "50", "--hold-s", "1", "--duration-s", "60"]).await;
+    assert_eq!(v["nodes"][0]["engine"], engine, "{v}");
+    assert_eq!(v["tokens"], "dev");
+    assert_eq!(v["established"], 50, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["dropped_during_hold"], serde_json::json!({}), "{v}");
+    assert!(v["server_rss_per_conn_kib"].is_number(), "{v}");
+
+    // fanout: 20 members x 20 messages, with signed tokens.
+    let v = load(
+        servers,
+        &[
+            "--jwt-secret",
+            JWT_SECRET,
+            "fanout",
+            "--members",
+            "20",
+            "--senders",
+            "2",
+            "--messages",
+            "20",
+            "--rate",
+            "40",
+            "--settle-ms",
+            "200",
+            "--duration-s",
+            "60",
+        ],
+    )
+    .await;
+    assert_clean(&v);
+    assert_eq!(v["members_connected"], 20, "{v}");
+    assert_eq!(v["acked"], 20, "{v}");
+    assert_eq!(v["delivered"], 400, "{v}");
+    assert_eq!(v["expected_deliveries"], 400, "{v}");
+
+    // pairs: 5 direct conversations for 2 s.
+    let v = load(servers, &["--jwt-secret", JWT_SECRET, "pairs", "--pairs", "5", "--duration-s", "2"]).await;
+    assert_clean(&v);
+    assert_eq!(v["pairs_connected"], 5, "{v}");
+    assert!(v["round_trips"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["timeouts"], 0, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_tool_on_the_embedded_engine() {
+    let server = Server::start(&[]).await;
+    every_scenario(std::slice::from_ref(&server)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_tool_on_two_valkey_nodes() {
+    let valkey = common::valkey::Valkey::start().await;
+    let nodes = common::start_nodes(2, &valkey.url(), false, &[]).await;
+    every_scenario(&nodes).await;
+}
+
+#[tokio::test]
+async fn refuses_remote_targets_and_reports_one_json_line() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-chat-load"))
+        .args(["--url", "http://192.0.2.1:8000", "conns", "--n", "1"])
+        .output()
+        .await
+        .expect("run crm-chat-load");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert!(v["error"].as_str().unwrap().contains("--allow-remote"), "{v}");
+}
