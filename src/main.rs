@@ -84,7 +84,7 @@ fn serve(cfg: Config) -> ExitCode {
     };
     let result = rt.block_on(async move {
         let addr = cfg.listen_addr()?;
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let listener = app::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr()?;
         let node = app::build(cfg).await?;
         tracing::info!(%local, node = %node.node_id, engine = node.engine.name(), profile = ?node.cfg.profile, "crm-chat listening");

@@ -138,7 +138,9 @@ pub async fn upgrade(
     let max = node.cfg.limits.max_frame_bytes;
     ws.max_frame_size(max)
         .max_message_size(max)
-        .read_buffer_size(4096)
+        // Frames are small; the buffer grows for a large one. Keeps idle
+        // connections cheap.
+        .read_buffer_size(1024)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tracked = node.sessions.track_future(run(node.clone(), socket, user, ip));

@@ -279,7 +279,9 @@ impl ValkeyEngine {
         builder
             .with_performance_config(|p| {
                 p.default_command_timeout = timeout;
-                p.broadcast_channel_capacity = 1 << 16;
+                // Command clients only carry connection events: a shallow
+                // buffer (each client preallocates 8 channels of this size).
+                p.broadcast_channel_capacity = 32;
             })
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(3);
@@ -291,6 +293,12 @@ impl ValkeyEngine {
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
         let pool = builder.build_pool(v.pool_size)?;
+        // The subscriber's message channel absorbs bursts while the receive
+        // task dispatches; a lag beyond it triggers the re-send recovery.
+        builder.with_performance_config(|p| {
+            p.default_command_timeout = timeout;
+            p.broadcast_channel_capacity = 1 << 14;
+        });
         let sub = builder.build_subscriber_client()?;
         pool.connect();
         sub.connect();
