@@ -31,6 +31,9 @@
 //! and re-sends, in order, the messages it had not delivered (by the last seq
 //! it delivered, else by time since it was last known healthy). Clients
 //! deduplicate by seq, so an overlap is harmless and a silent gap impossible.
+//! Live delivery is in order per topic and conversation: a message that skips
+//! ahead of the last one delivered waits for the gap to be read from storage,
+//! and a repeat is dropped ([`deliver_message`]).
 
 mod scripts;
 
@@ -52,6 +55,7 @@ use fred::{
 };
 use parking_lot::Mutex;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use super::{
     Appended, Counters, Engine, Group, MembershipChange, MessagePage, NewMessage, Page, ReceiptOutcome, ReceiptRow,
@@ -228,8 +232,11 @@ struct Inner {
     scripts: scripts::Scripts,
     /// Channels the subscriber is subscribed to (guarded for ordered changes).
     active: tokio::sync::Mutex<HashSet<String>>,
-    /// Highest seq delivered locally per conversation (missed-traffic recovery).
-    delivered: Mutex<HashMap<Arc<str>, u64>>,
+    /// Per (topic, conversation): the seq up to which messages were delivered
+    /// locally without a gap. Live messages beyond a gap wait for the gap to
+    /// be filled from storage; messages at or below it (re-sent by recovery,
+    /// or out-of-order) are not delivered twice.
+    delivered: Mutex<HashMap<(Topic, Arc<str>), u64>>,
     /// Last time the subscriber was known connected (ms since the epoch).
     healthy_at_ms: AtomicI64,
     /// Set when this node's presence must be written again (after a lease loss).
@@ -360,7 +367,10 @@ async fn receive(inner: Arc<Inner>) {
                     telemetry::join_remote(&span, tp);
                 }
                 if let Some((conv, seq)) = seq {
-                    note_delivered(&inner, &conv, seq);
+                    // Messages go through the in-order path (gap fill, no repeats).
+                    let n = deliver_message(&inner, &topic, &conv, seq, &event).instrument(span.clone()).await;
+                    span.record("recipients", n);
+                    continue;
                 }
                 let joined = match &event.kind {
                     EventKind::Membership { conversation, member } if inner.hub.wants(&topic) => {
@@ -392,10 +402,75 @@ async fn receive(inner: Arc<Inner>) {
     }
 }
 
-fn note_delivered(inner: &Inner, conv: &Arc<str>, seq: u64) {
-    let mut d = inner.delivered.lock();
-    let e = d.entry(conv.clone()).or_default();
-    *e = (*e).max(seq);
+enum Order {
+    /// Delivered to this many local connections.
+    Delivered(usize),
+    /// Already delivered (or older): dropped.
+    Repeat,
+    /// Messages after this seq are missing before this one.
+    GapAfter(u64),
+}
+
+/// Delivers one message of `conv` on `topic` if it is the next in seq order
+/// (or the first this node sees), under the lock that keeps the mark and the
+/// delivery in step.
+fn deliver_next(inner: &Inner, topic: &Topic, conv: &Arc<str>, seq: u64, event: &Event) -> Order {
+    let mut marks = inner.delivered.lock();
+    let key = (topic.clone(), conv.clone());
+    match marks.get(&key).copied() {
+        Some(mark) if seq <= mark => Order::Repeat,
+        Some(mark) if seq > mark + 1 => Order::GapAfter(mark),
+        _ => {
+            let n = inner.hub.dispatch(topic, event);
+            marks.insert(key, seq);
+            Order::Delivered(n)
+        }
+    }
+}
+
+/// A live message: fills a gap before it from storage, drops a repeat.
+/// Returns the connections it was delivered to.
+async fn deliver_message(inner: &Inner, topic: &Topic, conv: &Arc<str>, seq: u64, event: &Event) -> usize {
+    let mark = match deliver_next(inner, topic, conv, seq, event) {
+        Order::Delivered(n) => return n,
+        Order::Repeat => return 0,
+        Order::GapAfter(mark) => mark,
+    };
+    {
+        let key = inner.keys.conv(conv, "msgs");
+        let missing: Result<Vec<StreamEntry>, _> =
+            inner.pool.next().xrange(&key, format!("{}-0", mark + 1), format!("{}-0", seq - 1), None).await;
+        match missing {
+            Ok(entries) => {
+                for e in &entries {
+                    if let Ok((m, frame)) = stored(e) {
+                        deliver_next(
+                            inner,
+                            topic,
+                            conv,
+                            m.seq,
+                            &Event::new(EventKind::Message, Utf8Bytes::from(frame)),
+                        );
+                    }
+                }
+                crate::metrics::pubsub_resent(entries.len() as u64);
+            }
+            Err(e) => tracing::warn!(error = %e, conversation = %conv, "cannot fill a pub/sub gap; clients will sync"),
+        }
+        // Delivered after the fill (or, if storage failed, anyway: clients see
+        // the gap by seq and sync).
+        match deliver_next(inner, topic, conv, seq, event) {
+            Order::Delivered(n) => n,
+            Order::Repeat => 0,
+            Order::GapAfter(_) => {
+                inner.delivered.lock().insert((topic.clone(), conv.clone()), seq - 1);
+                match deliver_next(inner, topic, conv, seq, event) {
+                    Order::Delivered(n) => n,
+                    _ => 0,
+                }
+            }
+        }
+    }
 }
 
 /// After the subscriber reconnects: resubscribe, then re-send what was missed.
@@ -405,8 +480,19 @@ async fn watch_reconnects(inner: Arc<Inner>) {
     while let Ok(server) = rx.recv().await {
         tracing::warn!(%server, "pub/sub reconnected; resubscribing and re-sending missed messages");
         crate::metrics::pubsub_reconnect();
-        if let Err(e) = inner.sub.resubscribe_all().await {
-            tracing::warn!(error = %e, "resubscribe failed");
+        // Subscriptions first (a Valkey still loading its AOF refuses them for
+        // a while), then the catch-up from storage: whatever is published after
+        // the subscriptions are active arrives live, whatever before is read.
+        for attempt in 0..240 {
+            match inner.sub.resubscribe_all().await {
+                Ok(()) => break,
+                Err(e) => {
+                    if attempt % 20 == 0 {
+                        tracing::warn!(error = %e, "resubscribe failed; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
         }
         inner.presence_lost.store(true, Ordering::Release);
         recover(&inner).await;
@@ -419,7 +505,7 @@ async fn watch_reconnects(inner: Arc<Inner>) {
 async fn recover(inner: &Inner) {
     let since = inner.healthy_at_ms.load(Ordering::Acquire) - 5_000;
     let mut resent = 0usize;
-    let mut pending: Option<Vec<(String, Route)>> = None;
+    let mut pending: Option<Vec<(Topic, String)>> = None;
     for attempt in 0..120 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -435,10 +521,10 @@ async fn recover(inner: &Inner) {
             },
         };
         let mut failed = Vec::new();
-        for (conv, route) in convs {
-            match resend(inner, &conv, &route, since).await {
+        for (topic, conv) in convs {
+            match resend(inner, &topic, &conv, since).await {
                 Ok(n) => resent += n,
-                Err(_) => failed.push((conv, route)),
+                Err(_) => failed.push((topic, conv)),
             }
         }
         if failed.is_empty() {
@@ -452,38 +538,35 @@ async fn recover(inner: &Inner) {
     tracing::error!(resent, "missed-traffic recovery gave up: storage did not answer for 30 s; clients must sync");
 }
 
-/// Every conversation local clients follow: subscribed ones, and the direct
-/// conversations of local users.
-async fn followed(inner: &Inner) -> EngineResult<Vec<(String, Route)>> {
-    let mut convs: Vec<(String, Route)> = Vec::new();
-    let mut seen = HashSet::new();
+/// Every (topic, conversation) local clients follow: subscribed
+/// conversations, and the direct conversations of local users.
+async fn followed(inner: &Inner) -> EngineResult<Vec<(Topic, String)>> {
+    let mut out = Vec::new();
     for topic in inner.hub.topics() {
-        match topic {
+        match &topic {
             Topic::Conv(c) => {
-                if seen.insert(c.to_string()) {
-                    convs.push((c.to_string(), vec![Topic::Conv(c)]));
-                }
+                let c = c.to_string();
+                out.push((topic, c));
             }
             Topic::User(u) => {
-                let mine: Vec<String> = inner.pool.next().smembers(inner.keys.user_convs(&u)).await.map_err(err)?;
+                let mine: Vec<String> = inner.pool.next().smembers(inner.keys.user_convs(u)).await.map_err(err)?;
                 for c in mine {
-                    if let ids::Dm::Pair(a, b) = ids::parse_dm(&c) {
-                        let route = vec![Topic::User(a.into()), Topic::User(b.into())];
-                        if seen.insert(c.clone()) {
-                            convs.push((c, route));
-                        }
+                    if matches!(ids::parse_dm(&c), ids::Dm::Pair(..)) {
+                        out.push((topic.clone(), c));
                     }
                 }
             }
         }
     }
-    Ok(convs)
+    Ok(out)
 }
 
-/// Re-sends the messages of one conversation this node has not delivered.
-async fn resend(inner: &Inner, conv: &str, route: &Route, since_ms: i64) -> EngineResult<usize> {
-    let from = inner.delivered.lock().get(conv).copied();
-    let key = inner.keys.conv(conv, "msgs");
+/// Re-sends, in order, the messages of one conversation this node has not
+/// delivered on `topic`.
+async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> EngineResult<usize> {
+    let conv: Arc<str> = conv.into();
+    let from = inner.delivered.lock().get(&(topic.clone(), conv.clone())).copied();
+    let key = inner.keys.conv(&conv, "msgs");
     let client = inner.pool.next();
     let entries: Vec<StreamEntry> = match from {
         Some(seq) => client.xrange(&key, format!("{}-0", seq + 1), "+", Some(1000)).await.map_err(err)?,
@@ -494,16 +577,13 @@ async fn resend(inner: &Inner, conv: &str, route: &Route, since_ms: i64) -> Engi
             v
         }
     };
-    let conv_arc: Arc<str> = conv.into();
     let mut n = 0;
     for e in &entries {
         let (m, frame) = stored(e)?;
         let event = Event::new(EventKind::Message, Utf8Bytes::from(frame));
-        for t in route {
-            inner.hub.dispatch(t, &event);
+        if matches!(deliver_next(inner, topic, &conv, m.seq, &event), Order::Delivered(_)) {
+            n += 1;
         }
-        note_delivered(inner, &conv_arc, m.seq);
-        n += 1;
     }
     Ok(n)
 }
@@ -548,10 +628,9 @@ impl Inner {
                 Ok(()) => {
                     for c in &stale {
                         active.remove(c);
-                        if let Some(Topic::Conv(conv)) = self.keys.topic(c) {
-                            self.delivered.lock().remove(&conv);
-                        }
                     }
+                    let wanted: HashSet<Topic> = self.hub.topics().into_iter().collect();
+                    self.delivered.lock().retain(|(topic, _), _| wanted.contains(topic));
                 }
                 Err(e) => tracing::debug!(error = %e, "unsubscribe failed; retried on the next change"),
             }
