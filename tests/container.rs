@@ -19,7 +19,7 @@
 //! carries the node id).
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -27,18 +27,12 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream,
-    tungstenite::{
-        self, Message,
-        client::IntoClientRequest,
-        http::{HeaderValue, header},
-        protocol::{CloseFrame, frame::coding::CloseCode},
-    },
-};
+use tokio_tungstenite::tungstenite;
+
+mod common;
+
+use common::{Client as Ws, Ended};
 
 /// Wait for one frame or reply.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -161,160 +155,65 @@ async fn stored_messages(http: &reqwest::Client, base: &str, conv: &str) -> Vec<
 
 // --- WebSocket ---------------------------------------------------------------
 
-#[derive(Debug, PartialEq, Eq)]
-enum Ended {
-    Close(u16),
-    /// The TCP connection ended without a close frame.
-    Dropped,
-}
-
 /// A WebSocket client through nginx that knows which replica it landed on and
 /// keeps frames it was not waiting for.
-struct Ws {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    user: String,
-    /// `x-chat-node` of the 101 response.
-    node: String,
-    welcome: Value,
-    pending: VecDeque<Value>,
-    next_id: u64,
+/// Upgrades with `Authorization: Bearer` and reads the unprompted `welcome`.
+async fn connect(base: &str, user: &str, token: &str) -> Result<Ws, String> {
+    let url = format!("{}/ws/chat", base.replacen("http", "ws", 1));
+    let auth = vec![("authorization", format!("Bearer {token}"))];
+    let mut c = match tokio::time::timeout(TIMEOUT, Ws::connect(&url, Some(auth))).await {
+        Err(_) => return Err("upgrade timed out".into()),
+        Ok(Err(tungstenite::Error::Http(r))) => {
+            let node = r.headers().get("x-chat-node").and_then(|v| v.to_str().ok()).unwrap_or("nginx");
+            return Err(format!("HTTP {} (from {node})", r.status()));
+        }
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(c)) => c,
+    };
+    assert!(!c.node.is_empty(), "the 101 response names the node (x-chat-node)");
+    let w = c.expect("welcome", |v| v["type"] == "welcome").await;
+    assert_eq!(w["user"]["id"], user, "{w}");
+    c.welcome = w;
+    c.user = user.into();
+    Ok(c)
 }
 
-impl Ws {
-    /// Upgrades with `Authorization: Bearer` and reads the unprompted `welcome`.
-    async fn connect(base: &str, user: &str, token: &str) -> Result<Ws, String> {
-        let url = format!("{}/ws/chat", base.replacen("http", "ws", 1));
-        let mut req = url.as_str().into_client_request().map_err(|e| e.to_string())?;
-        req.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
-        let (ws, resp) = match tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(req)).await {
-            Err(_) => return Err("upgrade timed out".into()),
-            Ok(Err(tungstenite::Error::Http(r))) => {
-                let node = r.headers().get("x-chat-node").and_then(|v| v.to_str().ok()).unwrap_or("nginx");
-                return Err(format!("HTTP {} (from {node})", r.status()));
-            }
-            Ok(Err(e)) => return Err(e.to_string()),
-            Ok(Ok(x)) => x,
-        };
-        let node = resp
-            .headers()
-            .get("x-chat-node")
-            .and_then(|v| v.to_str().ok())
-            .expect("the 101 response names the node (x-chat-node)")
-            .to_string();
-        let mut c = Ws { ws, user: user.into(), node, welcome: Value::Null, pending: VecDeque::new(), next_id: 0 };
-        let w = c.expect("welcome", |v| v["type"] == "welcome").await;
-        assert_eq!(w["user"]["id"], user, "{w}");
-        c.welcome = w;
-        Ok(c)
-    }
-
-    /// Connects, retrying refusals (a draining replica answers 503, nginx 502/504
-    /// while its DNS answer still names a stopped replica) for up to `within`.
-    async fn connect_retrying(base: &str, user: &str, token: &str, within: Duration) -> Ws {
-        let deadline = Instant::now() + within;
-        let mut errors = Vec::new();
-        loop {
-            match Ws::connect(base, user, token).await {
-                Ok(c) => {
-                    if !errors.is_empty() {
-                        println!("      ({user}: connected after refusals: {})", errors.join("; "));
-                    }
-                    return c;
+/// Connects, retrying refusals (a draining replica answers 503, nginx 502/504
+/// while its DNS answer still names a stopped replica) for up to `within`.
+async fn connect_retrying(base: &str, user: &str, token: &str, within: Duration) -> Ws {
+    let deadline = Instant::now() + within;
+    let mut errors = Vec::new();
+    loop {
+        match connect(base, user, token).await {
+            Ok(c) => {
+                if !errors.is_empty() {
+                    println!("      ({user}: connected after refusals: {})", errors.join("; "));
                 }
-                Err(e) if Instant::now() < deadline => {
-                    errors.push(e);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => panic!("{user} could not connect within {within:?}: {e} (earlier: {errors:?})"),
+                return c;
             }
-        }
-    }
-
-    async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.expect("send frame");
-    }
-
-    /// The next text frame from the wire.
-    async fn read(&mut self, within: Duration) -> Option<Result<Value, Ended>> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let m = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return None,
-                Ok(None) | Ok(Some(Err(_))) => return Some(Err(Ended::Dropped)),
-                Ok(Some(Ok(m))) => m,
-            };
-            match m {
-                Message::Text(t) => return Some(Ok(serde_json::from_str(&t).expect("server frames are JSON"))),
-                Message::Close(f) => return Some(Err(Ended::Close(f.map_or(1005, |f| u16::from(f.code))))),
-                Message::Binary(_) => panic!("server sent a binary frame"),
-                _ => continue,
+            Err(e) if Instant::now() < deadline => {
+                errors.push(e);
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
+            Err(e) => panic!("{user} could not connect within {within:?}: {e} (earlier: {errors:?})"),
         }
     }
+}
 
-    /// The first frame matching `pred`; other frames stay buffered in order.
-    async fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(i) = self.pending.iter().position(&pred) {
-            return self.pending.remove(i).unwrap();
-        }
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.read(left).await {
-                Some(Ok(v)) if pred(&v) => return v,
-                Some(Ok(v)) => self.pending.push_back(v),
-                Some(Err(e)) => panic!(
-                    "{}@{}: connection ended while waiting for {what}: {e:?}; got {:?}",
-                    self.user, self.node, self.pending
-                ),
-                None => panic!("{}@{}: no {what} within {TIMEOUT:?}; got {:?}", self.user, self.node, self.pending),
-            }
-        }
-    }
+/// `send` with a given `client_msg_id`; returns the acked seq.
+async fn say(c: &mut Ws, conv: &str, cmid: &str, body: &str) -> u64 {
+    let ack = c.request(json!({"type":"send","conversation":conv,"client_msg_id":cmid,"body":body})).await;
+    assert_eq!(ack["type"], "ack", "{}@{}: {ack}", c.user, c.node);
+    assert_eq!(ack["duplicate"], false, "{ack}");
+    ack["seq"].as_u64().unwrap()
+}
 
-    /// Sends a frame with a fresh id and returns the reply carrying that id.
-    async fn request(&mut self, mut v: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        v["id"] = json!(id);
-        self.send(v).await;
-        self.expect("reply", |r| r["id"] == json!(id)).await
-    }
-
-    /// `send`; returns the acked seq.
-    async fn say(&mut self, conv: &str, cmid: &str, body: &str) -> u64 {
-        let ack = self.request(json!({"type":"send","conversation":conv,"client_msg_id":cmid,"body":body})).await;
-        assert_eq!(ack["type"], "ack", "{}@{}: {ack}", self.user, self.node);
-        assert_eq!(ack["duplicate"], false, "{ack}");
-        ack["seq"].as_u64().unwrap()
-    }
-
-    /// The `message` in `conv` with this `client_msg_id`.
-    async fn expect_message(&mut self, conv: &str, cmid: &str) -> Value {
-        self.expect(&format!("message {cmid}"), |v| {
-            v["type"] == "message" && v["conversation"] == conv && v["client_msg_id"] == cmid
-        })
-        .await
-    }
-
-    /// Reads until the connection ends: the frames seen and how it ended.
-    async fn until_closed(&mut self, within: Duration) -> (Vec<Value>, Ended) {
-        let mut frames: Vec<Value> = self.pending.drain(..).collect();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.read(left).await {
-                Some(Ok(v)) => frames.push(v),
-                Some(Err(e)) => return (frames, e),
-                None => panic!("{}@{}: connection still open after {within:?}", self.user, self.node),
-            }
-        }
-    }
-
-    async fn close(mut self) {
-        let _ = self.ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() })).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while self.ws.next().await.is_some() {} }).await;
-    }
+/// The `message` in `conv` with this `client_msg_id`.
+async fn expect_message(c: &mut Ws, conv: &str, cmid: &str) -> Value {
+    c.expect(&format!("message {cmid}"), |v| {
+        v["type"] == "message" && v["conversation"] == conv && v["client_msg_id"] == cmid
+    })
+    .await
 }
 
 /// Connects `user` until it lands on a replica `want` accepts; the misses are
@@ -322,7 +221,7 @@ impl Ws {
 async fn connect_on(base: &str, user: &str, token: &str, want: impl Fn(&str) -> bool) -> Ws {
     let mut seen = Vec::new();
     for _ in 0..16 {
-        let c = Ws::connect_retrying(base, user, token, Duration::from_secs(30)).await;
+        let c = connect_retrying(base, user, token, Duration::from_secs(30)).await;
         if want(&c.node) {
             return c;
         }
@@ -403,7 +302,7 @@ impl Rider {
         }
 
         let t = Instant::now();
-        let mut b = Ws::connect_retrying(&base, &user, &token, Duration::from_secs(60)).await;
+        let mut b = connect_retrying(&base, &user, &token, Duration::from_secs(60)).await;
         let took = t.elapsed();
         assert_eq!(b.node, survivor, "{who}: the reconnect lands on the surviving replica");
         let listed = b.welcome["conversations"].as_array().unwrap().iter().find(|c| c["id"] == conv).cloned();
@@ -477,7 +376,7 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
     let (ta, tb) = (dev_token(&http, &base, &alice).await, dev_token(&http, &base, &bob).await);
 
     // (a) alice on one replica, bob (on several devices) on the other.
-    let mut a = Ws::connect_retrying(&base, &alice, &ta, Duration::from_secs(30)).await;
+    let mut a = connect_retrying(&base, &alice, &ta, Duration::from_secs(30)).await;
     let node_a = a.node.clone();
     let mut bs = Vec::new();
     for _ in 0..DEVICES {
@@ -496,17 +395,17 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
 
     // (b) Messages cross replicas through Valkey, both ways.
     let mut helds: Vec<BTreeMap<u64, Value>> = vec![BTreeMap::new(); DEVICES];
-    let s1 = a.say(&conv, &format!("hi-{run}"), "hi bob, from the other replica").await;
+    let s1 = say(&mut a, &conv, &format!("hi-{run}"), "hi bob, from the other replica").await;
     for (b, held) in bs.iter_mut().zip(&mut helds) {
-        let m = b.expect_message(&conv, &format!("hi-{run}")).await;
+        let m = expect_message(b, &conv, &format!("hi-{run}")).await;
         assert_eq!((m["seq"].as_u64(), &m["sender"]["id"]), (Some(s1), &json!(alice)), "{m}");
         collect(held, &conv, [m]);
     }
-    let s2 = bs[0].say(&conv, &format!("re-{run}"), "hi alice").await;
-    let m = a.expect_message(&conv, &format!("re-{run}")).await;
+    let s2 = say(&mut bs[0], &conv, &format!("re-{run}"), "hi alice").await;
+    let m = expect_message(&mut a, &conv, &format!("re-{run}")).await;
     assert_eq!((m["seq"].as_u64(), &m["sender"]["id"]), (Some(s2), &json!(bob)), "{m}");
     for (b, held) in bs.iter_mut().zip(&mut helds) {
-        let m = b.expect_message(&conv, &format!("re-{run}")).await;
+        let m = expect_message(b, &conv, &format!("re-{run}")).await;
         collect(held, &conv, [m]);
     }
     assert_eq!((s1, s2), (1, 2), "seqs of a fresh conversation");
@@ -540,11 +439,11 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
             while !halt.load(Ordering::Acquire) {
                 i += 1;
                 let cmid = format!("away-{run}-{i}");
-                let seq = a.say(&conv, &cmid, &format!("message #{i} while bob's replica restarts")).await;
+                let seq = say(&mut a, &conv, &cmid, &format!("message #{i} while bob's replica restarts")).await;
                 sent.push((seq, cmid));
                 last_acked.store(seq, Ordering::Release);
                 // Her own copies: not what this test looks at.
-                a.pending.retain(|v| v["type"] != "message");
+                a.discard(|v| v["type"] == "message");
                 tokio::time::sleep(SEND_EVERY).await;
             }
             (a, sent)
@@ -592,11 +491,9 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
     for (b, held) in bs.iter_mut().zip(&mut helds) {
         let deadline = Instant::now() + TIMEOUT;
         while contiguous(held) < last {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match b.read(left).await {
-                Some(Ok(v)) => collect(held, &conv, [v]),
-                other => panic!("{bob} is missing messages up to seq {last}: {other:?}; holds {:?}", held.keys()),
-            }
+            assert!(Instant::now() < deadline, "{bob} is missing messages up to seq {last}; holds {:?}", held.keys());
+            let frames = b.drain(Duration::from_millis(200)).await;
+            collect(held, &conv, frames);
         }
         // Nothing lost, nothing out of order, nothing doubled: exactly seq
         // 1..=last, each the message alice was acked for.
@@ -649,12 +546,12 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
 
     let mut back = connect_on(&base, &bob, &tb, |n| n == node_b).await;
     let mut a = a;
-    let s = a.say(&conv, &format!("back-{run}"), "welcome back").await;
+    let s = say(&mut a, &conv, &format!("back-{run}"), "welcome back").await;
     assert_eq!(s, last + 1);
-    let m = back.expect_message(&conv, &format!("back-{run}")).await;
+    let m = expect_message(&mut back, &conv, &format!("back-{run}")).await;
     assert_eq!(m["seq"].as_u64(), Some(s), "{m}");
     for b in &mut bs {
-        b.expect_message(&conv, &format!("back-{run}")).await;
+        expect_message(b, &conv, &format!("back-{run}")).await;
     }
     println!("{}     {alice}@{} -> {bob}@{node_b} (restarted) and @{node_a}: seq {s}", at(t0), a.node);
     let (status, _) = readyz(&http, &base).await.expect("readyz");

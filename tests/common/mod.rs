@@ -143,6 +143,7 @@ impl Server {
         c.send(json!({"type":"hello","id":"hello","token":token})).await;
         let w = c.next().await;
         assert_eq!(w["type"], "welcome", "{w}\nserver log:\n{}", self.logs());
+        c.user = user.to_string();
         c.welcome = w;
         c
     }
@@ -207,6 +208,10 @@ pub enum Ended {
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub welcome: Value,
+    /// The user of the welcome (empty before it).
+    pub user: String,
+    /// `x-chat-node` of the upgrade response: which node serves this connection.
+    pub node: String,
     pending: VecDeque<Value>,
     next_id: u64,
 }
@@ -220,8 +225,9 @@ impl Client {
         for (k, v) in headers.unwrap_or_default() {
             req.headers_mut().insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(&v).unwrap());
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
-        Ok(Client { ws, welcome: Value::Null, pending: VecDeque::new(), next_id: 1000 })
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+        let node = resp.headers().get("x-chat-node").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        Ok(Client { ws, welcome: Value::Null, user: String::new(), node, pending: VecDeque::new(), next_id: 1000 })
     }
 
     pub async fn send(&mut self, v: Value) {
@@ -360,6 +366,11 @@ impl Client {
             }))
             .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), async { while self.ws.next().await.is_some() {} }).await;
+    }
+
+    /// Drops buffered frames matching `pred` (frames a test does not look at).
+    pub fn discard(&mut self, pred: impl Fn(&Value) -> bool) {
+        self.pending.retain(|v| !pred(v));
     }
 
     pub fn conversation<'a>(&'a self, id: &str) -> Option<&'a Value> {
