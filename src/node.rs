@@ -326,6 +326,9 @@ impl Node {
         for (id, c) in ids.iter().zip(counters) {
             let (title, kind, members) = match self.classify(id)? {
                 Kind::Open => (title_case(id), "open", None),
+                // Listed once it holds a message (an index entry left by a
+                // failed first send does not count).
+                Kind::Direct(..) if c.last_seq == 0 => continue,
                 Kind::Direct(a, b) => {
                     (if a == user { b } else { a }.to_string(), "direct", Some(vec![a.to_string(), b.to_string()]))
                 }

@@ -138,8 +138,11 @@ fn otlp(cfg: &Config, endpoint: &str) -> anyhow::Result<(SdkTracerProvider, SdkM
     Ok((tracer, meter))
 }
 
-/// The W3C `traceparent` of the current span, when it is being traced.
+/// The W3C `traceparent` of the current span, when OTLP export is on and the
+/// span is being traced.
 pub fn traceparent() -> Option<String> {
+    // Nothing to propagate without an exporter (and nothing to pay for).
+    METER.get()?;
     let cx = tracing::Span::current().context();
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);

@@ -762,12 +762,10 @@ impl Engine for ValkeyEngine {
         ];
         args.extend(route.iter().map(|t| k.channel(t)));
         if let Some(pair) = &msg.participants {
-            // Indexed before the write: a crash in between lists an empty
-            // conversation (skipped), never hides one that holds messages.
-            let client = i.pool.next();
-            for u in pair {
-                let _: () = client.sadd(k.user_convs(u), conv).await.map_err(err)?;
-            }
+            // Indexed before the write: a crash in between leaves an empty
+            // conversation in the index (welcome skips it), never hides one
+            // that holds messages.
+            self.index(conv, pair, true).await?;
         }
         let keys = vec![k.conv(conv, "meta"), k.conv(conv, "msgs"), k.conv(conv, "idem"), k.conv(conv, "mem")];
         let r: Vec<i64> = i.scripts.append.run(&i.pool, keys, args).await?.convert().map_err(err)?;
