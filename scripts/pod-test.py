@@ -196,18 +196,22 @@ class Pod:
         return flags, seen
 
     def mounts(self):
-        """-v / --tmpfs flags for the volume mounts: Secret and ConfigMap files are
-        written to a temporary directory (readable as with fsGroup), emptyDir is a tmpfs.
+        """-v flags for the volume mounts: Secret and ConfigMap files are written to a
+        temporary directory (readable as with fsGroup), emptyDir and claims are empty
+        directories anyone may write.
         Returns (flags, {path in container: content})."""
         volumes = {v["name"]: v for v in self.spec.get("volumes") or []}
         flags, files = [], {}
         for m in self.container.get("volumeMounts") or []:
             v = volumes.get(m["name"])
-            if v is None:  # a volumeClaimTemplate (StatefulSet): an empty, writable directory
-                flags += ["--tmpfs", f"{m['mountPath']}:rw,mode=1777"]
-                continue
-            if "emptyDir" in v:
-                flags += ["--tmpfs", f"{m['mountPath']}:rw,mode=1777"]
+            if v is None or "emptyDir" in v:
+                # emptyDir, or a volumeClaimTemplate (StatefulSet): an empty directory
+                # the pod's user can write (fsGroup does that in Kubernetes). A bind
+                # mount, not a tmpfs: Docker gives a tmpfs over an image VOLUME the
+                # image directory's owner and mode.
+                d = tempfile.mkdtemp(dir=self.tmp, prefix=f"vol-{m['name']}-")
+                os.chmod(d, 0o1777)
+                flags += ["-v", f"{d}:{m['mountPath']}:rw"]
                 continue
             if "secret" in v:
                 data, items = self.secret(v["secret"]["secretName"]), v["secret"].get("items")
@@ -357,7 +361,11 @@ def run_container(args, run_id, name, network, alias, hostname, env, flags, imag
 
 
 def published(container, port):
-    out = docker("port", container, f"{port}/tcp").stdout.strip().splitlines()
+    r = docker("port", container, f"{port}/tcp", check_rc=False)
+    if r.returncode != 0:
+        raise Failure(f"{container}: no published port {port} ({running(container)}: running, exit code); "
+                      f"logs:\n{logs(container)}")
+    out = r.stdout.strip().splitlines()
     hp = next((line for line in out if line.startswith("127.0.0.1:")), None)
     if not hp:
         raise Failure(f"{container}: port {port} is not published on 127.0.0.1 ({out})")
