@@ -33,6 +33,7 @@ Every wait is bounded. Nothing listens beyond 127.0.0.1.
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -333,8 +334,10 @@ def recv_until(ws, want, what, within=TIMEOUT):
         seen.append(f)
 
 
-def hello(url, secret, user, name):
-    ws = ws_connect(url, open_timeout=TIMEOUT, close_timeout=3, max_size=2**20)
+def hello(stack, url, secret, user, name):
+    # Entered as a context manager (newer websockets warn otherwise); the stack
+    # closes it at the end.
+    ws = stack.enter_context(ws_connect(url, open_timeout=TIMEOUT, close_timeout=3, max_size=2**20))
     ws.send(json.dumps({"type": "hello", "id": 1, "token": jwt(secret, user, name)}))
     w, _ = recv_until(ws, lambda f: f.get("type") in ("welcome", "error"), f"welcome for {user}")
     if w["type"] != "welcome":
@@ -547,8 +550,9 @@ def main():
 
     # --- a chat through the public port -------------------------------------------------
     ws_url = public.replace("http://", "ws://") + "/ws/chat"
-    bob, _ = hello(ws_url, jwt_secret, "bob", "Bob")
-    alice, wa = hello(ws_url, jwt_secret, "alice", "Alice")
+    stack = contextlib.ExitStack()
+    bob, _ = hello(stack, ws_url, jwt_secret, "bob", "Bob")
+    alice, wa = hello(stack, ws_url, jwt_secret, "alice", "Alice")
     convs = [x["id"] for x in wa.get("conversations", [])]
     check("general" in convs, f"welcome for alice lists {convs}")
     cmid = f"{base}-1"
@@ -591,9 +595,10 @@ def main():
     state = running(chat)
     check(state == "false 0", f"the process exits 0 after {time.monotonic() - t0:.1f} s, within "
           f"terminationGracePeriodSeconds {grace} ({state})")
-    warn = [line for line in logs(chat, 400).splitlines() if "CHAT_CRM_CHAT" in line or "ignored" in line]
+    stack.close()
+    warn = [line for line in logs(chat, 400).splitlines() if "CHAT_CRM_CHAT" in line]
     if warn:
-        say(f"the server's word on the service links: {warn[0][:240]}")
+        say(f"the server's word on the service links: {warn[0][:300]}")
 
 
 if __name__ == "__main__":

@@ -144,11 +144,11 @@ if ((rc == 0 || rc == 124)); then
   echo "pod-test: the image started without secrets (exit $rc; 124: still running after 30 s)" >&2
   exit 1
 fi
-if ! grep -qi 'jwt_secret' "$tmp/bare.log"; then
-  echo "pod-test: exit $rc, but the log does not name the JWT secret setting" >&2
+if ! grep -q 'CHAT_AUTH__JWT_SECRET' "$tmp/bare.log"; then
+  echo "pod-test: exit $rc, but the log does not say how to set the JWT secret (CHAT_AUTH__JWT_SECRET)" >&2
   exit 1
 fi
-echo "   ok: exit $rc, and the log names the secret settings"
+echo "   ok: exit $rc, and the log says which variable to set"
 
 # --- the rendered chart ------------------------------------------------------------
 
