@@ -1,6 +1,6 @@
 /**
  * crm-chat browser client: one ES module, no dependencies, no build step.
- * Speaks the crm-chat wire protocol v1 (PROTOCOL.md) over `/ws/chat`.
+ * Speaks the crm-chat wire protocol v1.1 (PROTOCOL.md) over `/ws/chat`.
  *
  * Embedding it in a CRM page (CSP allows only same-origin scripts, so put the
  * glue code in its own module file):
@@ -12,11 +12,12 @@
  *     import { ChatClient } from '/static/chat.js';
  *
  *     const chat = new ChatClient({
- *       // Called before every (re)connection and again after close 4001
- *       // (token expired). Must resolve to a JWT the CRM backend signed for
- *       // the logged-in user. A plain string works too, but then an expired
- *       // token ends in the `auth_required` state until setToken() is called.
- *       token: async ({ reason }) => {
+ *       // Called before every (re)connection, before the token expires (to
+ *       // `refresh` the open connection) and after close 4001. Must resolve to
+ *       // a JWT the CRM backend signed for the logged-in user. A plain string
+ *       // (`token: '...'`) works too, but then nothing is refreshed and an
+ *       // expired token ends in the `auth_required` state until setToken().
+ *       getToken: async ({ reason }) => { // 'connect'|'reconnect'|'token_expired'|'refresh'
  *         const r = await fetch('/crm/api/chat-token', { credentials: 'same-origin' });
  *         if (!r.ok) throw new Error('chat token: HTTP ' + r.status);
  *         return (await r.json()).token;
@@ -34,15 +35,27 @@
  *     promise.then((ack) => console.log('stored as seq', ack.seq));
  *     chat.markRead('general');                   // when the conversation is on screen
  *
- * Without any `token` option the client sends no `hello` and relies on the
- * server authenticating the upgrade by cookie (`chat_token`). Tokens never go
- * into URLs.
+ * Without a `token` or `getToken` option the client sends no `hello` and
+ * relies on the server authenticating the upgrade by cookie (`chat_token`).
+ * Tokens never go into URLs.
  *
  * What the client does by itself:
  * - `hello` as first frame; reconnect with exponential backoff and full jitter
  *   (500 ms base, 30 s cap, reset after 10 s of stable connection). Close 4001:
  *   asks the token callback for a fresh token (never retries the rejected one);
  *   1012/1013/1006/...: backoff; 4008: longer backoff; close() (1000): stop.
+ * - Token refresh: with a token function and a `welcome` that carries `exp`,
+ *   sends `refresh` with a new token at 80% of the remaining lifetime or 60 s
+ *   before `exp`, whichever is earlier (never before half of it), so the
+ *   server does not close the session at expiry. A server without `refresh`
+ *   (or a failing token function) falls back to close 4001 + a new token.
+ * - Epochs: keeps each conversation's `epoch` (welcome, history replies) and
+ *   sends it with `sync`. A different epoch (the server lost that history and
+ *   numbers from 1 again) drops the local copy of that conversation (messages,
+ *   receipts, read/delivered marks; never the outbox) and reloads it.
+ * - `max_body_chars` comes from `welcome` (the `maxBodyChars` option is only
+ *   the value used before the first welcome); bodies count Unicode scalar
+ *   values, like the server.
  * - After every `welcome`: re-sends the outbox (same client_msg_id), then
  *   catches up every conversation it holds with `sync` (paging while
  *   `has_more`) and prefetches the newest page of each conversation listed in
@@ -59,19 +72,25 @@
  * Events (`client.on(type, fn)` calls fn(detail) and returns an unsubscribe
  * function; the client is also an EventTarget, `addEventListener(type, e => e.detail)`):
  * - `state`        {state, previous, reason?, code?, delay?}
- * - `welcome`      {user:{id,name}, conversations:[...], heartbeat_s, reconnect:boolean}
- * - `message`      {conversation, message:{conversation,seq,ts,sender:{id,name},body,client_msg_id?},
- *                   own:boolean, source:'live'|'sync'|'history'|'ack'}
+ * - `welcome`      {user:{id,name}, conversations:[...], heartbeat_s, max_body_chars,
+ *                   exp (unix seconds or null), reconnect:boolean}
+ * - `message`      {conversation, message:{conversation,seq,ts,sender:{id,name},body,client_msg_id?,
+ *                   deleted?}, own:boolean, source:'live'|'sync'|'history'|'ack'}
+ *                  (`deleted: true`, body '': erased by the CRM; keeps seq, ts and ticks)
  * - `ack`          {conversation, client_msg_id, seq, ts, duplicate}
- * - `receipt`      {conversation, user, delivered_seq, read_seq}
+ * - `receipt`      {conversation, user, delivered_seq, read_seq} (one event per user, also
+ *                   for the batched `receipts:[...]` frames of large conversations)
  * - `typing`       {conversation, user:{id,name}}
- * - `presence`     {conversation, user, online:boolean}  (push)
+ * - `presence`     {conversation, user, online:boolean}  (push; one event per change, also
+ *                   for the batched `changes:[...]` frames of large conversations)
  *                  {conversation, online:string[], query:true} (reply to presence())
  * - `conversation` {id, conversation:{id,title,members,last_seq}, member:boolean}
  * - `unread`       {conversation, unread}
- * - `reset`        {conversation} (local copy dropped: gap too large to sync)
+ * - `reset`        {conversation, reason:'epoch'|'data_lost'|'gap'} (local copy dropped:
+ *                   the server's history was replaced, or the gap was too large to sync)
  * - `token_expired` {code:4001, attempt} (the client asks the token function again;
  *                   a static token ends in state `auth_required`)
+ * - `token_refreshed` {exp} (the open connection now runs on a newer token)
  * - `error`        {code, message, conversation?, client_msg_id?, retry_after_ms?}
  *
  * @module chat
@@ -89,7 +108,10 @@ const DEFAULTS = Object.freeze({
   prefetchConcurrency: 4,
   maxSyncGap: 1000,
   typingIntervalMs: 3000,
-  maxBodyChars: 4000,
+  maxBodyChars: 4000, // until a welcome says otherwise
+  refreshFraction: 0.8,
+  refreshLeadMs: 60000,
+  refreshRetryMs: 30000,
   maxFrameBytes: 65536,
   autoDelivered: true,
 });
@@ -196,6 +218,8 @@ function newConversation(id) {
     baseUnread: 0, // unread among seqs in (readSeq, unreadBaseTo], from welcome
     unreadBaseTo: 0,
     receipts: new Map(), // user -> {delivered_seq, read_seq}
+    epoch: null, // the server's epoch of the history we hold ('' : it has none; null: unknown)
+    gen: 0, // bumped whenever the local copy is dropped
     syncing: null,
     forceSync: false,
     olderLoading: null,
@@ -210,24 +234,34 @@ function newConversation(id) {
  * @param {string} [options.url] WebSocket URL; default same origin `/ws/chat`.
  * @param {string|((ctx:{reason:string})=>string|Promise<string>)} [options.token]
  *   JWT or a function returning one (called on each connection attempt).
- * @param {Function} [options.getToken] Alias of a token function.
+ * @param {(ctx:{reason:string})=>string|Promise<string>} [options.getToken]
+ *   Function returning a fresh JWT: on each connection attempt, before expiry
+ *   (refresh) and after close 4001. With both, `token` (a string) is used for
+ *   the first connection only.
  * @param {{info:Function,warn:Function}} [options.logger] Default: console.
  * @param {Function} [options.WebSocket] WebSocket constructor (tests).
  * Other tunables: see DEFAULTS (requestTimeoutMs, backoffBaseMs, backoffCapMs,
  * stableMs, syncLimit, prefetch, prefetchLimit, maxSyncGap, typingIntervalMs,
- * maxBodyChars, maxFrameBytes, autoDelivered).
+ * maxBodyChars, maxFrameBytes, autoDelivered, refreshFraction, refreshLeadMs,
+ * refreshRetryMs).
  */
 export class ChatClient extends EventTarget {
   constructor(options = {}) {
     super();
     this.options = { ...DEFAULTS, ...options };
     this._url = options.url;
-    this._tokenSource = options.token ?? options.getToken ?? null;
+    this._tokenSource = options.getToken ?? options.token ?? null;
+    // `token` (a string) next to `getToken`: the first connection's token.
+    this._firstToken = options.getToken && typeof options.token === 'string' ? options.token : null;
     this._logger = options.logger || console;
     this._WS = options.WebSocket || globalThis.WebSocket;
 
     this.user = null; // {id, name} after welcome
     this.heartbeatS = 25;
+    this.maxBodyChars = this.options.maxBodyChars; // from welcome once connected
+    this.tokenExp = null; // exp (unix seconds) of the current connection's token
+    this._refreshFailures = 0;
+    this._refreshUnsupported = false;
     this._state = 'closed';
     this._stopped = true;
     this._ws = null;
@@ -248,7 +282,7 @@ export class ChatClient extends EventTarget {
     this._online = new Map(); // user -> boolean
     this._deliveredQueue = new Set();
     this._readyWaiters = [];
-    this._timers = { reconnect: null, hello: null, stable: null, idle: null, delivered: null };
+    this._timers = { reconnect: null, hello: null, stable: null, idle: null, delivered: null, refresh: null };
     this._listenerMap = new Map();
     this._onOnline = () => { if (this._timers.reconnect) this.reconnectNow(); };
   }
@@ -323,6 +357,7 @@ export class ChatClient extends EventTarget {
   /** Replace the token (string or function) and reconnect if waiting for one. */
   setToken(token) {
     this._tokenSource = token;
+    this._firstToken = null;
     this._authFailures = 0;
     this._rejectedToken = null;
     if (this._state === 'auth_required') this.connect();
@@ -345,6 +380,11 @@ export class ChatClient extends EventTarget {
   }
 
   async _resolveToken(reason) {
+    if (this._firstToken && reason === 'connect') {
+      const t = this._firstToken;
+      this._firstToken = null;
+      return t;
+    }
     const src = this._tokenSource;
     if (typeof src === 'function') return await src({ reason });
     return src;
@@ -413,7 +453,7 @@ export class ChatClient extends EventTarget {
   _teardown(err) {
     this._ws = null;
     this._ready = false;
-    for (const k of ['hello', 'stable', 'idle']) {
+    for (const k of ['hello', 'stable', 'idle', 'refresh']) {
       clearTimeout(this._timers[k]);
       this._timers[k] = null;
     }
@@ -469,6 +509,77 @@ export class ChatClient extends EventTarget {
       this._logger.warn(`crm-chat: authentication required (${reason}); call setToken() or connect()`);
     }
     this._setState('auth_required', { reason, code });
+  }
+
+  // ------------------------------------------------------- token refresh
+
+  /**
+   * Plan the next `refresh` for a token expiring at `exp` (unix seconds): at
+   * `refreshFraction` (80%) of the remaining lifetime or `refreshLeadMs` (60 s)
+   * before expiry, whichever is earlier, but not before half of it (a
+   * short-lived token is not refreshed back to back). Only with a token
+   * function; without one (or without `exp`) the session ends at expiry with
+   * close 4001 as before.
+   */
+  _scheduleRefresh(exp) {
+    clearTimeout(this._timers.refresh);
+    this._timers.refresh = null;
+    this.tokenExp = Number.isFinite(exp) && exp > 0 ? exp : null;
+    if (!this.tokenExp || typeof this._tokenSource !== 'function' || this._refreshUnsupported) return;
+    const { refreshFraction, refreshLeadMs, refreshRetryMs } = this.options;
+    const remaining = this.tokenExp * 1000 - Date.now();
+    // A token that looks expired already means the clocks disagree: try
+    // later rather than in a loop (a 4001 and a new token are the fallback).
+    const delay = remaining <= 0
+      ? refreshRetryMs
+      : Math.max(remaining / 2, Math.min(remaining * refreshFraction, remaining - refreshLeadMs));
+    const ws = this._ws;
+    this._timers.refresh = setTimeout(() => this._refresh(ws), Math.min(Math.max(delay, 1000), 2 ** 31 - 1));
+  }
+
+  /** Retry a failed refresh with backoff while the token is still valid. */
+  _retryRefresh(ws) {
+    if (ws !== this._ws || !this._ready || !this.tokenExp) return;
+    this._refreshFailures++;
+    const remaining = this.tokenExp * 1000 - Date.now();
+    const backoff = Math.min(this.options.refreshRetryMs, 1000 * 2 ** Math.min(this._refreshFailures, 10));
+    const delay = remaining > 2000 ? Math.min(backoff, remaining / 2) : this.options.refreshRetryMs;
+    clearTimeout(this._timers.refresh);
+    this._timers.refresh = setTimeout(() => this._refresh(ws), Math.max(delay, 1000));
+  }
+
+  async _refresh(ws) {
+    this._timers.refresh = null;
+    if (ws !== this._ws || !this._ready) return;
+    let token;
+    try {
+      token = await this._resolveToken('refresh');
+    } catch (err) {
+      if (ws === this._ws) this._logger.info('crm-chat: token refresh: the token function failed:', err);
+      return this._retryRefresh(ws);
+    }
+    if (ws !== this._ws || !this._ready) return;
+    if (typeof token !== 'string' || !token || token === this._token) return this._retryRefresh(ws);
+    try {
+      const r = await this._request({ type: 'refresh', token }, { wait: false });
+      if (ws !== this._ws) return;
+      this._token = token;
+      this._refreshFailures = 0;
+      const exp = Number(r.exp);
+      this._emit('token_refreshed', { exp: Number.isFinite(exp) ? exp : null });
+      this._scheduleRefresh(exp);
+    } catch (err) {
+      if (ws !== this._ws) return;
+      const code = err && err.code;
+      if (code === 'unauthorized') return; // close 4001 follows; the reconnect asks for a new token
+      if (code === 'bad_request') {
+        // A server without `refresh`: this session ends at expiry (4001),
+        // then the client reconnects with a new token.
+        this._refreshUnsupported = true;
+        return;
+      }
+      this._retryRefresh(ws);
+    }
   }
 
   // ----------------------------------------------------------- transport
@@ -590,6 +701,10 @@ export class ChatClient extends EventTarget {
     this._rejectedToken = null;
     this.user = f.user || this.user;
     if (Number.isFinite(f.heartbeat_s) && f.heartbeat_s > 0) this.heartbeatS = f.heartbeat_s;
+    if (Number.isInteger(f.max_body_chars) && f.max_body_chars > 0) this.maxBodyChars = f.max_body_chars;
+    this._refreshUnsupported = false;
+    this._refreshFailures = 0;
+    this._scheduleRefresh(Number(f.exp));
     const reconnect = this._everConnected;
     this._everConnected = true;
     this._logger.info('%cChat WebSocket Connected', 'color: green; font-weight: bold');
@@ -606,8 +721,18 @@ export class ChatClient extends EventTarget {
       if (w.title != null) c.title = w.title;
       if (Array.isArray(w.members)) c.members = w.members.slice();
       const lastSeq = Number(w.last_seq) || 0;
-      // seq never goes down; a lower last_seq means the server lost its data.
-      if (c.maxSeq > lastSeq) this._restart(c);
+      const epoch = typeof w.epoch === 'string' ? w.epoch : undefined;
+      // The epoch says whether our copy still belongs to the server's history.
+      // It replaces the older guess "a last_seq lower than ours means data
+      // loss", which misses the case that matters most: the new history has
+      // already grown past our copy, so seqs overlap and old messages would
+      // be shown mixed with new ones under the same numbers. The guess is
+      // kept only where no epoch can tell (an older server, or a copy whose
+      // epoch we never learnt).
+      const changed = epoch === undefined ? null : this._epochChanged(c, epoch);
+      if (changed === true) this._restart(c, 'epoch');
+      else if (changed === null && c.maxSeq > lastSeq) this._restart(c, 'data_lost');
+      if (epoch !== undefined) c.epoch = epoch;
       c.serverLastSeq = Math.max(c.serverLastSeq, lastSeq);
       const ours = c.readSeq;
       c.readSeq = Number(w.read_seq) || 0;
@@ -625,12 +750,14 @@ export class ChatClient extends EventTarget {
     const me = this.user && this.user.id;
     for (const c of this._convs.values()) {
       const dm = parseDm(c.id);
-      if (c.maxSeq > 0 && !listedIds.has(c.id) && dm && dm.includes(me)) this._restart(c);
+      if (c.maxSeq > 0 && !listedIds.has(c.id) && dm && dm.includes(me)) this._restart(c, 'data_lost');
     }
     this._setState('connected');
     this._emit('welcome', {
       user: this.user,
       heartbeat_s: this.heartbeatS,
+      max_body_chars: this.maxBodyChars,
+      exp: this.tokenExp,
       reconnect,
       conversations: listed.map((c) => this._summary(c)),
     });
@@ -693,10 +820,14 @@ export class ChatClient extends EventTarget {
     const seq = Number(f.seq);
     if (seq > c.serverLastSeq) c.serverLastSeq = seq;
     // Our message stored under a seq we hold for another one: the server
-    // lost its data and numbers from 1 again.
+    // lost its data and numbers from 1 again. An ack carries no epoch, so on
+    // an open connection this clash is the only sign; the reload that follows
+    // learns the new epoch.
     const held = Number.isInteger(seq) ? c.messages.get(seq) : undefined;
+    let restarted = false;
     if (held && this.user && !sameMessage(held, { sender: this.user, client_msg_id: cmid, ts: f.ts })) {
-      this._restart(c);
+      this._restart(c, 'data_lost');
+      restarted = true;
     }
     // The server stores the body verbatim, so the acked message is known
     // exactly; holding it now makes the order of ack and message irrelevant.
@@ -704,7 +835,8 @@ export class ChatClient extends EventTarget {
       this._ingest(c, {
         conversation, seq, ts: f.ts, sender: { ...this.user }, body: entry.body, client_msg_id: cmid,
       }, 'ack');
-      if (c.loaded && c.maxSeq > c.lastSeq) this._catchUp(c).catch(() => {});
+      this._learnEpoch(c);
+      if (c.loaded ? c.maxSeq > c.lastSeq : restarted) this._catchUp(c).catch(() => {});
     }
     const ack = { conversation, client_msg_id: cmid, seq, ts: f.ts, duplicate: !!f.duplicate };
     entry.resolve(ack);
@@ -715,14 +847,38 @@ export class ChatClient extends EventTarget {
     if (!CONV_RE.test(f.conversation)) return;
     const c = this._conv(f.conversation);
     const held = Number.isInteger(f.seq) ? c.messages.get(f.seq) : undefined;
-    if (held && !sameMessage(held, f)) this._restart(c); // the server lost its data
-    this._ingest(c, f, 'live');
+    // Live frames carry no epoch: a different message under a seq we hold is
+    // the only sign, on an open connection, that the server lost this history
+    // (e.g. Valkey restarted empty). The reload that follows learns the epoch.
+    if (held && !sameMessage(held, f)) this._restart(c, 'data_lost');
+    if (this._ingest(c, f, 'live')) this._learnEpoch(c);
     if (!c.loaded || c.maxSeq > c.lastSeq) this._catchUp(c).catch(() => {});
   }
 
+  /**
+   * We now hold messages of a conversation whose history was empty when we
+   * last heard its epoch (''), so we do not know which epoch they belong to.
+   * Ask with a `sync` from our last seq (its reply carries the epoch), so a
+   * later welcome can tell whether this copy is still the server's.
+   */
+  _learnEpoch(c) {
+    if (c.epoch !== '' || !c.messages.size) return;
+    c.epoch = null;
+    if (!c.loaded || !this._ready) return; // the next load or sync learns it
+    c.forceSync = true;
+    const run = () => { if (this._ready) this._catchUp(c).catch(() => {}); };
+    if (c.syncing) c.syncing.then(run, run);
+    else run();
+  }
+
+  /** A receipt push: one user's marks (v1), or `receipts:[...]` (batched, large conversations). */
   _onReceipt(f) {
-    if (!CONV_RE.test(f.conversation) || typeof f.user !== 'string') return;
-    this._applyReceipt(this._conv(f.conversation), f, true);
+    if (!CONV_RE.test(f.conversation)) return;
+    const list = Array.isArray(f.receipts) ? f.receipts : [f];
+    const c = this._conv(f.conversation);
+    for (const r of list) {
+      if (r && typeof r.user === 'string') this._applyReceipt(c, r, true);
+    }
   }
 
   _applyReceipt(c, r, fromFrame) {
@@ -748,13 +904,18 @@ export class ChatClient extends EventTarget {
     this._emit('typing', { conversation: f.conversation, user });
   }
 
+  /**
+   * A presence push: one change (v1), or `changes:[...]` (batched, large
+   * conversations), emitted as one `presence` event per change either way.
+   * Replies to presence() (with `online:[...]`) are applied there.
+   */
   _onPresence(f) {
-    if (typeof f.user === 'string') {
-      const online = !!f.online;
-      this._online.set(f.user, online);
-      this._emit('presence', { conversation: f.conversation, user: f.user, online });
+    const list = Array.isArray(f.changes) ? f.changes : [f];
+    for (const p of list) {
+      if (!p || typeof p.user !== 'string' || typeof p.online !== 'boolean') continue;
+      this._online.set(p.user, p.online);
+      this._emit('presence', { conversation: f.conversation, user: p.user, online: p.online });
     }
-    // replies are applied in presence()
   }
 
   _onConversationEvent(f) {
@@ -812,7 +973,30 @@ export class ChatClient extends EventTarget {
     return true;
   }
 
-  _applyReply(c, r, source, { newest = false, before = null } = {}) {
+  /**
+   * Take in a `history` reply (to `history` or `sync`). Returns the messages
+   * taken in, or null when the reply showed that our copy belongs to another
+   * epoch and was a page relative to that copy: then the copy was dropped
+   * and the caller loads the newest page instead.
+   */
+  _applyReply(c, r, source, { newest = false, before = null, sync = false } = {}) {
+    if (typeof r.epoch === 'string') {
+      // `reset: true` answers a sync whose epoch is not the server's; such a
+      // reply pages from seq 1 of the server's history.
+      const reset = sync && r.reset === true;
+      if (reset || this._epochChanged(c, r.epoch) === true) {
+        this._restart(c, 'epoch');
+        if (reset && !r.has_more) {
+          c.loaded = true; // the whole new history is in this reply
+          c.lastSeq = 0;
+          c.hasMoreBefore = false;
+        } else if (!newest) {
+          c.epoch = r.epoch;
+          return null;
+        }
+      }
+      c.epoch = r.epoch;
+    }
     if (Array.isArray(r.receipts)) {
       for (const rc of r.receipts) if (rc && typeof rc.user === 'string') this._applyReceipt(c, rc, false);
     }
@@ -847,20 +1031,34 @@ export class ChatClient extends EventTarget {
     const { syncLimit, prefetchLimit, maxSyncGap } = this.options;
     try {
       // Too far behind: drop the local copy and start again from the newest page.
-      if (c.loaded && this._maxKnown(c) - c.lastSeq > maxSyncGap) this._reset(c);
-      if (!c.loaded) {
-        const r = await this._request({ type: 'history', conversation: c.id, limit: prefetchLimit }, { wait: false });
-        this._applyReply(c, r, 'sync', { newest: true });
-      }
+      if (c.loaded && this._maxKnown(c) - c.lastSeq > maxSyncGap) this._reset(c, 'gap');
       let force = c.forceSync;
       c.forceSync = false;
       let more = false;
       for (let guard = 0; guard < 10000; guard++) {
+        // The copy may be dropped while a request is out (another epoch seen
+        // elsewhere): then its reply is stale and the loop loads again.
+        const gen = c.gen;
+        if (!c.loaded) {
+          const r = await this._request({ type: 'history', conversation: c.id, limit: prefetchLimit }, { wait: false });
+          if (c.gen === gen) this._applyReply(c, r, 'sync', { newest: true });
+          continue;
+        }
         if (!force && !more && c.lastSeq >= this._maxKnown(c)) break;
         force = false;
         const after = c.lastSeq;
-        const r = await this._request({ type: 'sync', conversation: c.id, after, limit: syncLimit }, { wait: false });
-        const msgs = this._applyReply(c, r, 'sync');
+        const frame = { type: 'sync', conversation: c.id, after, limit: syncLimit };
+        if (c.epoch) frame.epoch = c.epoch; // a different epoch answers reset: true
+        const r = await this._request(frame, { wait: false });
+        if (c.gen !== gen) {
+          more = false;
+          continue;
+        }
+        const msgs = this._applyReply(c, r, 'sync', { sync: true });
+        if (!msgs) { // another epoch: the copy was dropped, load the newest page
+          more = false;
+          continue;
+        }
         if (!msgs.length) {
           // The server has nothing above lastSeq: what we thought existed does not.
           if (c.maxSeq > c.lastSeq) c.lastSeq = c.maxSeq;
@@ -880,20 +1078,39 @@ export class ChatClient extends EventTarget {
     }
   }
 
-  /** The server no longer has what we hold (its storage was reset): start over. */
-  _restart(c) {
-    this._reset(c);
+  /**
+   * The server no longer has what we hold (its history was lost and numbers
+   * from 1 again): drop everything we know by seq (messages, receipts, our
+   * read and delivered marks) and start over. The outbox is not touched:
+   * unacked sends go out again with the same client_msg_id.
+   */
+  _restart(c, reason = 'data_lost') {
+    c.epoch = null;
     c.serverLastSeq = c.readSeq = c.deliveredSeq = c.pendingRead = 0;
     c.baseUnread = c.unreadBaseTo = 0;
     c.receipts.clear();
+    this._reset(c, reason);
   }
 
-  _reset(c) {
+  _reset(c, reason = 'gap') {
+    c.gen++;
     c.messages.clear();
     c.loaded = false;
     c.lastSeq = c.maxSeq = c.oldestSeq = 0;
     c.hasMoreBefore = true;
-    this._emit('reset', { conversation: c.id });
+    this._emit('reset', { conversation: c.id, reason });
+  }
+
+  /**
+   * Whether the server's `epoch` for a conversation means our copy belongs to
+   * a history the server no longer has: true or false, or null when it cannot
+   * tell (we hold messages but never learnt their epoch).
+   */
+  _epochChanged(c, epoch) {
+    if (!c.loaded && !c.messages.size) return false; // nothing held
+    if (c.epoch) return epoch !== c.epoch;
+    if (epoch === '') return c.messages.size > 0; // the server holds no history at all
+    return null;
   }
 
   _unreadOf(c) {
@@ -1037,7 +1254,9 @@ export class ChatClient extends EventTarget {
     if (typeof body !== 'string' || !body.length || BLANK_RE.test(body)) {
       return new ChatError('bad_request', 'message is empty');
     }
-    const { maxBodyChars, maxFrameBytes } = this.options;
+    const { maxFrameBytes } = this.options;
+    const { maxBodyChars } = this; // the server's, from welcome
+    // Unicode scalar values, as the server counts (not UTF-16 code units).
     if (maxBodyChars && [...body].length > maxBodyChars) {
       return new ChatError('too_large', `message longer than ${maxBodyChars} characters`);
     }
@@ -1109,14 +1328,18 @@ export class ChatClient extends EventTarget {
     if (before != null) frame.before = before;
     if (limit != null) frame.limit = limit;
     const r = await this._request(frame);
-    this._applyReply(this._conv(conversation), r, 'history', { newest: before == null, before });
+    const c = this._conv(conversation);
+    if (!this._applyReply(c, r, 'history', { newest: before == null, before })) this._catchUp(c).catch(() => {});
     return r;
   }
 
-  /** Raw `sync` request (messages with seq > after), one page. */
+  /** Raw `sync` request (messages with seq > after), one page; sends the epoch held. */
   async sync(conversation, after = 0, limit = this.options.syncLimit) {
-    const r = await this._request({ type: 'sync', conversation, after, limit });
-    this._applyReply(this._conv(conversation), r, 'sync');
+    const c = this._conv(conversation);
+    const frame = { type: 'sync', conversation, after, limit };
+    if (c.epoch) frame.epoch = c.epoch;
+    const r = await this._request(frame);
+    if (!this._applyReply(c, r, 'sync', { sync: true })) this._catchUp(c).catch(() => {});
     return r;
   }
 
@@ -1144,7 +1367,9 @@ export class ChatClient extends EventTarget {
       if (!c.loaded) await this.load(conversation);
       if (!c.hasMoreBefore || c.oldestSeq === 1) return { messages: [], has_more: false };
       const before = c.oldestSeq || c.lastSeq + 1;
+      const gen = c.gen;
       const r = await this.history(conversation, before, limit);
+      if (c.gen !== gen) return { messages: [], has_more: c.hasMoreBefore }; // dropped: reloading
       return { messages: r.messages || [], has_more: c.hasMoreBefore };
     })().finally(() => { if (c.olderLoading === p) c.olderLoading = null; });
     c.olderLoading = p;
