@@ -1,5 +1,9 @@
 /**
- * crm-chat browser client: one ES module, no dependencies, no build step.
+ * crm-chat browser client: ES modules, no dependencies, no build step.
+ * This file is the public client (connection, reconnect, token refresh,
+ * frames in and out); `chat-store.js` holds the per-conversation state and
+ * catch-up, `chat-outbox.js` the unacked sends, `chat-util.js` shared helpers.
+ * Serve the four files side by side; pages import only this one.
  * Speaks the crm-chat wire protocol v1.1 (PROTOCOL.md) over `/ws/chat`.
  *
  * Embedding it in a CRM page (CSP allows only same-origin scripts, so put the
@@ -96,6 +100,12 @@
  * @module chat
  */
 
+import { ChatError, CONV_RE, dmId, parseDm, uuid } from './chat-util.js';
+import { ConversationStore } from './chat-store.js';
+import { Outbox } from './chat-outbox.js';
+
+export { ChatError, dmId, parseDm, uuid };
+
 const DEFAULTS = Object.freeze({
   requestTimeoutMs: 15000,
   helloTimeoutMs: 15000,
@@ -116,73 +126,7 @@ const DEFAULTS = Object.freeze({
   autoDelivered: true,
 });
 
-const CONV_RE = /^[A-Za-z0-9_.:@-]{1,128}$/;
-const USER_RE = /^[A-Za-z0-9_.@-]{1,128}$/;
-// Unicode White_Space (not JS \s, which differs on U+0085 and U+FEFF).
-const BLANK_RE = /^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$/;
-const PERMANENT_SEND_ERRORS = new Set(['forbidden', 'bad_request', 'too_large', 'not_found']);
 const OPEN = 1;
-
-/** An error answered by the server (`code` from PROTOCOL.md) or raised locally
- * (`timeout`, `disconnected`, `closed`, `auth_required`). */
-export class ChatError extends Error {
-  constructor(code, message, extra) {
-    super(message || code);
-    this.name = 'ChatError';
-    this.code = code;
-    if (extra) Object.assign(this, extra);
-  }
-}
-
-function compareBytes(a, b) {
-  const enc = new TextEncoder();
-  const x = enc.encode(a);
-  const y = enc.encode(b);
-  const n = Math.min(x.length, y.length);
-  for (let i = 0; i < n; i++) if (x[i] !== y[i]) return x[i] - y[i];
-  return x.length - y.length;
-}
-
-/** `dm:<a>:<b>` for two user ids, ordered by bytes (a < b). Throws on bad ids. */
-export function dmId(a, b) {
-  if (!USER_RE.test(a) || !USER_RE.test(b)) throw new TypeError('invalid user id');
-  const c = compareBytes(a, b);
-  if (c === 0) throw new TypeError('a direct conversation needs two different users');
-  return c < 0 ? `dm:${a}:${b}` : `dm:${b}:${a}`;
-}
-
-/** The two user ids of a `dm:<a>:<b>` conversation id, or null. */
-export function parseDm(id) {
-  if (typeof id !== 'string' || !id.startsWith('dm:')) return null;
-  const parts = id.slice(3).split(':');
-  if (parts.length !== 2 || !USER_RE.test(parts[0]) || !USER_RE.test(parts[1])) return null;
-  return parts;
-}
-
-/** Random v4 UUID; crypto.randomUUID only exists in secure contexts. */
-export function uuid() {
-  const c = globalThis.crypto;
-  if (c && typeof c.randomUUID === 'function') {
-    try { return c.randomUUID(); } catch { /* insecure context: fall through */ }
-  }
-  const b = new Uint8Array(16);
-  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(b);
-  else for (let i = 0; i < 16; i++) b[i] = Math.floor(Math.random() * 256);
-  b[6] = (b[6] & 0x0f) | 0x40;
-  b[8] = (b[8] & 0x3f) | 0x80;
-  const h = Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
-
-/** Whether two copies of a message with the same seq are the same message. */
-function sameMessage(a, b) {
-  const sa = a.sender && a.sender.id;
-  const sb = b.sender && b.sender.id;
-  if (sa && sb && sa !== sb) return false;
-  if (a.client_msg_id && b.client_msg_id) return a.client_msg_id === b.client_msg_id;
-  if (a.ts && b.ts) return a.ts === b.ts;
-  return true;
-}
 
 function defaultUrl() {
   const loc = globalThis.location;
@@ -197,34 +141,6 @@ function resolveUrl(url) {
   if (u.protocol === 'http:') u.protocol = 'ws:';
   else if (u.protocol === 'https:') u.protocol = 'wss:';
   return u.href;
-}
-
-function newConversation(id) {
-  return {
-    id,
-    title: null,
-    members: null, // string[] when the server told us (conversation event)
-    member: true,
-    messages: new Map(), // seq -> message
-    loaded: false, // a baseline exists: lastSeq is meaningful
-    lastSeq: 0, // every seq in (baseline, lastSeq] is held
-    maxSeq: 0, // highest seq held
-    oldestSeq: 0, // lowest seq held (0: none)
-    hasMoreBefore: true,
-    serverLastSeq: 0, // highest seq the server told us about
-    readSeq: 0, // own read mark
-    deliveredSeq: 0, // own delivered mark (sent or confirmed)
-    pendingRead: 0, // read mark not yet sent (offline)
-    baseUnread: 0, // unread among seqs in (readSeq, unreadBaseTo], from welcome
-    unreadBaseTo: 0,
-    receipts: new Map(), // user -> {delivered_seq, read_seq}
-    epoch: null, // the server's epoch of the history we hold ('' : it has none; null: unknown)
-    gen: 0, // bumped whenever the local copy is dropped
-    syncing: null,
-    forceSync: false,
-    olderLoading: null,
-    lastTypingSent: 0,
-  };
 }
 
 /**
@@ -276,15 +192,26 @@ export class ChatClient extends EventTarget {
     this._helloId = null;
     this._nextFrameId = 1;
     this._pending = new Map(); // frame id -> {resolve, reject, timer}
-    this._sendIds = new Map(); // frame id -> client_msg_id (current socket)
-    this._outbox = new Map(); // client_msg_id -> entry (insertion order = send order)
-    this._convs = new Map();
     this._online = new Map(); // user -> boolean
-    this._deliveredQueue = new Set();
     this._readyWaiters = [];
-    this._timers = { reconnect: null, hello: null, stable: null, idle: null, delivered: null, refresh: null };
+    this._timers = { reconnect: null, hello: null, stable: null, idle: null, refresh: null };
     this._listenerMap = new Map();
     this._onOnline = () => { if (this._timers.reconnect) this.reconnectNow(); };
+    // What the store and the outbox may use of the client, and nothing else.
+    const client = this;
+    const link = {
+      emit: (type, detail) => this._emit(type, detail),
+      request: (frame, opts) => this._request(frame, opts),
+      raw: (frame) => this._raw(frame),
+      waitReady: (ms) => this._waitReady(ms),
+      nextId: () => this._nextId(),
+      options: this.options,
+      get ready() { return client._ready; },
+      get user() { return client.user; },
+      get maxBodyChars() { return client.maxBodyChars; },
+    };
+    this._store = new ConversationStore(link);
+    this._outbox = new Outbox(link);
   }
 
   // ---------------------------------------------------------------- events
@@ -457,7 +384,7 @@ export class ChatClient extends EventTarget {
       clearTimeout(this._timers[k]);
       this._timers[k] = null;
     }
-    this._sendIds.clear();
+    this._outbox.socketClosed();
     const pending = [...this._pending.values()];
     this._pending.clear();
     for (const p of pending) {
@@ -680,11 +607,11 @@ export class ChatClient extends EventTarget {
     switch (f.type) {
       case 'welcome': return this._onWelcome(f);
       case 'ack': return this._onAck(f);
-      case 'message': return this._onMessage(f);
-      case 'receipt': return this._onReceipt(f);
+      case 'message': return this._store.onMessage(f);
+      case 'receipt': return this._store.onReceipt(f);
       case 'typing': return this._onTyping(f);
       case 'presence': return this._onPresence(f);
-      case 'conversation': return this._onConversationEvent(f);
+      case 'conversation': return this._store.onConversationEvent(f);
       case 'error': return this._onError(f, pend);
       default: return undefined; // history / pong: handled by the requester
     }
@@ -712,46 +639,8 @@ export class ChatClient extends EventTarget {
     const ws = this._ws;
     this._timers.stable = setTimeout(() => { if (ws === this._ws) this._attempt = 0; }, this.options.stableMs);
 
-    const listed = [];
-    for (const w of Array.isArray(f.conversations) ? f.conversations : []) {
-      if (!w || !CONV_RE.test(w.id)) continue;
-      const c = this._conv(w.id);
-      listed.push(c);
-      c.member = true;
-      if (w.title != null) c.title = w.title;
-      if (Array.isArray(w.members)) c.members = w.members.slice();
-      const lastSeq = Number(w.last_seq) || 0;
-      const epoch = typeof w.epoch === 'string' ? w.epoch : undefined;
-      // The epoch says whether our copy still belongs to the server's history.
-      // It replaces the older guess "a last_seq lower than ours means data
-      // loss", which misses the case that matters most: the new history has
-      // already grown past our copy, so seqs overlap and old messages would
-      // be shown mixed with new ones under the same numbers. The guess is
-      // kept only where no epoch can tell (an older server, or a copy whose
-      // epoch we never learnt).
-      const changed = epoch === undefined ? null : this._epochChanged(c, epoch);
-      if (changed === true) this._restart(c, 'epoch');
-      else if (changed === null && c.maxSeq > lastSeq) this._restart(c, 'data_lost');
-      if (epoch !== undefined) c.epoch = epoch;
-      c.serverLastSeq = Math.max(c.serverLastSeq, lastSeq);
-      const ours = c.readSeq;
-      c.readSeq = Number(w.read_seq) || 0;
-      c.unreadBaseTo = lastSeq;
-      c.baseUnread = Number(w.unread) || 0;
-      if (ours > c.readSeq) { // our read frame was lost: apply and resend
-        this._setReadSeq(c, ours);
-        c.pendingRead = Math.max(c.pendingRead, ours);
-      }
-      if (c.deliveredSeq < c.readSeq) c.deliveredSeq = c.readSeq;
-    }
-    // A direct conversation is listed once it holds a message, so one we hold
-    // messages of that is not listed lost them on the server (storage reset).
-    const listedIds = new Set(listed.map((c) => c.id));
-    const me = this.user && this.user.id;
-    for (const c of this._convs.values()) {
-      const dm = parseDm(c.id);
-      if (c.maxSeq > 0 && !listedIds.has(c.id) && dm && dm.includes(me)) this._restart(c, 'data_lost');
-    }
+    const store = this._store;
+    const listed = store.applyWelcome(Array.isArray(f.conversations) ? f.conversations : []);
     this._setState('connected');
     this._emit('welcome', {
       user: this.user,
@@ -759,42 +648,19 @@ export class ChatClient extends EventTarget {
       max_body_chars: this.maxBodyChars,
       exp: this.tokenExp,
       reconnect,
-      conversations: listed.map((c) => this._summary(c)),
+      conversations: listed.map((c) => store.summary(c)),
     });
-    for (const c of listed) this._emit('unread', { conversation: c.id, unread: this._unreadOf(c) });
+    for (const c of listed) this._emit('unread', { conversation: c.id, unread: store.unreadOf(c) });
 
     // 1. re-send the outbox in order, same client_msg_id
-    for (const entry of this._outbox.values()) {
-      if (entry.state === 'queued' && !entry.timer) this._transmit(entry);
-    }
+    this._outbox.resend();
     // 2. own read marks made while offline
-    for (const c of this._convs.values()) {
-      if (c.pendingRead > 0) {
-        const seq = Math.min(c.pendingRead, this._maxKnown(c));
-        c.pendingRead = 0;
-        if (seq >= 1) this._raw({ type: 'read', conversation: c.id, seq });
-      }
-    }
+    store.sendPendingReads();
     for (const w of this._readyWaiters.splice(0)) w.resolve();
-    this._flushDelivered();
+    store.flushDelivered();
     // 3. catch up: sync what we hold, prefetch what welcome lists
-    const work = [];
-    for (const c of this._convs.values()) {
-      if (c.loaded) {
-        c.forceSync = true;
-        work.push(c);
-      } else if (listedIds.has(c.id)) {
-        if (c.serverLastSeq === 0 && c.messages.size === 0) {
-          c.loaded = true; // empty conversation: nothing to fetch
-          c.hasMoreBefore = false;
-        } else if (this.options.prefetch) {
-          work.push(c);
-        }
-      } else if (c.messages.size) {
-        work.push(c);
-      }
-    }
-    this._runPool(work, (c) => this._catchUp(c).catch(() => {}), this.options.prefetchConcurrency);
+    const work = store.toCatchUp(listed);
+    this._runPool(work, (c) => store.catchUp(c).catch(() => {}), this.options.prefetchConcurrency);
   }
 
   async _runPool(items, fn, n) {
@@ -807,94 +673,12 @@ export class ChatClient extends EventTarget {
   }
 
   _onAck(f) {
-    const cmid = this._sendIds.get(f.id);
-    this._sendIds.delete(f.id);
-    const entry = cmid ? this._outbox.get(cmid) : null;
+    const entry = this._outbox.takeAcked(f.id);
     if (!entry) return;
-    this._outbox.delete(cmid);
-    clearTimeout(entry.timer);
-    entry.timer = null;
-    entry.state = 'acked';
-    const conversation = f.conversation || entry.conversation;
-    const c = this._conv(conversation);
-    const seq = Number(f.seq);
-    if (seq > c.serverLastSeq) c.serverLastSeq = seq;
-    // Our message stored under a seq we hold for another one: the server
-    // lost its data and numbers from 1 again. An ack carries no epoch, so on
-    // an open connection this clash is the only sign; the reload that follows
-    // learns the new epoch.
-    const held = Number.isInteger(seq) ? c.messages.get(seq) : undefined;
-    let restarted = false;
-    if (held && this.user && !sameMessage(held, { sender: this.user, client_msg_id: cmid, ts: f.ts })) {
-      this._restart(c, 'data_lost');
-      restarted = true;
-    }
-    // The server stores the body verbatim, so the acked message is known
-    // exactly; holding it now makes the order of ack and message irrelevant.
-    if (Number.isInteger(seq) && seq > 0 && !c.messages.has(seq) && this.user) {
-      this._ingest(c, {
-        conversation, seq, ts: f.ts, sender: { ...this.user }, body: entry.body, client_msg_id: cmid,
-      }, 'ack');
-      this._learnEpoch(c);
-      if (c.loaded ? c.maxSeq > c.lastSeq : restarted) this._catchUp(c).catch(() => {});
-    }
-    const ack = { conversation, client_msg_id: cmid, seq, ts: f.ts, duplicate: !!f.duplicate };
+    const { conversation, seq } = this._store.onAck(entry, f);
+    const ack = { conversation, client_msg_id: entry.client_msg_id, seq, ts: f.ts, duplicate: !!f.duplicate };
     entry.resolve(ack);
     this._emit('ack', ack);
-  }
-
-  _onMessage(f) {
-    if (!CONV_RE.test(f.conversation)) return;
-    const c = this._conv(f.conversation);
-    const held = Number.isInteger(f.seq) ? c.messages.get(f.seq) : undefined;
-    // Live frames carry no epoch: a different message under a seq we hold is
-    // the only sign, on an open connection, that the server lost this history
-    // (e.g. Valkey restarted empty). The reload that follows learns the epoch.
-    if (held && !sameMessage(held, f)) this._restart(c, 'data_lost');
-    if (this._ingest(c, f, 'live')) this._learnEpoch(c);
-    if (!c.loaded || c.maxSeq > c.lastSeq) this._catchUp(c).catch(() => {});
-  }
-
-  /**
-   * We now hold messages of a conversation whose history was empty when we
-   * last heard its epoch (''), so we do not know which epoch they belong to.
-   * Ask with a `sync` from our last seq (its reply carries the epoch), so a
-   * later welcome can tell whether this copy is still the server's.
-   */
-  _learnEpoch(c) {
-    if (c.epoch !== '' || !c.messages.size) return;
-    c.epoch = null;
-    if (!c.loaded || !this._ready) return; // the next load or sync learns it
-    c.forceSync = true;
-    const run = () => { if (this._ready) this._catchUp(c).catch(() => {}); };
-    if (c.syncing) c.syncing.then(run, run);
-    else run();
-  }
-
-  /** A receipt push: one user's marks (v1), or `receipts:[...]` (batched, large conversations). */
-  _onReceipt(f) {
-    if (!CONV_RE.test(f.conversation)) return;
-    const list = Array.isArray(f.receipts) ? f.receipts : [f];
-    const c = this._conv(f.conversation);
-    for (const r of list) {
-      if (r && typeof r.user === 'string') this._applyReceipt(c, r, true);
-    }
-  }
-
-  _applyReceipt(c, r, fromFrame) {
-    const user = r.user;
-    const prev = c.receipts.get(user) || { delivered_seq: 0, read_seq: 0 };
-    const read = Math.max(prev.read_seq, Number(r.read_seq) || 0);
-    const delivered = Math.max(prev.delivered_seq, Number(r.delivered_seq) || 0, read);
-    const changed = read !== prev.read_seq || delivered !== prev.delivered_seq || !c.receipts.has(user);
-    c.receipts.set(user, { delivered_seq: delivered, read_seq: read });
-    if (this.user && user === this.user.id) { // another tab/device of ours
-      if (delivered > c.deliveredSeq) c.deliveredSeq = delivered;
-      if (this._setReadSeq(c, read)) this._emit('unread', { conversation: c.id, unread: this._unreadOf(c) });
-    }
-    if (changed || fromFrame) {
-      this._emit('receipt', { conversation: c.id, user, delivered_seq: delivered, read_seq: read });
-    }
   }
 
   _onTyping(f) {
@@ -918,18 +702,6 @@ export class ChatClient extends EventTarget {
     }
   }
 
-  _onConversationEvent(f) {
-    const info = f.conversation && typeof f.conversation === 'object' ? f.conversation : { id: f.conversation };
-    if (!CONV_RE.test(info.id)) return;
-    const c = this._conv(info.id);
-    if (info.title != null) c.title = info.title;
-    if (Array.isArray(info.members)) c.members = info.members.slice();
-    if (Number(info.last_seq) > c.serverLastSeq) c.serverLastSeq = Number(info.last_seq);
-    c.member = f.member !== false;
-    this._emit('conversation', { id: c.id, conversation: info, member: c.member });
-    if (c.member && this._ready && (c.loaded || this.options.prefetch)) this._catchUp(c).catch(() => {});
-  }
-
   _onError(f, pend) {
     if (pend) return; // the requester handles it
     if (f.id != null && f.id === this._helloId) {
@@ -941,286 +713,6 @@ export class ChatClient extends EventTarget {
     this._emit('error', { code: f.code, message: f.message, retry_after_ms: f.retry_after_ms });
   }
 
-  // ------------------------------------------------------- conversations
-
-  _conv(id) {
-    let c = this._convs.get(id);
-    if (!c) this._convs.set(id, (c = newConversation(id)));
-    return c;
-  }
-
-  _isOwn(m) { return !!(this.user && m.sender && m.sender.id === this.user.id); }
-
-  _maxKnown(c) { return Math.max(c.maxSeq, c.serverLastSeq); }
-
-  /** Store one message; emits `message` once per (conversation, seq). */
-  _ingest(c, m, source) {
-    const seq = m && m.seq;
-    if (!Number.isInteger(seq) || seq < 1 || c.messages.has(seq)) return false;
-    const msg = { ...m, conversation: c.id };
-    c.messages.set(seq, msg);
-    if (seq > c.maxSeq) c.maxSeq = seq;
-    if (seq > c.serverLastSeq) c.serverLastSeq = seq;
-    if (!c.oldestSeq || seq < c.oldestSeq) c.oldestSeq = seq;
-    if (seq === 1) c.hasMoreBefore = false;
-    if (c.loaded) while (c.messages.has(c.lastSeq + 1)) c.lastSeq++;
-    const own = this._isOwn(msg);
-    this._emit('message', { conversation: c.id, message: msg, own, source });
-    if (!own) {
-      if (seq > c.readSeq && seq > c.unreadBaseTo) this._emit('unread', { conversation: c.id, unread: this._unreadOf(c) });
-      this._queueDelivered(c);
-    }
-    return true;
-  }
-
-  /**
-   * Take in a `history` reply (to `history` or `sync`). Returns the messages
-   * taken in, or null when the reply showed that our copy belongs to another
-   * epoch and was a page relative to that copy: then the copy was dropped
-   * and the caller loads the newest page instead.
-   */
-  _applyReply(c, r, source, { newest = false, before = null, sync = false } = {}) {
-    if (typeof r.epoch === 'string') {
-      // `reset: true` answers a sync whose epoch is not the server's; such a
-      // reply pages from seq 1 of the server's history.
-      const reset = sync && r.reset === true;
-      if (reset || this._epochChanged(c, r.epoch) === true) {
-        this._restart(c, 'epoch');
-        if (reset && !r.has_more) {
-          c.loaded = true; // the whole new history is in this reply
-          c.lastSeq = 0;
-          c.hasMoreBefore = false;
-        } else if (!newest) {
-          c.epoch = r.epoch;
-          return null;
-        }
-      }
-      c.epoch = r.epoch;
-    }
-    if (Array.isArray(r.receipts)) {
-      for (const rc of r.receipts) if (rc && typeof rc.user === 'string') this._applyReceipt(c, rc, false);
-    }
-    const msgs = (Array.isArray(r.messages) ? r.messages : [])
-      .filter((m) => m && Number.isInteger(m.seq) && m.seq > 0)
-      .sort((a, b) => a.seq - b.seq);
-    if (newest && !c.loaded) {
-      c.loaded = true;
-      c.lastSeq = msgs.length ? msgs[0].seq - 1 : 0;
-    }
-    const oldestBefore = c.oldestSeq;
-    for (const m of msgs) this._ingest(c, m, source);
-    if (c.loaded) while (c.messages.has(c.lastSeq + 1)) c.lastSeq++;
-    if (newest || before != null) {
-      const reachedOldest = !oldestBefore || !msgs.length || msgs[0].seq <= oldestBefore;
-      if (reachedOldest) c.hasMoreBefore = msgs.length ? !!r.has_more && msgs[0].seq > 1 : false;
-    }
-    return msgs;
-  }
-
-  /** Bring one conversation up to date (single flight). */
-  _catchUp(c) {
-    if (c.syncing) return c.syncing;
-    // Cleared in a .finally() (always asynchronous): the work may finish
-    // without awaiting, and must not leave a settled promise behind.
-    const p = this._catchUpWork(c).finally(() => { if (c.syncing === p) c.syncing = null; });
-    c.syncing = p;
-    return p;
-  }
-
-  async _catchUpWork(c) {
-    const { syncLimit, prefetchLimit, maxSyncGap } = this.options;
-    try {
-      // Too far behind: drop the local copy and start again from the newest page.
-      if (c.loaded && this._maxKnown(c) - c.lastSeq > maxSyncGap) this._reset(c, 'gap');
-      let force = c.forceSync;
-      c.forceSync = false;
-      let more = false;
-      for (let guard = 0; guard < 10000; guard++) {
-        // The copy may be dropped while a request is out (another epoch seen
-        // elsewhere): then its reply is stale and the loop loads again.
-        const gen = c.gen;
-        if (!c.loaded) {
-          const r = await this._request({ type: 'history', conversation: c.id, limit: prefetchLimit }, { wait: false });
-          if (c.gen === gen) this._applyReply(c, r, 'sync', { newest: true });
-          continue;
-        }
-        if (!force && !more && c.lastSeq >= this._maxKnown(c)) break;
-        force = false;
-        const after = c.lastSeq;
-        const frame = { type: 'sync', conversation: c.id, after, limit: syncLimit };
-        if (c.epoch) frame.epoch = c.epoch; // a different epoch answers reset: true
-        const r = await this._request(frame, { wait: false });
-        if (c.gen !== gen) {
-          more = false;
-          continue;
-        }
-        const msgs = this._applyReply(c, r, 'sync', { sync: true });
-        if (!msgs) { // another epoch: the copy was dropped, load the newest page
-          more = false;
-          continue;
-        }
-        if (!msgs.length) {
-          // The server has nothing above lastSeq: what we thought existed does not.
-          if (c.maxSeq > c.lastSeq) c.lastSeq = c.maxSeq;
-          c.serverLastSeq = Math.min(c.serverLastSeq, Math.max(c.lastSeq, c.maxSeq));
-          break;
-        }
-        // A hole the server cannot fill (cannot happen: seq has no gaps).
-        if (c.lastSeq === after) c.lastSeq = msgs[msgs.length - 1].seq;
-        more = !!r.has_more;
-      }
-    } catch (err) {
-      if (err && err.code === 'forbidden') {
-        c.member = false;
-        this._emit('conversation', { id: c.id, conversation: { id: c.id }, member: false });
-      }
-      throw err;
-    }
-  }
-
-  /**
-   * The server no longer has what we hold (its history was lost and numbers
-   * from 1 again): drop everything we know by seq (messages, receipts, our
-   * read and delivered marks) and start over. The outbox is not touched:
-   * unacked sends go out again with the same client_msg_id.
-   */
-  _restart(c, reason = 'data_lost') {
-    c.epoch = null;
-    c.serverLastSeq = c.readSeq = c.deliveredSeq = c.pendingRead = 0;
-    c.baseUnread = c.unreadBaseTo = 0;
-    c.receipts.clear();
-    this._reset(c, reason);
-  }
-
-  _reset(c, reason = 'gap') {
-    c.gen++;
-    c.messages.clear();
-    c.loaded = false;
-    c.lastSeq = c.maxSeq = c.oldestSeq = 0;
-    c.hasMoreBefore = true;
-    this._emit('reset', { conversation: c.id, reason });
-  }
-
-  /**
-   * Whether the server's `epoch` for a conversation means our copy belongs to
-   * a history the server no longer has: true or false, or null when it cannot
-   * tell (we hold messages but never learnt their epoch).
-   */
-  _epochChanged(c, epoch) {
-    if (!c.loaded && !c.messages.size) return false; // nothing held
-    if (c.epoch) return epoch !== c.epoch;
-    if (epoch === '') return c.messages.size > 0; // the server holds no history at all
-    return null;
-  }
-
-  _unreadOf(c) {
-    let n = c.baseUnread;
-    const from = Math.max(c.readSeq, c.unreadBaseTo);
-    for (const [seq, m] of c.messages) if (seq > from && !this._isOwn(m)) n++;
-    return n;
-  }
-
-  _setReadSeq(c, seq) {
-    if (!(seq > c.readSeq)) return false;
-    c.readSeq = seq;
-    if (seq > c.deliveredSeq) c.deliveredSeq = seq;
-    if (seq >= c.unreadBaseTo) {
-      c.baseUnread = 0;
-    } else {
-      let n = 0;
-      let complete = true;
-      for (let s = seq + 1; s <= c.unreadBaseTo; s++) {
-        const m = c.messages.get(s);
-        if (!m) { complete = false; break; }
-        if (!this._isOwn(m)) n++;
-      }
-      c.baseUnread = complete ? n : Math.min(c.baseUnread, c.unreadBaseTo - seq);
-    }
-    return true;
-  }
-
-  _queueDelivered(c) {
-    if (!this.options.autoDelivered) return;
-    this._deliveredQueue.add(c.id);
-    if (!this._timers.delivered) {
-      this._timers.delivered = setTimeout(() => {
-        this._timers.delivered = null;
-        this._flushDelivered();
-      }, 50);
-    }
-  }
-
-  _flushDelivered() {
-    if (!this._ready) return; // kept queued until the next welcome
-    for (const id of this._deliveredQueue) {
-      const c = this._convs.get(id);
-      if (!c || !c.member) continue;
-      const target = Math.min(c.loaded ? c.lastSeq : c.maxSeq, this._maxKnown(c));
-      const from = Math.max(c.deliveredSeq, c.readSeq);
-      if (target <= from) continue;
-      let others = false;
-      for (const [seq, m] of c.messages) {
-        if (seq > from && seq <= target && !this._isOwn(m)) { others = true; break; }
-      }
-      if (!others) continue;
-      if (this._raw({ type: 'delivered', conversation: id, seq: target })) c.deliveredSeq = target;
-    }
-    this._deliveredQueue.clear();
-  }
-
-  // ------------------------------------------------------------- outbox
-
-  _transmit(entry) {
-    if (!this._ready) { entry.state = 'queued'; return; }
-    const id = this._nextId();
-    entry.state = 'sending';
-    entry.attempts++;
-    this._sendIds.set(id, entry.client_msg_id);
-    const frame = {
-      type: 'send', id, conversation: entry.conversation, client_msg_id: entry.client_msg_id, body: entry.body,
-    };
-    this._request(frame, { wait: false }).catch((err) => this._onSendError(entry, err));
-  }
-
-  _retryLater(entry, delay) {
-    entry.state = 'queued';
-    clearTimeout(entry.timer);
-    entry.timer = setTimeout(() => {
-      entry.timer = null;
-      if (this._outbox.has(entry.client_msg_id)) this._transmit(entry);
-    }, delay);
-  }
-
-  _onSendError(entry, err) {
-    if (!this._outbox.has(entry.client_msg_id)) return;
-    const code = err && err.code;
-    if (PERMANENT_SEND_ERRORS.has(code)) return this._fail(entry, err);
-    const { backoffBaseMs: base, backoffCapMs: cap } = this.options;
-    const backoff = () => Math.floor(Math.random() * Math.min(cap, base * 2 ** Math.min(entry.attempts, 20)));
-    if (code === 'disconnected' || code === 'unauthorized' || code === 'auth_required' || code === 'closed') {
-      entry.state = 'queued'; // re-sent after the next welcome
-      return;
-    }
-    if (code === 'rate_limited') {
-      const ms = Number(err.retry_after_ms);
-      return this._retryLater(entry, Number.isFinite(ms) && ms >= 0 ? ms + Math.floor(Math.random() * 250) : base + backoff());
-    }
-    if (code === 'timeout' || code === 'unavailable' || (code === 'internal' && entry.attempts < 3)) {
-      return this._retryLater(entry, base + backoff());
-    }
-    this._fail(entry, err);
-  }
-
-  _fail(entry, err) {
-    this._outbox.delete(entry.client_msg_id);
-    clearTimeout(entry.timer);
-    entry.state = 'failed';
-    entry.reject(err);
-    this._emit('error', {
-      code: err.code, message: err.message, conversation: entry.conversation, client_msg_id: entry.client_msg_id,
-    });
-  }
-
   // ---------------------------------------------------------- public API
 
   /**
@@ -1230,91 +722,28 @@ export class ChatClient extends EventTarget {
    * @returns {{client_msg_id:string, promise:Promise<object>}}
    */
   send(conversation, body) {
-    const client_msg_id = uuid();
-    let resolve;
-    let reject;
-    const promise = new Promise((a, b) => { resolve = a; reject = b; });
-    promise.catch(() => {}); // failures are also emitted as `error`
-    const entry = {
-      client_msg_id, conversation, body, resolve, reject, attempts: 0, state: 'queued', timer: null, createdAt: Date.now(),
-    };
-    const err = this._validateSend(conversation, body, client_msg_id);
-    if (err) {
-      entry.reject(err);
-      return { client_msg_id, promise };
-    }
-    this._outbox.set(client_msg_id, entry);
-    this._conv(conversation).lastTypingSent = 0;
-    this._transmit(entry);
+    const { client_msg_id, promise, entry } = this._outbox.add(conversation, body);
+    if (entry) this._store.conv(conversation).lastTypingSent = 0;
     return { client_msg_id, promise };
   }
 
-  _validateSend(conversation, body, client_msg_id) {
-    if (!CONV_RE.test(conversation)) return new ChatError('bad_request', 'invalid conversation id');
-    if (typeof body !== 'string' || !body.length || BLANK_RE.test(body)) {
-      return new ChatError('bad_request', 'message is empty');
-    }
-    const { maxFrameBytes } = this.options;
-    const { maxBodyChars } = this; // the server's, from welcome
-    // Unicode scalar values, as the server counts (not UTF-16 code units).
-    if (maxBodyChars && [...body].length > maxBodyChars) {
-      return new ChatError('too_large', `message longer than ${maxBodyChars} characters`);
-    }
-    const frame = JSON.stringify({ type: 'send', id: 2 ** 31, conversation, client_msg_id, body });
-    if (maxFrameBytes && new TextEncoder().encode(frame).length > maxFrameBytes) {
-      return new ChatError('too_large', 'message too large');
-    }
-    return null;
-  }
-
   /** Messages still waiting for their ack: [{client_msg_id, conversation, body, createdAt, state}]. */
-  pending(conversation) {
-    const out = [];
-    for (const e of this._outbox.values()) {
-      if (conversation == null || e.conversation === conversation) {
-        out.push({
-          client_msg_id: e.client_msg_id, conversation: e.conversation, body: e.body, createdAt: e.createdAt, state: e.state,
-        });
-      }
-    }
-    return out;
-  }
+  pending(conversation) { return this._outbox.pending(conversation); }
 
   /**
    * Mark messages up to `seq` (default: the newest held) as read. Clamped to
    * the highest seq known; sent after reconnect if offline. Returns true when
    * the read mark moved.
    */
-  markRead(conversation, seq) {
-    const c = this._convs.get(conversation);
-    if (!c) return false;
-    let target = seq == null ? (c.loaded ? c.lastSeq : c.maxSeq) : Math.floor(Number(seq));
-    target = Math.min(target, this._maxKnown(c));
-    if (!(target >= 1) || target <= c.readSeq) return false;
-    this._setReadSeq(c, target);
-    this._emit('unread', { conversation, unread: this._unreadOf(c) });
-    if (!this._ready || !this._raw({ type: 'read', conversation, seq: target })) {
-      c.pendingRead = Math.max(c.pendingRead, target);
-    }
-    return true;
-  }
+  markRead(conversation, seq) { return this._store.markRead(conversation, seq); }
 
   /** Mark messages up to `seq` (default: newest held) delivered. Usually automatic. */
-  markDelivered(conversation, seq) {
-    const c = this._convs.get(conversation);
-    if (!c) return false;
-    let target = seq == null ? (c.loaded ? c.lastSeq : c.maxSeq) : Math.floor(Number(seq));
-    target = Math.min(target, this._maxKnown(c));
-    if (!(target >= 1) || target <= Math.max(c.deliveredSeq, c.readSeq)) return false;
-    if (!this._raw({ type: 'delivered', conversation, seq: target })) return false;
-    c.deliveredSeq = target;
-    return true;
-  }
+  markDelivered(conversation, seq) { return this._store.markDelivered(conversation, seq); }
 
   /** Tell the others we are typing; throttled to one frame per typingIntervalMs. */
   typing(conversation) {
     if (!this._ready || !CONV_RE.test(conversation)) return false;
-    const c = this._conv(conversation);
+    const c = this._store.conv(conversation);
     const now = Date.now();
     if (now - c.lastTypingSent < this.options.typingIntervalMs) return false;
     if (!this._raw({ type: 'typing', conversation })) return false;
@@ -1323,58 +752,22 @@ export class ChatClient extends EventTarget {
   }
 
   /** Raw `history` request (messages with seq < before; newest page without before). */
-  async history(conversation, before, limit = 50) {
-    const frame = { type: 'history', conversation };
-    if (before != null) frame.before = before;
-    if (limit != null) frame.limit = limit;
-    const r = await this._request(frame);
-    const c = this._conv(conversation);
-    if (!this._applyReply(c, r, 'history', { newest: before == null, before })) this._catchUp(c).catch(() => {});
-    return r;
-  }
+  history(conversation, before, limit = 50) { return this._store.history(conversation, before, limit); }
 
   /** Raw `sync` request (messages with seq > after), one page; sends the epoch held. */
-  async sync(conversation, after = 0, limit = this.options.syncLimit) {
-    const c = this._conv(conversation);
-    const frame = { type: 'sync', conversation, after, limit };
-    if (c.epoch) frame.epoch = c.epoch;
-    const r = await this._request(frame);
-    if (!this._applyReply(c, r, 'sync', { sync: true })) this._catchUp(c).catch(() => {});
-    return r;
-  }
+  sync(conversation, after = 0, limit = this.options.syncLimit) { return this._store.sync(conversation, after, limit); }
 
   /** Sync one conversation up to the newest message (paging). */
   async catchUp(conversation) {
     await this._waitReady(this.options.requestTimeoutMs);
-    await this._catchUp(this._conv(conversation));
+    await this._store.catchUp(this._store.conv(conversation));
   }
 
   /** Make sure the newest page of a conversation is held; resolves to its messages. */
-  async load(conversation) {
-    const c = this._conv(conversation);
-    if (!c.loaded || c.syncing) {
-      await this._waitReady(this.options.requestTimeoutMs);
-      await this._catchUp(c);
-    }
-    return this.messages(conversation);
-  }
+  load(conversation) { return this._store.load(conversation); }
 
   /** Fetch the page before the oldest held message. Resolves to {messages, has_more}. */
-  async loadOlder(conversation, limit = 50) {
-    const c = this._conv(conversation);
-    if (c.olderLoading) return c.olderLoading;
-    const p = (async () => {
-      if (!c.loaded) await this.load(conversation);
-      if (!c.hasMoreBefore || c.oldestSeq === 1) return { messages: [], has_more: false };
-      const before = c.oldestSeq || c.lastSeq + 1;
-      const gen = c.gen;
-      const r = await this.history(conversation, before, limit);
-      if (c.gen !== gen) return { messages: [], has_more: c.hasMoreBefore }; // dropped: reloading
-      return { messages: r.messages || [], has_more: c.hasMoreBefore };
-    })().finally(() => { if (c.olderLoading === p) c.olderLoading = null; });
-    c.olderLoading = p;
-    return p;
-  }
+  loadOlder(conversation, limit = 50) { return this._store.loadOlder(conversation, limit); }
 
   /** Ask who is online in a conversation; resolves to the reply `{conversation, online:[...]}`. */
   async presence(conversation) {
@@ -1382,7 +775,7 @@ export class ChatClient extends EventTarget {
     const online = Array.isArray(r.online) ? r.online : [];
     const set = new Set(online);
     for (const u of online) this._online.set(u, true);
-    for (const u of this.otherMembers(conversation)) if (!set.has(u)) this._online.set(u, false);
+    for (const u of this._store.otherMembers(conversation)) if (!set.has(u)) this._online.set(u, false);
     this._emit('presence', { conversation, online: online.slice(), query: true });
     return r;
   }
@@ -1399,89 +792,34 @@ export class ChatClient extends EventTarget {
   }
 
   /** Held messages of a conversation, ascending by seq. */
-  messages(conversation) {
-    const c = this._convs.get(conversation);
-    if (!c) return [];
-    return [...c.messages.values()].sort((a, b) => a.seq - b.seq);
-  }
+  messages(conversation) { return this._store.messages(conversation); }
 
   /** Summary of a conversation, or null when unknown. */
-  conversation(id) {
-    const c = this._convs.get(id);
-    return c ? this._summary(c) : null;
-  }
+  conversation(id) { return this._store.conversation(id); }
 
   /** Summaries of every conversation the client knows. */
-  conversations() { return [...this._convs.values()].map((c) => this._summary(c)); }
+  conversations() { return this._store.conversations(); }
 
-  _summary(c) {
-    return {
-      id: c.id,
-      title: c.title,
-      members: c.members ? c.members.slice() : null,
-      member: c.member,
-      last_seq: this._maxKnown(c),
-      read_seq: c.readSeq,
-      unread: this._unreadOf(c),
-      loaded: c.loaded,
-      has_more_before: c.hasMoreBefore,
-      oldest_seq: c.oldestSeq,
-    };
-  }
-
-  unread(conversation) {
-    const c = this._convs.get(conversation);
-    return c ? this._unreadOf(c) : 0;
-  }
+  unread(conversation) { return this._store.unread(conversation); }
 
   /** Highest seq known for a conversation (held or announced by the server). */
-  lastSeq(conversation) {
-    const c = this._convs.get(conversation);
-    return c ? this._maxKnown(c) : 0;
-  }
+  lastSeq(conversation) { return this._store.lastSeq(conversation); }
 
   /** {user: {delivered_seq, read_seq}} from receipt frames and history replies. */
-  receipts(conversation) {
-    const c = this._convs.get(conversation);
-    return c ? Object.fromEntries([...c.receipts].map(([u, r]) => [u, { ...r }])) : {};
-  }
+  receipts(conversation) { return this._store.receipts(conversation); }
 
   /**
    * The members other than us, as far as known: both ids of a dm, else the
    * members from a `conversation` event, else the users that sent receipts.
    */
-  otherMembers(conversation) {
-    const me = this.user && this.user.id;
-    const dm = parseDm(conversation);
-    if (dm) return dm.filter((u) => u !== me);
-    const c = this._convs.get(conversation);
-    if (!c) return [];
-    if (c.members) return c.members.filter((u) => u !== me);
-    return [...c.receipts.keys()].filter((u) => u !== me);
-  }
+  otherMembers(conversation) { return this._store.otherMembers(conversation); }
 
   /**
    * Tick state of one of our messages: 'pending' (no seq yet), 'sent'
    * (stored), 'delivered' (every other member delivered it), 'read' (every
    * other member read it).
    */
-  tickState(conversation, seq) {
-    if (!Number.isInteger(seq) || seq < 1) return 'pending';
-    const others = this.otherMembers(conversation);
-    if (!others.length) return 'sent';
-    const c = this._convs.get(conversation);
-    let delivered = true;
-    let read = true;
-    for (const u of others) {
-      const r = c && c.receipts.get(u);
-      const rs = r ? r.read_seq : 0;
-      const ds = r ? Math.max(r.delivered_seq, rs) : 0;
-      if (rs < seq) read = false;
-      if (ds < seq) { delivered = false; break; }
-    }
-    if (read && delivered) return 'read';
-    return delivered ? 'delivered' : 'sent';
-  }
+  tickState(conversation, seq) { return this._store.tickState(conversation, seq); }
 }
 
 ChatClient.dmId = dmId;
