@@ -527,6 +527,22 @@ impl Browser {
         .await;
     }
 
+    /// Opens a conversation listed in the sidebar and waits until it is loaded.
+    async fn open_listed(&self, id: &str) {
+        self.click(&format!("#conversations li[data-conversation='{id}'] button")).await;
+        self.wait_js(
+            "the conversation, loaded",
+            "const li = document.querySelector(`#conversations li[data-conversation='${arguments[0]}']`);
+             return !!li && li.querySelector('button').getAttribute('aria-current') === 'true'
+               && !document.getElementById('composer').disabled
+               && document.getElementById('history-status').textContent !== 'Loading…';",
+            json!([id]),
+            WAIT,
+        )
+        .await;
+        self.js(RECORDER_JS, json!([])).await;
+    }
+
     /// Opens the direct conversation with `other` through the sidebar form.
     async fn open_dm(&self, other: &str) {
         self.type_text("#dm-user", other).await;
@@ -988,31 +1004,37 @@ async fn a_new_epoch_replaces_the_pages_copy() {
     tokio::join!(alice.quit(), bob.quit());
 }
 
-/// With `limits.batch_members = 1` every conversation is "large": presence and
-/// receipts arrive batched (`changes`, `receipts`). The page must still show
-/// presence and one, two and two blue ticks.
+/// With `limits.batch_members = 1` a group of two counts as large: presence
+/// and receipts reach it batched (`changes`, `receipts`; direct conversations
+/// never are). The page must still show who is online and one, two and two
+/// blue ticks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_receipts_and_presence() {
     let _serial = serial().await;
     let env = [("CHAT_LIMITS__BATCH_MEMBERS", "1"), ("CHAT_LIMITS__BATCH_INTERVAL_MS", "200")];
     require_settings(&env, &["batch_members", "batch_interval_ms"]);
     let server = Server::start(&env).await;
+    const GROUP: &str = "deal-42";
+    server.put_group(GROUP, &["alice", "bob"]).await;
     let driver = Chromedriver::start().await;
     let alice = driver.browser("alice").await;
     alice.login(&server, "alice", "Alice").await;
-    alice.open_dm("bob").await;
-    let first = "Hello Bob, this conversation counts as large.";
-    alice.send(first).await;
-    alice.wait_ticks(first, "sent").await;
+    alice.open_listed(GROUP).await;
+    let sub = "return document.getElementById('conv-sub').textContent;";
+    let online = "return document.getElementById('conv-sub').textContent.endsWith(arguments[0]);";
+    alice.wait_js("alice alone online in the group", online, json!(["1 online"]), WAIT).await;
     // alice's second connection sees the frames her page gets.
     let mut watcher = server.client("alice").await;
 
     let mut bob = server.client("bob").await;
-    let dot = "return document.getElementById('conv-dot').dataset.online === arguments[0];";
-    alice.wait_js("bob online on alice's page", dot, json!(["true"]), WAIT).await;
-    let p = watcher.expect("a presence push", common::is_presence).await;
+    alice.wait_js("bob online in alice's page", online, json!(["2 online"]), WAIT).await;
+    let in_group = |v: &Value| common::is_presence(v) && v["conversation"] == GROUP;
+    let p = watcher.expect("a presence push in the group", in_group).await;
     if !p["changes"].is_array() {
-        server_lacks("batched presence (`changes`)", format!("presence push with batch_members=1: {p}"));
+        server_lacks(
+            "batched presence (`changes`)",
+            format!("presence push in a group of 2 with batch_members=1: {p}"),
+        );
     }
 
     let m = "Batched receipts, please.";
@@ -1020,24 +1042,29 @@ async fn batched_receipts_and_presence() {
     let msg = bob.expect("alice's message", |v| v["type"] == "message" && v["body"] == m).await;
     let seq = msg["seq"].as_u64().unwrap();
     alice.wait_ticks(m, "sent").await;
-    bob.send(json!({"type": "delivered", "conversation": DM, "seq": seq})).await;
+    bob.send(json!({"type": "delivered", "conversation": GROUP, "seq": seq})).await;
     alice.wait_ticks(m, "delivered").await;
-    bob.send(json!({"type": "read", "conversation": DM, "seq": seq})).await;
+    bob.send(json!({"type": "read", "conversation": GROUP, "seq": seq})).await;
     alice.wait_ticks(m, "read").await;
     assert_eq!(alice.tick_history(m).await, ["pending", "sent", "delivered", "read"]);
     let names_bob = |v: &Value| {
         v["type"] == "receipt"
+            && v["conversation"] == GROUP
             && (v["user"] == "bob" || v["receipts"].as_array().is_some_and(|l| l.iter().any(|r| r["user"] == "bob")))
     };
     let r = watcher.expect("a receipt naming bob", names_bob).await;
     if !r["receipts"].is_array() {
-        server_lacks("batched receipts (`receipts`)", format!("receipt push with batch_members=1: {r}"));
+        server_lacks(
+            "batched receipts (`receipts`)",
+            format!("receipt push in a group of 2 with batch_members=1: {r}"),
+        );
     }
 
     bob.close().await;
-    alice.wait_js("bob offline on alice's page", dot, json!(["false"]), WAIT).await;
-    let gone = watcher.expect("bob's offline push", |v| common::is_presence(v) && v.to_string().contains("bob")).await;
+    alice.wait_js("bob offline in alice's page", online, json!(["1 online"]), WAIT).await;
+    let gone = watcher.expect("bob's offline push", |v| in_group(v) && v.to_string().contains("bob")).await;
     assert!(gone["changes"].is_array(), "{gone}");
+    println!("alice's header: {}", alice.js(sub, json!([])).await);
     assert_eq!(alice.connected_logs().await, 1);
     alice.snap("browser-batched-alice.png").await;
     watcher.close().await;
