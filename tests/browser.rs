@@ -1112,9 +1112,6 @@ async fn token_refresh_keeps_the_page_connected() {
         "alice's page past her first token's expiry"
     );
     assert_eq!(alice.connected_logs().await, 1, "alice reconnected instead of refreshing");
-    let metrics = server.metrics().await;
-    let refreshes: Vec<&str> = metrics.lines().filter(|l| l.contains("type=\"refresh\"")).collect();
-    println!("refresh frames: {refreshes:?}");
     alice.type_text("#composer", "Still here after my first token expired.").await;
     alice.click("#send").await;
     alice.wait_ticks("Still here after my first token expired.", "sent").await;
