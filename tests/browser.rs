@@ -1079,7 +1079,8 @@ async fn batched_receipts_and_presence() {
 async fn token_refresh_keeps_the_page_connected() {
     let _serial = serial().await;
     const TTL_S: u64 = 5;
-    let server = Server::start(&[("CHAT_AUTH__DEV_TOKEN_TTL_S", &TTL_S.to_string())]).await;
+    let env = [("CHAT_AUTH__DEV_TOKEN_TTL_S", TTL_S.to_string()), ("CHAT_LIMITS__MAX_BODY_CHARS", "60".to_string())];
+    let server = Server::start(&env.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
     let control = server.client("carol").await;
     if !control.welcome["exp"].is_u64() {
         server_lacks("`exp` in welcome", &control.welcome);
@@ -1112,6 +1113,16 @@ async fn token_refresh_keeps_the_page_connected() {
         "alice's page past her first token's expiry"
     );
     assert_eq!(alice.connected_logs().await, 1, "alice reconnected instead of refreshing");
+    // The composer takes the server's max_body_chars (60 here) from welcome.
+    alice.type_text("#composer", &"x".repeat(61)).await;
+    let state = "return [document.getElementById('send').disabled,
+                         document.getElementById('composer-error').textContent];";
+    let v = alice.js(state, json!([])).await;
+    assert_eq!(v[0], true, "send with 61 of 60 characters: {v}");
+    assert!(v[1].as_str().unwrap().contains("at most 60 characters"), "{v}");
+    alice.type_text("#composer", &char::from(fantoccini::key::Key::Backspace).to_string()).await;
+    assert_eq!(alice.js(state, json!([])).await, json!([false, ""]));
+    alice.js("document.getElementById('composer').value = ''; return true;", json!([])).await;
     alice.type_text("#composer", "Still here after my first token expired.").await;
     alice.click("#send").await;
     alice.wait_ticks("Still here after my first token expired.", "sent").await;
