@@ -48,6 +48,16 @@ use crate::{
     protocol::{self, Ack, Command, Inbound, Refreshed, Text, UserRef, Welcome, close},
 };
 
+/// The byte stream under a session.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Makes the coming close abortive (RST): for a peer that stopped reading,
+    /// so no unsent data keeps the connection alive after the session.
+    fn reset(&self) {}
+}
+
+impl Transport for tokio::io::DuplexStream {}
+impl Transport for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
+
 /// Frames written per flush at most (one syscall for a burst of fan-out).
 const WRITE_BATCH: usize = 128;
 /// Bytes written per flush at most.
@@ -139,7 +149,7 @@ impl Bucket {
 /// `pre_auth`: the token given at upgrade, already verified.
 pub async fn run<S>(node: Arc<Node>, mut ws: WebSocketStream<S>, pre_auth: Option<Verified>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Transport,
 {
     let write_timeout = Duration::from_secs(node.cfg.limits.write_timeout_s);
     let mut strikes = Strikes { bad: 0, rate: 0, max: node.cfg.limits.max_bad_frames };
@@ -326,10 +336,18 @@ impl Session<'_> {
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return End::Gone };
-                    match timeout(write_timeout, write_batch(ws, rx, self.conn, frame)).await {
-                        Ok(true) => {}
-                        Ok(false) => return End::Gone,
-                        Err(_) => return End::Stalled,
+                    // A close decided while a write is blocked (a slow
+                    // consumer, a drain) is acted on at once.
+                    let written = tokio::select! {
+                        biased;
+                        _ = self.conn.closer.closed() => None,
+                        r = timeout(write_timeout, write_batch(ws, rx, self.conn, frame)) => Some(r),
+                    };
+                    match written {
+                        None => return End::Close(self.conn.closer.code().unwrap_or(close::NORMAL)),
+                        Some(Ok(true)) => {}
+                        Some(Ok(false)) => return End::Gone,
+                        Some(Err(_)) => return End::Stalled,
                     }
                 }
                 _ = ping.tick() => {
@@ -526,7 +544,7 @@ pub async fn finish<S>(
     queued: Option<(&Conn, &mut mpsc::Receiver<Text>)>,
     write_timeout: Duration,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Transport,
 {
     let linger_until = |from: Instant| from + LINGER;
     match end {
@@ -537,7 +555,11 @@ pub async fn finish<S>(
         }
         End::Stalled => {
             metrics::close(close::TRY_LATER);
-            let _ = timeout(Duration::from_secs(1), ws.send(close_message(close::TRY_LATER))).await;
+            if !matches!(timeout(Duration::from_secs(1), ws.send(close_message(close::TRY_LATER))).await, Ok(Ok(()))) {
+                // The peer does not read: drop the connection.
+                ws.get_ref().reset();
+                return;
+            }
         }
         End::Close(code) => {
             if code != close::NORMAL {
@@ -555,7 +577,13 @@ pub async fn finish<S>(
                 ws.send(close_message(code)).await
             })
             .await;
-            if matches!(sent, Ok(Ok(()))) {
+            if !matches!(sent, Ok(Ok(()))) {
+                // The close frame cannot be written (the peer stopped reading,
+                // perhaps inside a frame): drop the connection.
+                ws.get_ref().reset();
+                return;
+            }
+            {
                 let deadline = linger_until(Instant::now());
                 // Read (and drop) until the client's close frame.
                 loop {

@@ -50,9 +50,17 @@ pub struct Limits {
 
 /// A TCP stream that counts itself while open (it lives on inside an
 /// upgraded WebSocket).
-struct Counted {
+pub struct Counted {
     tcp: TcpStream,
     open: Arc<AtomicUsize>,
+}
+
+impl crate::session::Transport for Counted {
+    fn reset(&self) {
+        // Closing now sends RST and frees the socket, instead of the kernel
+        // holding unsent data for a peer that does not read.
+        let _ = self.tcp.set_zero_linger();
+    }
 }
 
 impl Drop for Counted {

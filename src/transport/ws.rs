@@ -18,7 +18,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::{api_error, client_ip};
+use super::{api_error, client_ip, listener::Counted};
 use crate::{auth::Verified, error::ChatError, metrics, node::Node, session};
 
 /// The token a client presented before the upgrade, and whether it came in a
@@ -157,8 +157,19 @@ pub async fn upgrade(
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(config)).await;
-            session::run(node, ws, verified).await;
+            // Our own TCP stream back (so the session can reset it), with any
+            // bytes the client sent right after the request.
+            match io.downcast::<TokioIo<Counted>>() {
+                Ok(parts) => {
+                    let (io, early) = (parts.io.into_inner(), parts.read_buf.to_vec());
+                    let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
+                    session::run(node, ws, verified).await;
+                }
+                Err(io) => {
+                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(config)).await;
+                    session::run(node, ws, verified).await;
+                }
+            }
         }
     };
     node.sessions.spawn(tracked.instrument(tracing::info_span!("ws", %ip)));
