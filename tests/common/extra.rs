@@ -129,9 +129,9 @@ pub async fn launch(env: &[(&str, &str)], prefix: &[&str], internal: bool) -> La
 pub async fn launch_up(env: &[(&str, &str)], prefix: &[&str], internal: bool) -> Node {
     match launch(env, prefix, internal).await {
         Launch::Up(n) => *n,
-        Launch::Exited { code, stderr } => panic!(
-            "crm-chat did not start (exit {code:?}, internal listener expected: {internal}); stderr:\n{stderr}"
-        ),
+        Launch::Exited { code, stderr } => {
+            panic!("crm-chat did not start (exit {code:?}, internal listener expected: {internal}); stderr:\n{stderr}")
+        }
     }
 }
 
@@ -338,7 +338,7 @@ impl Raw {
             if let Some(f) = self.take_frame() {
                 return Ok(f);
             }
-            let mut chunk = vec![0u8; 65536];
+            let mut chunk = vec![0u8; 16384];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
                 Err(_) => return Err(End::Timeout),
                 Ok(Ok(0)) => return Err(End::Eof),
@@ -380,39 +380,49 @@ impl Raw {
 
     /// Reads until the connection ends, writing `writer(i)` every `every`
     /// meanwhile (`None`: stop writing; write errors are ignored, the read
-    /// side tells what happened). Answers a close frame with a close frame.
-    /// Returns the frames seen before the end and the end.
+    /// side tells what happened). Reading starts only after `quiet`: a client
+    /// busy writing does not read, which is when a server that drops the
+    /// socket right after its close frame shows a reset instead. Answers a
+    /// close frame with a close frame. Returns the frames seen before the end
+    /// and the end.
     pub async fn finish_while_writing(
         &mut self,
         within: Duration,
+        quiet: Duration,
         every: Duration,
         mut writer: impl FnMut(u32) -> Option<Vec<u8>>,
     ) -> (Vec<(u8, Vec<u8>)>, End) {
-        let deadline = tokio::time::Instant::now() + within;
+        let start = tokio::time::Instant::now();
+        let deadline = start + within;
+        let read_from = start + quiet;
         let mut seen = Vec::new();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut i = 0u32;
         let mut writing = true;
+        let mut reading = quiet.is_zero();
         loop {
-            while let Some((op, p)) = self.take_frame() {
-                if op == 0x8 {
-                    let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
-                    let reply = frame_bytes(true, 0x8, &p[..p.len().min(2)], true);
-                    let _ = tokio::time::timeout(Duration::from_millis(500), self.stream.write_all(&reply)).await;
-                    return (seen, End::Close(code));
+            if reading {
+                while let Some((op, p)) = self.take_frame() {
+                    if op == 0x8 {
+                        let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                        let reply = frame_bytes(true, 0x8, &p[..p.len().min(2)], true);
+                        let _ = tokio::time::timeout(Duration::from_millis(500), self.stream.write_all(&reply)).await;
+                        return (seen, End::Close(code));
+                    }
+                    seen.push((op, p));
                 }
-                seen.push((op, p));
             }
-            let mut chunk = vec![0u8; 65536];
+            let mut chunk = vec![0u8; 16384];
             let (mut rd, mut wr) = self.stream.split();
             tokio::select! {
-                r = tokio::time::timeout_at(deadline, rd.read(&mut chunk)) => match r {
+                r = tokio::time::timeout_at(deadline, rd.read(&mut chunk)), if reading => match r {
                     Err(_) => return (seen, End::Timeout),
                     Ok(Ok(0)) => return (seen, End::Eof),
                     Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
                     Ok(Err(e)) => return (seen, End::Reset(format!("{:?}: {e}", e.kind()))),
                 },
+                _ = tokio::time::sleep_until(read_from), if !reading => reading = true,
                 _ = tick.tick(), if writing => {
                     match writer(i) {
                         Some(bytes) => {
@@ -429,7 +439,7 @@ impl Raw {
 
     /// Reads (discarding) until the connection ends, without writing.
     pub async fn finish(&mut self, within: Duration) -> (Vec<(u8, Vec<u8>)>, End) {
-        self.finish_while_writing(within, Duration::from_secs(3600), |_| None).await
+        self.finish_while_writing(within, Duration::ZERO, Duration::from_secs(3600), |_| None).await
     }
 }
 
