@@ -401,9 +401,14 @@ async fn history_sync_presence_draw_from_a_request_budget(engine: Engine) {
     s.s(0).put_group(&conv, &["alice", "bob"]).await;
     let mut a = s.s(0).client("alice").await;
     assert_eq!(a.say(&conv, "hello").await["type"], "ack");
-    let kinds = ["history", "sync", "presence"];
     for i in 0..8 {
-        a.send(json!({"type":kinds[i % 3],"id":format!("b{i}"),"conversation":conv,"limit":10,"after":0})).await;
+        let id = format!("b{i}");
+        a.send(match i % 3 {
+            0 => json!({"type":"history","id":id,"conversation":conv,"limit":10}),
+            1 => json!({"type":"sync","id":id,"conversation":conv,"after":0}),
+            _ => json!({"type":"presence","id":id,"conversation":conv}),
+        })
+        .await;
     }
     let mut replies = Vec::new();
     for i in 0..8 {
