@@ -3,7 +3,6 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -13,7 +12,8 @@ use crate::{
     hub::Hub,
     metrics,
     node::Node,
-    transport,
+    protocol::close,
+    transport::{self, listener},
 };
 
 /// Binds `addr` with a listen backlog sized for reconnect storms (tokio's
@@ -46,21 +46,42 @@ pub async fn build(cfg: Config) -> anyhow::Result<Arc<Node>> {
     Ok(Node::new(cfg, engine, hub))
 }
 
-/// Serves until `shutdown` resolves, then drains: `/readyz` turns 503, new
-/// upgrades get 503, open connections get close 1012 spread over
+/// The listeners of a node: public (`server.listen`) and, when
+/// `server.internal_listen` is set, internal.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what the configuration names.
+    pub fn bind(cfg: &Config) -> anyhow::Result<Listeners> {
+        let addr = cfg.listen_addr()?;
+        let public = bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let internal = match cfg.internal_listen_addr()? {
+            Some(addr) => Some(bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} (internal): {e}"))?),
+            None => None,
+        };
+        Ok(Listeners { public, internal })
+    }
+}
+
+/// Serves until `shutdown` resolves, then: `/readyz` turns 503 and new
+/// upgrades get 503 at once; after `server.shutdown_delay_s` (load balancers
+/// stop routing here) open connections get close 1012 spread over
 /// `server.drain_s`, and the function returns once they are gone.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(node: Arc<Node>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     metrics::install(&node.node_id);
-    let router = transport::router(node.clone());
+    let (public, internal) = transport::routers(node.clone());
     let stop_http = CancellationToken::new();
-    // No Nagle: a chat frame must leave now, not wait for the peer's delayed
-    // ACK (that alone cost ~22 ms per hop in the pairs benchmark).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(stop_http.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let limits = listener::Limits {
+        header_timeout: Duration::from_secs(node.cfg.server.header_timeout_s),
+        max_tcp: node.cfg.limits.max_connections.saturating_add(listener::HTTP_HEADROOM),
+    };
+    let mut servers = vec![listener::spawn(listeners.public, public, limits, stop_http.clone())];
+    if let (Some(l), Some(router)) = (listeners.internal, internal) {
+        servers.push(listener::spawn(l, router, limits, stop_http.clone()));
+    }
 
     let pruner = {
         let node = node.clone();
@@ -69,6 +90,17 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
             loop {
                 tick.tick().await;
                 node.prune_rate_limits();
+            }
+        })
+    };
+    let batches = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(node.cfg.limits.batch_interval_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                node.hub.flush_batches();
             }
         })
     };
@@ -82,7 +114,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
                 match node.engine.maintain().await {
                     Ok(gone) => {
                         for user in gone {
-                            if let Err(e) = node.announce_presence(&user, false).await {
+                            if let Err(e) = node.announce_offline(&user).await {
                                 tracing::debug!(error = %e, user, "presence announcement failed");
                             }
                         }
@@ -94,18 +126,24 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     });
 
     shutdown.await;
+    node.start_draining();
+    let delay = Duration::from_secs(node.cfg.server.shutdown_delay_s);
+    if !delay.is_zero() {
+        tracing::info!(shutdown_delay_s = delay.as_secs(), "readyz answers 503; draining after the delay");
+        tokio::time::sleep(delay).await;
+    }
     drain(&node).await;
     pruner.abort();
+    batches.abort();
     if let Some(m) = maintenance {
         m.abort();
     }
     node.engine.shutdown().await;
     stop_http.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e).context("http server"),
-        Ok(Err(e)) => return Err(e).context("http server task"),
-        Err(_) => tracing::warn!("http requests still open after drain; exiting anyway"),
+    for s in servers {
+        if tokio::time::timeout(Duration::from_secs(6), s).await.is_err() {
+            tracing::warn!("http requests still open after drain; exiting anyway");
+        }
     }
     tracing::info!("stopped");
     Ok(())
@@ -123,13 +161,13 @@ pub async fn drain(node: &Node) {
             if i > 0 && !step.is_zero() {
                 tokio::time::sleep(step).await;
             }
-            c.closer.close(crate::transport::ws::CLOSE_RESTART);
+            c.closer.close(close::RESTART);
         }
     }
     // Sessions that registered after the snapshot; sessions still
     // authenticating see `is_draining` and close themselves.
     for c in node.hub.connections() {
-        c.closer.close(crate::transport::ws::CLOSE_RESTART);
+        c.closer.close(close::RESTART);
     }
     node.sessions.close();
     if tokio::time::timeout(Duration::from_secs(5), node.sessions.wait()).await.is_err() {

@@ -15,6 +15,9 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub exp: u64,
+    /// Not before (checked when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     /// A string or a list of strings (RFC 7519); checked by the validation.
@@ -31,6 +34,14 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// A verified token: who, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub user: UserRef,
+    /// `exp`, seconds since the epoch.
+    pub exp: u64,
+}
+
 pub struct Authenticator {
     decoding: DecodingKey,
     encoding: EncodingKey,
@@ -38,11 +49,20 @@ pub struct Authenticator {
     issuer: Option<String>,
     audience: Option<String>,
     dev_ttl_s: u64,
+    max_ttl_s: u64,
 }
 
-/// Display names are shown to other users: bounded and free of control chars.
-fn clean_name(name: Option<String>, id: &str) -> String {
-    let name: String = name.unwrap_or_default().chars().filter(|c| !c.is_control()).take(128).collect();
+/// Characters that reorder text around them (RLO and friends: "Trojan
+/// Source"), removed from display names.
+fn is_bidi_override(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Display names are shown to other users: bounded and free of control and
+/// bidirectional-override characters.
+pub fn clean_name(name: Option<String>, id: &str) -> String {
+    let name: String =
+        name.unwrap_or_default().chars().filter(|c| !c.is_control() && !is_bidi_override(*c)).take(128).collect();
     let name = name.trim();
     if name.is_empty() { id.to_string() } else { name.to_string() }
 }
@@ -57,6 +77,7 @@ impl Authenticator {
         required.extend(cfg.auth.audience.as_ref().map(|_| "aud"));
         validation.set_required_spec_claims(&required);
         validation.leeway = 30;
+        validation.validate_nbf = true;
         match &cfg.auth.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -72,15 +93,23 @@ impl Authenticator {
             issuer: cfg.auth.issuer.clone(),
             audience: cfg.auth.audience.clone(),
             dev_ttl_s: cfg.auth.dev_token_ttl_s,
+            max_ttl_s: cfg.auth.max_token_ttl_s,
         }
     }
 
     /// Verifies a token and returns the user it names.
     pub fn verify(&self, token: &str) -> Result<UserRef, AuthError> {
+        self.verify_token(token).map(|v| v.user)
+    }
+
+    /// Verifies a token: signature, algorithm, `exp` (and that it lies at
+    /// most `auth.max_token_ttl_s` ahead), `nbf`, `iss`/`aud` when configured.
+    pub fn verify_token(&self, token: &str) -> Result<Verified, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.decoding, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::Invalid("token not valid yet (nbf)".into()),
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted (HS256 only)".into()),
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
                 ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
@@ -93,8 +122,15 @@ impl Authenticator {
         if !ids::valid_user_id(&c.sub) {
             return Err(AuthError::Invalid("'sub' must be 1-128 chars of [A-Za-z0-9_.@-]".into()));
         }
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        if c.exp > now.saturating_add(self.max_ttl_s) {
+            return Err(AuthError::Invalid(format!(
+                "'exp' is more than {} s ahead (auth.max_token_ttl_s)",
+                self.max_ttl_s
+            )));
+        }
         let name = clean_name(c.name, &c.sub);
-        Ok(UserRef { id: c.sub, name })
+        Ok(Verified { user: UserRef { id: c.sub, name }, exp: c.exp })
     }
 
     /// Signs a token (dev tokens, tests, the load tool).
@@ -104,6 +140,7 @@ impl Authenticator {
             sub: user.to_string(),
             name: name.map(str::to_string),
             exp,
+            nbf: None,
             iss: self.issuer.clone(),
             aud: self.audience.clone().map(serde_json::Value::String),
         };
@@ -121,6 +158,32 @@ mod tests {
         let mut cfg = Config::default();
         f(&mut cfg);
         Authenticator::new(&cfg)
+    }
+
+    fn now() -> u64 {
+        chrono::Utc::now().timestamp() as u64
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(crate::config::LOCAL_DEV_JWT_SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nbf_max_ttl_and_name_cleaning() {
+        let a = auth(|_| {});
+        let later = signed(serde_json::json!({"sub":"alice","exp":now() + 7200,"nbf":now() + 3600}));
+        assert!(matches!(a.verify(&later), Err(AuthError::Invalid(m)) if m.contains("nbf")));
+        let ok = signed(serde_json::json!({"sub":"alice","exp":now() + 7200,"nbf":now() - 10}));
+        assert_eq!(a.verify_token(&ok).unwrap().exp, now() + 7200);
+        let forever = signed(serde_json::json!({"sub":"alice","exp":now() + 86_400 * 30}));
+        assert!(matches!(a.verify(&forever), Err(AuthError::Invalid(m)) if m.contains("max_token_ttl_s")));
+        let spoof = signed(serde_json::json!({"sub":"alice","exp":now() + 60,"name":"Al\u{202E}ecil\u{2066}x\u{7}"}));
+        assert_eq!(a.verify(&spoof).unwrap().name, "Alecilx");
     }
 
     #[test]
@@ -142,7 +205,7 @@ mod tests {
         assert!(matches!(a.verify(&other.sign("alice", None, None)), Err(AuthError::Invalid(_))));
         let old = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims { sub: "alice".into(), name: None, exp: 1_000_000, iss: None, aud: None },
+            &Claims { sub: "alice".into(), name: None, exp: 1_000_000, nbf: None, iss: None, aud: None },
             &EncodingKey::from_secret(crate::config::LOCAL_DEV_JWT_SECRET.as_bytes()),
         )
         .unwrap();
@@ -150,7 +213,7 @@ mod tests {
         assert!(a.verify(&a.sign("bad id", None, None)).is_err());
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
-            &Claims { sub: "alice".into(), name: None, exp: 9_999_999_999, iss: None, aud: None },
+            &Claims { sub: "alice".into(), name: None, exp: 9_999_999_999, nbf: None, iss: None, aud: None },
             &EncodingKey::from_secret(crate::config::LOCAL_DEV_JWT_SECRET.as_bytes()),
         )
         .unwrap();
@@ -171,7 +234,7 @@ mod tests {
         // `aud` may be a list.
         let listed = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &serde_json::json!({"sub":"alice","exp":9_999_999_999u64,"iss":"crm","aud":["other","chat"]}),
+            &serde_json::json!({"sub":"alice","exp":now() + 3600,"iss":"crm","aud":["other","chat"]}),
             &EncodingKey::from_secret(crate::config::LOCAL_DEV_JWT_SECRET.as_bytes()),
         )
         .unwrap();

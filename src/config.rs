@@ -24,6 +24,10 @@ pub const LOCAL_DEV_JWT_SECRET: &str = "crm-chat-local-development-secret-do-not
 /// API key accepted in the `local` profile when none is configured.
 pub const LOCAL_DEV_API_KEY: &str = "crm-chat-local-development-api-key";
 
+/// Token bucket rates accepted by validation (tokens per second).
+pub const RATE_MIN: f64 = 0.001;
+pub const RATE_MAX: f64 = 1_000_000.0;
+
 /// A string that never shows in `Debug`, logs or `--print-config`.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -99,6 +103,18 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// This node's id in logs, metrics and presence leases. Default: the host name.
     pub node_id: Option<String>,
+    /// Address of the internal listener (`/api/v1`, `/metrics`, `/healthz`,
+    /// `/readyz`), e.g. `0.0.0.0:9090`. Unset (default): every route is served
+    /// on `listen`. The image sets it, so the public port carries only the
+    /// WebSocket, the demo page and its static files.
+    pub internal_listen: Option<String>,
+    /// Seconds a client has to send a whole HTTP request head (slowloris
+    /// guard). Default 10.
+    pub header_timeout_s: u64,
+    /// Seconds between SIGTERM and the start of the drain, during which
+    /// `/readyz` answers 503 so load balancers stop routing here first.
+    /// Default 5 (no `preStop` hook needed).
+    pub shutdown_delay_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +126,9 @@ impl Default for ServerConfig {
             drain_s: 10,
             trusted_proxies: Vec::new(),
             node_id: None,
+            internal_listen: None,
+            header_timeout_s: 10,
+            shutdown_delay_s: 5,
         }
     }
 }
@@ -138,6 +157,9 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Required `aud` claim, when set.
     pub audience: Option<String>,
+    /// Tokens whose `exp` lies further ahead than this many seconds are
+    /// refused. Default 86400.
+    pub max_token_ttl_s: u64,
 }
 
 impl Default for AuthConfig {
@@ -153,6 +175,7 @@ impl Default for AuthConfig {
             hello_timeout_s: 10,
             issuer: None,
             audience: None,
+            max_token_ttl_s: 86_400,
         }
     }
 }
@@ -180,6 +203,28 @@ pub struct LimitsConfig {
     pub presence_max_members: usize,
     /// Largest service API request body in bytes. Default 1 MiB.
     pub api_body_bytes: usize,
+    /// `history`, `sync` and `presence` requests per second per connection
+    /// (token bucket refill). Default 20.
+    pub requests_per_s: f64,
+    /// Request bucket size per connection. Default 40.
+    pub requests_burst: u32,
+    /// Largest `history`/`sync` reply in bytes of JSON; a page is cut short
+    /// to fit. Default 1 MiB.
+    pub max_reply_bytes: usize,
+    /// Bytes waiting to be written to one connection before it counts as a
+    /// slow consumer (close 1013). Default 4 MiB.
+    pub outbound_bytes: usize,
+    /// Seconds a socket write may make no progress before the connection is
+    /// ended. Default 10.
+    pub write_timeout_s: u64,
+    /// WebSocket connections (authenticated or not) open on this node;
+    /// further upgrades get HTTP 503. Default 16000.
+    pub max_connections: usize,
+    /// Conversations with more members than this get presence and receipt
+    /// pushes batched. Default 50.
+    pub batch_members: usize,
+    /// Milliseconds between batched presence/receipt pushes. Default 1000.
+    pub batch_interval_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -194,6 +239,14 @@ impl Default for LimitsConfig {
             outbound_queue: 1024,
             presence_max_members: 1000,
             api_body_bytes: 1 << 20,
+            requests_per_s: 20.0,
+            requests_burst: 40,
+            max_reply_bytes: 1 << 20,
+            outbound_bytes: 4 << 20,
+            write_timeout_s: 10,
+            max_connections: 16_000,
+            batch_members: 50,
+            batch_interval_ms: 1000,
         }
     }
 }
@@ -293,6 +346,13 @@ pub struct ConfigError {
     pub problem: String,
 }
 
+/// Whether the part of a `CHAT_*` variable after the prefix can name a
+/// setting: a nested key (`SERVER__LISTEN`) or the one top-level key,
+/// `PROFILE`. `CHAT_CONFIG` names the file and is read by the command line.
+fn is_setting_name(rest: &str) -> bool {
+    rest.contains("__") || rest.eq_ignore_ascii_case("profile")
+}
+
 fn err(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError { key: key.into(), problem: problem.into() }
 }
@@ -304,7 +364,24 @@ impl Config {
         if let Some(path) = file {
             fig = fig.merge(Toml::file_exact(path));
         }
-        fig.merge(Env::prefixed("CHAT_").split("__").ignore(&["config"]))
+        fig.merge(Env::prefixed("CHAT_").filter(|k| is_setting_name(k.as_str())).split("__"))
+    }
+
+    /// `CHAT_*` environment variables that cannot be settings and are ignored
+    /// (Kubernetes service links such as `CHAT_CRM_CHAT_PORT` for a Service
+    /// named `chat-crm-chat`, or a stray variable): names without `__` other
+    /// than `CHAT_PROFILE`. Listed once in a warning at start.
+    pub fn ignored_env_vars() -> Vec<String> {
+        let mut v: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| {
+                k.strip_prefix("CHAT_").is_some_and(|rest| {
+                    !rest.is_empty() && !is_setting_name(rest) && !rest.eq_ignore_ascii_case("config")
+                })
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     /// Loads, resolves `*_file` secrets and validates.
@@ -352,11 +429,22 @@ impl Config {
             return Err(err("auth.dev_tokens", "dev tokens are refused in the production profile"));
         }
         self.auth.dev_tokens = Some(dev);
-        for (key, v) in [("auth.jwt_secret", &self.auth.jwt_secret), ("auth.api_key", &self.auth.api_key)] {
+        for (key, v, public) in [
+            ("auth.jwt_secret", &self.auth.jwt_secret, LOCAL_DEV_JWT_SECRET),
+            ("auth.api_key", &self.auth.api_key, LOCAL_DEV_API_KEY),
+        ] {
+            let env = key.replace('.', "__").to_uppercase();
+            let how = format!(
+                "set CHAT_{env} (or CHAT_{env}_FILE, a file holding it) to a random string of at least 32 bytes, \
+                 e.g. the output of `openssl rand -hex 32`; or run with CHAT_PROFILE=local for development only"
+            );
             match v {
-                None if prod => return Err(err(key, "required in the production profile")),
+                None if prod => return Err(err(key, format!("required in the production profile: {how}"))),
+                Some(s) if prod && s.0 == public => {
+                    return Err(err(key, format!("the public development value is refused in production: {how}")));
+                }
                 Some(s) if prod && s.0.len() < 32 => {
-                    return Err(err(key, "must be at least 32 bytes in the production profile"));
+                    return Err(err(key, format!("must be at least 32 bytes in the production profile: {how}")));
                 }
                 Some(s) if s.0.is_empty() => return Err(err(key, "must not be empty")),
                 _ => {}
@@ -377,6 +465,19 @@ impl Config {
                 ));
             }
         }
+        if let Some(addr) = &s.internal_listen {
+            let parsed: SocketAddr =
+                addr.parse().map_err(|_| err("server.internal_listen", format!("'{addr}' is not host:port")))?;
+            if parsed.port() != 0 && Some(parsed) == s.listen.parse().ok() {
+                return Err(err("server.internal_listen", "must differ from server.listen"));
+            }
+        }
+        if !(1..=3600).contains(&s.header_timeout_s) {
+            return Err(err("server.header_timeout_s", "must be between 1 and 3600"));
+        }
+        if s.shutdown_delay_s > 3600 {
+            return Err(err("server.shutdown_delay_s", "must be at most 3600"));
+        }
         if let Some(n) = &s.node_id
             && (n.is_empty() || n.len() > 128 || n.contains(char::is_whitespace))
         {
@@ -391,8 +492,11 @@ impl Config {
         {
             return Err(err("auth.cookie_name", "letters, digits, '_' and '-' only"));
         }
-        if a.dev_token_ttl_s == 0 {
-            return Err(err("auth.dev_token_ttl_s", "must be at least 1"));
+        if !(60..=366 * 86_400).contains(&a.max_token_ttl_s) {
+            return Err(err("auth.max_token_ttl_s", "must be between 60 and 31622400"));
+        }
+        if a.dev_token_ttl_s == 0 || a.dev_token_ttl_s > a.max_token_ttl_s {
+            return Err(err("auth.dev_token_ttl_s", "must be between 1 and auth.max_token_ttl_s"));
         }
         let l = &self.limits;
         if !(256..=16 << 20).contains(&l.max_frame_bytes) {
@@ -404,17 +508,48 @@ impl Config {
         if l.connections_per_user == 0 {
             return Err(err("limits.connections_per_user", "must be at least 1"));
         }
-        if !(l.send_per_s > 0.0 && l.send_per_s.is_finite()) {
-            return Err(err("limits.send_per_s", "must be a positive number"));
-        }
-        if l.send_burst == 0 {
-            return Err(err("limits.send_burst", "must be at least 1"));
+        for (key, rate, burst) in [
+            ("limits.send_per_s", l.send_per_s, ("limits.send_burst", l.send_burst)),
+            ("limits.requests_per_s", l.requests_per_s, ("limits.requests_burst", l.requests_burst)),
+        ] {
+            // The bounds the token buckets are built for: at most one token
+            // per 1000 s, at most a million per second.
+            if !(RATE_MIN..=RATE_MAX).contains(&rate) {
+                return Err(err(key, "must be between 0.001 and 1000000"));
+            }
+            if !(1..=1_000_000).contains(&burst.1) {
+                return Err(err(burst.0, "must be between 1 and 1000000"));
+            }
         }
         if !(8..=1 << 20).contains(&l.outbound_queue) {
             return Err(err("limits.outbound_queue", "must be between 8 and 1048576"));
         }
-        if l.api_body_bytes < 1024 {
-            return Err(err("limits.api_body_bytes", "must be at least 1024"));
+        if !(1024..=64 << 20).contains(&l.api_body_bytes) {
+            return Err(err("limits.api_body_bytes", "must be between 1024 and 67108864"));
+        }
+        if l.max_body_chars > 1_000_000 {
+            return Err(err("limits.max_body_chars", "must be at most 1000000"));
+        }
+        // One message always fits in a reply (escaped JSON: at most 6 bytes a
+        // character), so paging always makes progress.
+        let one_message = l.max_body_chars * 6 + 4096;
+        if l.max_reply_bytes < one_message || l.max_reply_bytes > 256 << 20 {
+            return Err(err(
+                "limits.max_reply_bytes",
+                format!("must be between {one_message} (one message of max_body_chars) and 268435456"),
+            ));
+        }
+        if l.outbound_bytes < l.max_reply_bytes + 65_536 || l.outbound_bytes > 1 << 30 {
+            return Err(err("limits.outbound_bytes", "must be at least limits.max_reply_bytes + 65536, at most 1 GiB"));
+        }
+        if !(1..=3600).contains(&l.write_timeout_s) {
+            return Err(err("limits.write_timeout_s", "must be between 1 and 3600"));
+        }
+        if !(1..=10_000_000).contains(&l.max_connections) {
+            return Err(err("limits.max_connections", "must be between 1 and 10000000"));
+        }
+        if !(10..=60_000).contains(&l.batch_interval_ms) {
+            return Err(err("limits.batch_interval_ms", "must be between 10 and 60000"));
         }
         for c in &self.chat.open_conversations {
             if !ids::valid_conversation_id(c) || c.starts_with("dm:") {
@@ -473,6 +608,15 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| err("server.listen", format!("'{}' is not host:port", self.server.listen)))
+    }
+
+    /// The internal listener's address, when one is configured.
+    pub fn internal_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.server
+            .internal_listen
+            .as_deref()
+            .map(|a| a.parse().map_err(|_| err("server.internal_listen", format!("'{a}' is not host:port"))))
+            .transpose()
     }
 
     pub fn dev_tokens(&self) -> bool {

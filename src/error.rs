@@ -76,6 +76,14 @@ impl ChatError {
     pub fn too_large(m: impl Into<String>) -> Self {
         Self::new(ErrorCode::TooLarge, m)
     }
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, m)
+    }
+    /// The same error with another message.
+    pub fn with_message(mut self, m: impl Into<String>) -> Self {
+        self.message = m.into();
+        self
+    }
     pub fn rate_limited(retry_after_ms: u64) -> Self {
         Self {
             code: ErrorCode::RateLimited,
@@ -95,6 +103,9 @@ pub enum EngineError {
     /// Storage answered something that cannot be (a bug or corrupt data).
     #[error("storage error: {0}")]
     Internal(String),
+    /// The sender's cluster-wide send bucket is empty; retry after this many ms.
+    #[error("rate limited")]
+    RateLimited(u64),
 }
 
 impl From<EngineError> for ChatError {
@@ -105,6 +116,7 @@ impl From<EngineError> for ChatError {
                 crate::metrics::storage_error();
                 ChatError::new(ErrorCode::Unavailable, "storage unavailable; nothing was stored, retry later")
             }
+            EngineError::RateLimited(ms) => ChatError::rate_limited(ms),
             EngineError::Internal(detail) => {
                 tracing::error!(error = %detail, "storage internal error");
                 crate::metrics::storage_error();

@@ -15,19 +15,22 @@
 //!   need no subscription), membership changes, presence in direct conversations.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU16, Ordering},
+        atomic::{AtomicU16, AtomicUsize, Ordering},
     },
 };
 
-use axum::extract::ws::Utf8Bytes;
 use parking_lot::{Mutex, RwLock};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics;
+use crate::{
+    metrics,
+    protocol::{PresenceBatch, PresenceState, ReceiptBatch, ReceiptState, Text, close, render},
+};
 
 /// Where an event is published.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,6 +51,9 @@ pub enum EventKind {
         conversation: Arc<str>,
         member: bool,
     },
+    /// Close every connection of the user of a `Topic::User` with 4001 (the
+    /// service API's `disconnect`). The frame is the error sent before it.
+    Disconnect,
 }
 
 impl EventKind {
@@ -58,6 +64,7 @@ impl EventKind {
             EventKind::Typing => "typing",
             EventKind::Presence => "presence",
             EventKind::Membership { .. } => "conversation",
+            EventKind::Disconnect => "error",
         }
     }
 }
@@ -68,18 +75,25 @@ pub struct Event {
     pub kind: EventKind,
     /// Connections of this user do not receive it (typing, own presence).
     pub exclude_user: Option<Arc<str>>,
-    pub frame: Utf8Bytes,
+    pub frame: Text,
     /// For messages: when it was stored (µs since the epoch), for the fan-out
     /// latency histogram; it crosses nodes inside the pub/sub payload.
     pub stored_at_us: Option<i64>,
+    /// A presence or receipt change in a large conversation: collected and
+    /// pushed in batches (PROTOCOL v1.1, *Batching*), not one frame each.
+    pub batch: bool,
 }
 
 impl Event {
-    pub fn new(kind: EventKind, frame: Utf8Bytes) -> Self {
-        Self { kind, exclude_user: None, frame, stored_at_us: None }
+    pub fn new(kind: EventKind, frame: Text) -> Self {
+        Self { kind, exclude_user: None, frame, stored_at_us: None, batch: false }
     }
     pub fn excluding(mut self, user: &str) -> Self {
         self.exclude_user = Some(user.into());
+        self
+    }
+    pub fn batched(mut self, batch: bool) -> Self {
+        self.batch = batch;
         self
     }
 }
@@ -111,9 +125,6 @@ impl Closer {
     pub async fn closed(&self) {
         self.token.cancelled().await
     }
-    pub fn is_closed(&self) -> bool {
-        self.token.is_cancelled()
-    }
 }
 
 /// A local connection as the hub sees it.
@@ -121,38 +132,66 @@ impl Closer {
 pub struct Conn {
     pub id: u64,
     pub user: Arc<str>,
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Text>,
+    /// Bytes queued and not yet taken by the writer.
+    queued_bytes: AtomicUsize,
+    /// The byte budget of the queue (`limits.outbound_bytes`).
+    max_bytes: usize,
     pub closer: Closer,
     /// Conversation topics this connection is subscribed to.
     subs: Mutex<HashSet<Arc<str>>>,
 }
 
 impl Conn {
-    pub fn new(id: u64, user: Arc<str>, queue: usize) -> (Arc<Conn>, mpsc::Receiver<Utf8Bytes>) {
+    /// A connection whose outbound queue holds at most `queue` frames and
+    /// `max_bytes` bytes.
+    pub fn new(id: u64, user: Arc<str>, queue: usize, max_bytes: usize) -> (Arc<Conn>, mpsc::Receiver<Text>) {
         let (tx, rx) = mpsc::channel(queue);
-        let conn = Arc::new(Conn { id, user, tx, closer: Closer::default(), subs: Mutex::default() });
+        let conn = Arc::new(Conn {
+            id,
+            user,
+            tx,
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
+            closer: Closer::default(),
+            subs: Mutex::default(),
+        });
         (conn, rx)
     }
 
-    /// Queues a frame without waiting. A full queue closes the connection with
-    /// 1013 (slow consumer). Returns whether the frame was queued.
-    pub fn push(&self, frame: Utf8Bytes) -> bool {
+    /// Queues a frame without waiting. A full queue (in frames or bytes)
+    /// closes the connection with 1013 (slow consumer). Returns whether the
+    /// frame was queued.
+    pub fn push(&self, frame: Text) -> bool {
+        let len = frame.len();
+        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.slow_consumer("outbound bytes over limits.outbound_bytes");
+            return false;
+        }
         match self.tx.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.closer.close(1013) {
-                    metrics::slow_consumer_close();
-                    tracing::warn!(conn = self.id, user = %self.user, "slow consumer: outbound queue full, closing 1013");
+            Err(e) => {
+                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                if let mpsc::error::TrySendError::Full(_) = e {
+                    self.slow_consumer("outbound queue full");
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
-    /// Frames waiting in the outbound queue.
-    pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+    /// The writer took a frame of `len` bytes off the queue.
+    pub fn taken(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    fn slow_consumer(&self, why: &'static str) {
+        if self.closer.close(close::TRY_LATER) {
+            metrics::slow_consumer_close();
+            tracing::warn!(conn = self.id, user = %self.user, why, "slow consumer: closing 1013");
+        }
     }
 }
 
@@ -162,6 +201,27 @@ type ConnSet = HashMap<u64, Arc<Conn>>;
 pub struct Hub {
     users: RwLock<HashMap<Arc<str>, ConnSet>>,
     convs: RwLock<HashMap<Arc<str>, ConnSet>>,
+    /// Presence and receipt changes of large conversations waiting for the
+    /// next [`Hub::flush_batches`]; only conversations with local subscribers.
+    batches: Mutex<HashMap<Arc<str>, Batch>>,
+}
+
+/// The latest state per user of one conversation since the last flush.
+#[derive(Default)]
+struct Batch {
+    presence: BTreeMap<Arc<str>, bool>,
+    receipts: BTreeMap<Arc<str>, (u64, u64)>,
+}
+
+/// The fields of a single-change presence or receipt frame (v1 form), read
+/// back when the change joins a batch.
+#[derive(Deserialize)]
+struct Change {
+    conversation: Arc<str>,
+    user: Arc<str>,
+    online: Option<bool>,
+    delivered_seq: Option<u64>,
+    read_seq: Option<u64>,
 }
 
 impl Hub {
@@ -195,6 +255,21 @@ impl Hub {
                 map.remove(conv);
             }
         }
+    }
+
+    /// Unsubscribes a connection from conversation topics.
+    pub fn unsubscribe(&self, conn: &Conn, convs: &[Arc<str>]) {
+        let mut map = self.convs.write();
+        let mut subs = conn.subs.lock();
+        for c in convs {
+            subs.remove(c);
+            Self::unsubscribe_locked(&mut map, conn.id, c);
+        }
+    }
+
+    /// Conversation topics a connection is subscribed to now.
+    pub fn subscriptions(&self, conn: &Conn) -> Vec<Arc<str>> {
+        conn.subs.lock().iter().cloned().collect()
     }
 
     /// Removes a connection everywhere. Returns how many connections its user
@@ -261,13 +336,23 @@ impl Hub {
             }
             n
         };
+        if event.batch && matches!(topic, Topic::Conv(_)) {
+            self.collect(event);
+            return 0;
+        }
         let n = match topic {
             Topic::Conv(conv) => self.convs.read().get(conv).map_or(0, deliver),
             Topic::User(user) => {
                 if let EventKind::Membership { conversation, member } = &event.kind {
                     self.apply_membership(user, conversation, *member);
                 }
-                self.users.read().get(user).map_or(0, deliver)
+                let n = self.users.read().get(user).map_or(0, deliver);
+                if event.kind == EventKind::Disconnect {
+                    for c in self.users.read().get(user).into_iter().flat_map(|s| s.values()) {
+                        c.closer.close(close::UNAUTHORIZED);
+                    }
+                }
+                n
             }
         };
         if n > 0 {
@@ -278,6 +363,91 @@ impl Hub {
             }
         }
         n
+    }
+
+    /// Adds a batchable change to its conversation's batch (dropped when no
+    /// local connection follows the conversation).
+    fn collect(&self, event: &Event) {
+        let Ok(c) = serde_json::from_str::<Change>(event.frame.as_str()) else {
+            tracing::warn!("unreadable batchable frame");
+            return;
+        };
+        if !self.convs.read().contains_key(&c.conversation) {
+            return;
+        }
+        let mut batches = self.batches.lock();
+        let b = batches.entry(c.conversation).or_default();
+        match (event.kind.clone(), c.online, c.delivered_seq, c.read_seq) {
+            (EventKind::Presence, Some(online), ..) => {
+                b.presence.insert(c.user, online);
+            }
+            (EventKind::Receipt, _, Some(d), Some(r)) => {
+                let e = b.receipts.entry(c.user).or_default();
+                *e = (e.0.max(d), e.1.max(r));
+            }
+            _ => {}
+        }
+    }
+
+    /// Pushes every pending batch: one presence and one receipt frame per
+    /// conversation to each subscribed connection, carrying the latest state
+    /// per user. A connection does not hear its own user's presence.
+    pub fn flush_batches(&self) {
+        let batches = std::mem::take(&mut *self.batches.lock());
+        for (conv, b) in batches {
+            let conns: Vec<Arc<Conn>> = match self.convs.read().get(&conv) {
+                Some(set) => set.values().cloned().collect(),
+                None => continue,
+            };
+            if !b.receipts.is_empty() {
+                let frame = render(&ReceiptBatch {
+                    ty: "receipt",
+                    conversation: &conv,
+                    receipts: b
+                        .receipts
+                        .iter()
+                        .map(|(u, (d, r))| ReceiptState { user: u, delivered_seq: *d, read_seq: *r })
+                        .collect(),
+                });
+                self.push_all(&conns, "receipt", |_| Some(frame.clone()));
+            }
+            if !b.presence.is_empty() {
+                let render_without = |skip: Option<&str>| {
+                    let changes: Vec<PresenceState> = b
+                        .presence
+                        .iter()
+                        .filter(|(u, _)| Some(&***u) != skip)
+                        .map(|(u, online)| PresenceState { user: u, online: *online })
+                        .collect();
+                    (!changes.is_empty())
+                        .then(|| render(&PresenceBatch { ty: "presence", conversation: &conv, changes }))
+                };
+                let all = render_without(None);
+                let mut own: HashMap<Arc<str>, Option<Text>> = HashMap::new();
+                self.push_all(&conns, "presence", |c| {
+                    if b.presence.contains_key(&c.user) {
+                        own.entry(c.user.clone()).or_insert_with(|| render_without(Some(&c.user))).clone()
+                    } else {
+                        all.clone()
+                    }
+                });
+            }
+        }
+    }
+
+    fn push_all(&self, conns: &[Arc<Conn>], ty: &'static str, mut frame: impl FnMut(&Conn) -> Option<Text>) {
+        let mut n = 0u64;
+        for c in conns {
+            if let Some(f) = frame(c)
+                && c.push(f)
+            {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            metrics::deliveries(n);
+            metrics::frames_out(ty, n);
+        }
     }
 
     fn apply_membership(&self, user: &str, conv: &Arc<str>, member: bool) {
@@ -303,15 +473,15 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn frame(s: &str) -> Utf8Bytes {
-        Utf8Bytes::from(s.to_string())
+    fn frame(s: &str) -> Text {
+        Text::from(s.to_string())
     }
 
     #[test]
     fn conv_fanout_excludes_and_counts() {
         let hub = Hub::new();
-        let (a, mut ra) = Conn::new(1, "alice".into(), 8);
-        let (b, mut rb) = Conn::new(2, "bob".into(), 8);
+        let (a, mut ra) = Conn::new(1, "alice".into(), 8, 1 << 20);
+        let (b, mut rb) = Conn::new(2, "bob".into(), 8, 1 << 20);
         hub.register(&a);
         hub.register(&b);
         hub.subscribe(&a, ["g".into()]);
@@ -334,8 +504,8 @@ mod tests {
     #[test]
     fn full_queue_closes_1013_without_blocking_others() {
         let hub = Hub::new();
-        let (slow, _rs) = Conn::new(1, "slow".into(), 8);
-        let (fast, mut rf) = Conn::new(2, "fast".into(), 64);
+        let (slow, _rs) = Conn::new(1, "slow".into(), 8, 1 << 20);
+        let (fast, mut rf) = Conn::new(2, "fast".into(), 64, 1 << 20);
         for c in [&slow, &fast] {
             hub.register(c);
             hub.subscribe(c, ["g".into()]);
@@ -354,7 +524,7 @@ mod tests {
     #[test]
     fn membership_event_moves_subscriptions() {
         let hub = Hub::new();
-        let (c, mut rx) = Conn::new(1, "carol".into(), 8);
+        let (c, mut rx) = Conn::new(1, "carol".into(), 8, 1 << 20);
         hub.register(&c);
         let conv: Arc<str> = "deal".into();
         let user = Topic::User("carol".into());

@@ -25,5 +25,6 @@ pub mod ids;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod session;
 pub mod telemetry;
 pub mod transport;

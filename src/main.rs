@@ -83,14 +83,25 @@ fn serve(cfg: Config) -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        let addr = cfg.listen_addr()?;
-        let listener = app::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        let local = listener.local_addr()?;
+        let ignored = Config::ignored_env_vars();
+        if !ignored.is_empty() {
+            tracing::warn!(
+                variables = ignored.join(","),
+                "ignoring CHAT_* environment variables that name no setting (settings nest with __, \
+                 e.g. CHAT_SERVER__LISTEN; Kubernetes service links look like these)"
+            );
+        }
+        let listeners = app::Listeners::bind(&cfg)?;
+        let local = listeners.public.local_addr()?;
+        let internal = listeners.internal.as_ref().map(|l| l.local_addr()).transpose()?;
         let node = app::build(cfg).await?;
-        tracing::info!(%local, node = %node.node_id, engine = node.engine.name(), profile = ?node.cfg.profile, "crm-chat listening");
-        // A machine-readable line for scripts and tests that listen on port 0.
+        tracing::info!(%local, internal = ?internal, node = %node.node_id, engine = node.engine.name(), profile = ?node.cfg.profile, "crm-chat listening");
+        // Machine-readable lines for scripts and tests that listen on port 0.
+        if let Some(i) = internal {
+            println!("crm-chat internal listening on http://{i}");
+        }
         println!("crm-chat listening on http://{local}");
-        app::serve(node, listener, app::shutdown_signal()).await
+        app::serve(node, listeners, app::shutdown_signal()).await
     });
     drop(rt);
     telemetry.shutdown();
@@ -105,7 +116,9 @@ fn serve(cfg: Config) -> ExitCode {
 }
 
 fn healthcheck(cfg: &Config, addr: Option<SocketAddr>) -> ExitCode {
-    let mut addr = match addr.map(Ok).unwrap_or_else(|| cfg.listen_addr()) {
+    // The internal listener carries /healthz when there is one.
+    let configured = || cfg.internal_listen_addr().and_then(|i| i.map_or_else(|| cfg.listen_addr(), Ok));
+    let mut addr = match addr.map(Ok).unwrap_or_else(configured) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("crm-chat: {e}");

@@ -3,14 +3,16 @@
 //! HTTP handlers both call into a [`Node`]; the node calls its [`Engine`].
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     num::NonZeroU32,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use serde_json::Value;
@@ -19,15 +21,15 @@ use tracing::Instrument;
 
 use crate::{
     auth::Authenticator,
-    config::Config,
+    config::{Config, RATE_MAX, RATE_MIN},
     engine::{Appended, Engine, MembershipChange, NewMessage, Page, ReceiptOutcome, Route},
     error::ChatError,
-    hub::{Event, EventKind, Hub, Topic},
+    hub::{Conn, Event, EventKind, Hub, Topic},
     ids::{self, Dm},
     metrics,
     protocol::{
         self, ConversationEntry, ConversationEvent, ConversationObject, HistoryPage, MessageFrame, PresenceChange,
-        PresenceReply, ReceiptState, SenderRef, UserRef,
+        PresenceReply, ReceiptState, SenderRef, Text, UserRef,
     },
 };
 
@@ -63,6 +65,49 @@ pub struct Node {
     next_conn: AtomicU64,
     /// Every WebSocket session task, so shutdown can wait for them.
     pub sessions: TaskTracker,
+    /// WebSocket sessions open on this node (for `limits.max_connections`).
+    sessions_open: Arc<AtomicUsize>,
+    /// (user, conversation) -> when a typing event was last forwarded.
+    typing_seen: Mutex<HashMap<UserConversation, Instant>>,
+    /// conversation -> (member count, when read): decides batching.
+    member_counts: Mutex<HashMap<Arc<str>, (usize, Instant)>>,
+}
+
+/// A (user, conversation) pair.
+type UserConversation = (Arc<str>, Arc<str>);
+
+/// A token-bucket quota that cannot panic for any rate validation accepts
+/// (and clamps what it does not).
+pub fn quota(per_s: f64, burst: u32) -> Quota {
+    let per_s = if per_s.is_finite() { per_s.clamp(RATE_MIN, RATE_MAX) } else { RATE_MAX };
+    let period = Duration::from_secs_f64(1.0 / per_s).max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX)).allow_burst(burst)
+}
+
+/// Typing is forwarded at most once per this, per user and conversation.
+const TYPING_EVERY: Duration = Duration::from_secs(1);
+/// How long a conversation's member count is trusted for batching decisions.
+const MEMBER_COUNT_TTL: Duration = Duration::from_secs(5);
+/// Entries kept in the small per-node caches before they are pruned.
+const CACHE_MAX: usize = 10_000;
+
+/// A WebSocket session's place under `limits.max_connections`; freed on drop.
+pub struct SessionSlot(Arc<AtomicUsize>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a session needs after [`Node::open_session`].
+pub struct OpenSession {
+    pub entries: Vec<ConversationEntry>,
+    /// The user went from offline to online (on any node).
+    pub came_online: bool,
+    /// The other participants of the user's direct conversations (presence).
+    pub dm_partners: Vec<String>,
 }
 
 fn title_case(id: &str) -> String {
@@ -76,11 +121,11 @@ fn title_case(id: &str) -> String {
 impl Node {
     pub fn new(cfg: Arc<Config>, engine: Arc<dyn Engine>, hub: Arc<Hub>) -> Arc<Node> {
         let l = &cfg.limits;
-        let period = Duration::from_secs_f64(1.0 / l.send_per_s);
-        let quota = Quota::with_period(period)
-            .expect("send_per_s is validated positive")
-            .allow_burst(NonZeroU32::new(l.send_burst).expect("send_burst is validated >= 1"));
+        let quota = quota(l.send_per_s, l.send_burst);
         Arc::new(Node {
+            typing_seen: Mutex::default(),
+            member_counts: Mutex::default(),
+            sessions_open: Arc::new(AtomicUsize::new(0)),
             auth: Authenticator::new(&cfg),
             node_id: cfg.node_id(),
             open: cfg.chat.open_conversations.iter().cloned().collect(),
@@ -96,6 +141,15 @@ impl Node {
 
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes a session slot, or `None` when `limits.max_connections`
+    /// sessions are open on this node.
+    pub fn session_slot(&self) -> Option<SessionSlot> {
+        let max = self.cfg.limits.max_connections;
+        let prev = self.sessions_open.fetch_add(1, Ordering::AcqRel);
+        let slot = SessionSlot(self.sessions_open.clone());
+        (prev < max).then_some(slot)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -118,14 +172,66 @@ impl Node {
         })
     }
 
-    /// Forgets rate-limit state of idle users (called periodically).
+    /// Forgets rate-limit state of idle users and stale cache entries
+    /// (called periodically).
     pub fn prune_rate_limits(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        let now = Instant::now();
+        self.typing_seen.lock().retain(|_, t| now.duration_since(*t) < TYPING_EVERY);
+        self.member_counts.lock().retain(|_, (_, t)| now.duration_since(*t) < MEMBER_COUNT_TTL);
     }
 
-    pub fn is_open(&self, conversation: &str) -> bool {
-        self.open.contains(conversation)
+    /// Whether a typing event of `user` in `conversation` may be forwarded
+    /// now: at most one per second per user and conversation on this node,
+    /// however many connections the user has.
+    fn typing_allowed(&self, user: &str, conversation: &str) -> bool {
+        let now = Instant::now();
+        let mut seen = self.typing_seen.lock();
+        if seen.len() >= CACHE_MAX {
+            seen.retain(|_, t| now.duration_since(*t) < TYPING_EVERY);
+        }
+        let key: (Arc<str>, Arc<str>) = (user.into(), conversation.into());
+        match seen.get(&key) {
+            Some(t) if now.duration_since(*t) < TYPING_EVERY => false,
+            _ => {
+                // Still full of fresh entries (a flood of distinct ids): refuse
+                // rather than grow.
+                if seen.len() >= CACHE_MAX {
+                    return false;
+                }
+                seen.insert(key, now);
+                true
+            }
+        }
+    }
+
+    /// Whether presence and receipt pushes of a conversation are batched
+    /// (more than `limits.batch_members` members). Direct conversations never are.
+    async fn batched(&self, kind: Kind<'_>, conversation: &str) -> Result<bool, ChatError> {
+        let open = match kind {
+            Kind::Direct(..) => return Ok(false),
+            Kind::Open => true,
+            Kind::Group => false,
+        };
+        Ok(self.member_count(conversation, open).await? > self.cfg.limits.batch_members)
+    }
+
+    /// A conversation's member count, cached for a few seconds.
+    async fn member_count(&self, conversation: &str, open: bool) -> Result<usize, ChatError> {
+        let now = Instant::now();
+        if let Some((n, at)) = self.member_counts.lock().get(conversation)
+            && now.duration_since(*at) < MEMBER_COUNT_TTL
+        {
+            return Ok(*n);
+        }
+        let n = self.engine.member_count(conversation, open).await?;
+        let mut cache = self.member_counts.lock();
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(conversation.into(), (n, now));
+        Ok(n)
     }
 
     /// Validates a conversation id and says what kind it is.
@@ -239,12 +345,20 @@ impl Node {
             delivered_seq: row.delivered_seq,
             read_seq: row.read_seq,
         });
-        self.engine.publish(&kind.route(conversation), Event::new(EventKind::Receipt, frame)).await?;
+        let batch = self.batched(kind, conversation).await?;
+        self.engine.publish(&kind.route(conversation), Event::new(EventKind::Receipt, frame).batched(batch)).await?;
         Ok(())
     }
 
+    /// Forwards a typing event (at most one per second per user and
+    /// conversation; extra ones are dropped silently, as typing is ephemeral).
     pub async fn typing(&self, user: &UserRef, conversation: &str) -> Result<(), ChatError> {
         let kind = self.authorize(&user.id, conversation).await?;
+        if !self.typing_allowed(&user.id, conversation)
+            || !self.engine.typing_gate(&user.id, conversation, TYPING_EVERY).await?
+        {
+            return Ok(());
+        }
         let frame = protocol::render(&protocol::Typing {
             ty: "typing",
             conversation,
@@ -259,41 +373,105 @@ impl Node {
         Ok(())
     }
 
-    /// A `history` reply (for both `history` and `sync`).
+    /// A `history` reply (for both `history` and `sync`), at most
+    /// `limits.max_reply_bytes` of JSON: a page that would be larger is cut
+    /// short (fewer messages, `has_more: true`), keeping the messages nearest
+    /// the cursor. `client_epoch`: the epoch a `sync` carried; when it
+    /// differs from the stored one the reply pages from seq 1 with `reset`.
     pub async fn history(
         &self,
         user: &str,
         id: Option<&Value>,
         conversation: &str,
         page: Page,
-    ) -> Result<axum::extract::ws::Utf8Bytes, ChatError> {
+        client_epoch: Option<&str>,
+    ) -> Result<Text, ChatError> {
         let kind = self.authorize(user, conversation).await?;
-        let page = self.engine.history(conversation, page).await?;
+        let mut got = self.engine.history(conversation, page).await?;
+        let reset = client_epoch.is_some_and(|e| *e != *got.epoch);
+        if reset
+            && let Page::After(after, limit) = page
+            && after > 0
+        {
+            got = self.engine.history(conversation, Page::After(0, limit)).await?;
+        }
         let mut receipts = self.engine.receipts(conversation).await?;
         if kind == Kind::Group {
             // Receipts of members only (a removed member's marks stay stored).
             let members = self.engine.group(conversation).await?.map(|g| g.members).unwrap_or_default();
             receipts.retain(|r| members.binary_search(&r.user).is_ok());
         }
+        let budget = self.cfg.limits.max_reply_bytes;
+        // Receipts take at most half the reply; beyond that the most advanced
+        // marks are kept (a conversation with tens of thousands of readers).
+        let receipt_bytes = |r: &crate::engine::ReceiptRow| r.user.len() + 60;
+        if receipts.iter().map(receipt_bytes).sum::<usize>() > budget / 2 {
+            receipts.sort_by(|a, b| b.read_seq.cmp(&a.read_seq).then(b.delivered_seq.cmp(&a.delivered_seq)));
+            let mut used = 0;
+            receipts.retain(|r| {
+                used += receipt_bytes(r);
+                used <= budget / 2
+            });
+            receipts.sort_by(|a, b| a.user.cmp(&b.user));
+        }
+        let receipts: Vec<ReceiptState> = receipts
+            .iter()
+            .map(|r| ReceiptState { user: &r.user, delivered_seq: r.delivered_seq, read_seq: r.read_seq })
+            .collect();
+        let rendered: Vec<String> = got
+            .messages
+            .iter()
+            .map(|m| serde_json::to_string(&message_frame(conversation, m)).expect("message frames serialise"))
+            .collect();
+        let head = protocol::render(&HistoryPage {
+            ty: "history",
+            id,
+            conversation,
+            epoch: &got.epoch,
+            reset,
+            messages: Vec::new(),
+            receipts: receipts.clone(),
+            has_more: true,
+        });
+        // What the messages may take: the budget less the rest of the reply
+        // and a comma per message. The newest page keeps its newest messages,
+        // a forward page its oldest; one message always fits (validated).
+        let room = budget.saturating_sub(head.len());
+        let mut keep = 0;
+        let mut used = 0;
+        let order: Box<dyn Iterator<Item = &String>> = match page {
+            Page::Before(..) => Box::new(rendered.iter().rev()),
+            Page::After(..) => Box::new(rendered.iter()),
+        };
+        for m in order {
+            if keep > 0 && used + m.len() + 1 > room {
+                break;
+            }
+            used += m.len() + 1;
+            keep += 1;
+        }
+        let cut = keep < rendered.len();
+        let kept: &[String] = match page {
+            Page::Before(..) => &rendered[rendered.len() - keep..],
+            Page::After(..) => &rendered[..keep],
+        };
+        let messages = kept
+            .iter()
+            .map(|m| serde_json::value::RawValue::from_string(m.clone()).expect("rendered JSON is valid"))
+            .collect::<Vec<_>>();
         Ok(protocol::render(&HistoryPage {
             ty: "history",
             id,
             conversation,
-            messages: page.messages.iter().map(|m| message_frame(conversation, m)).collect(),
-            receipts: receipts
-                .iter()
-                .map(|r| ReceiptState { user: &r.user, delivered_seq: r.delivered_seq, read_seq: r.read_seq })
-                .collect(),
-            has_more: page.has_more,
+            epoch: &got.epoch,
+            reset,
+            messages: messages.iter().map(|m| &**m).collect(),
+            receipts,
+            has_more: got.has_more || cut,
         }))
     }
 
-    pub async fn presence(
-        &self,
-        user: &str,
-        id: Option<&Value>,
-        conversation: &str,
-    ) -> Result<axum::extract::ws::Utf8Bytes, ChatError> {
+    pub async fn presence(&self, user: &str, id: Option<&Value>, conversation: &str) -> Result<Text, ChatError> {
         let kind = self.authorize(user, conversation).await?;
         let online = match kind {
             Kind::Direct(a, b) => self.engine.online(Some(&[a.to_string(), b.to_string()])).await?,
@@ -324,6 +502,7 @@ impl Node {
         let limit = self.cfg.limits.presence_max_members;
         let mut out = Vec::with_capacity(ids.len());
         for (id, c) in ids.iter().zip(counters) {
+            let c = &c;
             let (title, kind, members) = match self.classify(id)? {
                 Kind::Open => (title_case(id), "open", None),
                 // Listed once it holds a message (an index entry left by a
@@ -333,11 +512,13 @@ impl Node {
                     (if a == user { b } else { a }.to_string(), "direct", Some(vec![a.to_string(), b.to_string()]))
                 }
                 Kind::Group => match group_info.next() {
-                    Some((_, Some(g))) => {
+                    // Membership is read from the group's own member set: an
+                    // index entry left by a failed write grants nothing.
+                    Some((_, Some(g))) if g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok() => {
                         let members = (g.members.len() <= limit).then_some(g.members);
                         (g.title, "group", members)
                     }
-                    // Removed between the two reads: not listed.
+                    // Removed between the two reads, or never a member: not listed.
                     _ => continue,
                 },
             };
@@ -348,6 +529,7 @@ impl Node {
                 last_seq: c.last_seq,
                 read_seq: c.read_seq,
                 unread: c.unread,
+                epoch: c.epoch.to_string(),
                 members,
             });
         }
@@ -359,31 +541,132 @@ impl Node {
         self.entries(user, &ids).await
     }
 
-    /// Pushes a user's presence change to the members of their conversations
-    /// (those with at most `limits.presence_max_members` members).
-    pub async fn announce_presence(&self, user: &str, online: bool) -> Result<(), ChatError> {
-        let limit = self.cfg.limits.presence_max_members;
-        for id in self.conversation_ids(user).await? {
-            let route: Route = match self.classify(&id)? {
-                Kind::Direct(a, b) => vec![Topic::User(if a == user { b } else { a }.into())],
-                Kind::Open => {
-                    if self.engine.join_open(&id, user).await? > limit {
-                        continue;
-                    }
-                    vec![Topic::Conv(id.as_str().into())]
-                }
-                Kind::Group => {
-                    match self.engine.group(&id).await? {
-                        Some(g) if g.members.len() <= limit => {}
-                        _ => continue,
-                    }
-                    vec![Topic::Conv(id.as_str().into())]
-                }
-            };
-            let frame = protocol::render(&PresenceChange { ty: "presence", conversation: &id, user, online });
-            self.engine.publish(&route, Event::new(EventKind::Presence, frame).excluding(user)).await?;
+    /// Opens a session: the order that makes membership exact under races
+    /// and faults lives here. (1) The connection is registered and the user's
+    /// topic subscribed, so membership events reach it from now on; (2) the
+    /// user's conversations are read and the candidate groups subscribed;
+    /// (3) membership is then read from each group's member set (the
+    /// per-user index alone grants nothing) and groups the user is not in are
+    /// unsubscribed. A removal after (3) arrives as an event on the user's
+    /// topic; one before it is seen by (3). Then counters for `welcome`.
+    pub async fn open_session(&self, conn: &Arc<Conn>, user: &UserRef) -> Result<OpenSession, ChatError> {
+        self.hub.register(conn);
+        let user_topic = Topic::User(conn.user.clone());
+        self.engine.subscribe(std::slice::from_ref(&user_topic)).await?;
+        for c in &self.cfg.chat.open_conversations {
+            self.engine.join_open(c, &user.id).await?;
         }
+        let ids = self.conversation_ids(&user.id).await?;
+        let convs: Vec<Arc<str>> = ids
+            .iter()
+            .filter(|id| matches!(self.classify(id), Ok(Kind::Open | Kind::Group)))
+            .map(|id| Arc::from(id.as_str()))
+            .collect();
+        self.hub.subscribe(conn, convs.iter().cloned());
+        let topics: Vec<Topic> = convs.into_iter().map(Topic::Conv).collect();
+        self.engine.subscribe(&topics).await?;
+        let entries = self.entries(&user.id, &ids).await?;
+        let listed: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let stale: Vec<Arc<str>> = topics
+            .iter()
+            .filter_map(|t| match t {
+                Topic::Conv(c) if !listed.contains(&**c) && !self.open.contains(&**c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        if !stale.is_empty() {
+            self.hub.unsubscribe(conn, &stale);
+            self.engine.topics_changed();
+        }
+        let dm_partners = entries
+            .iter()
+            .filter_map(|e| match self.classify(&e.id) {
+                Ok(Kind::Direct(a, b)) => Some(if a == user.id { b } else { a }.to_string()),
+                _ => None,
+            })
+            .collect();
+        let came_online = self.engine.presence_up(&user.id).await?;
+        Ok(OpenSession { entries, came_online, dm_partners })
+    }
+
+    /// Undoes [`Node::open_session`]: unregisters the connection and, when
+    /// `counted` and it was the user's last connection anywhere, announces
+    /// the user offline.
+    pub async fn close_session(&self, conn: &Conn, counted: bool, dm_partners: &[String]) {
+        let convs = self.hub.subscriptions(conn);
+        self.hub.unregister(conn);
+        self.engine.topics_changed();
+        if !counted {
+            return;
+        }
+        match self.engine.presence_down(&conn.user).await {
+            Ok(true) => {
+                if let Err(e) = self.announce_presence(&conn.user, false, &convs, dm_partners).await {
+                    tracing::debug!(error = %e, "presence announcement failed");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "presence update failed"),
+        }
+    }
+
+    /// Pushes a user's presence change to the other members of `convs` (open
+    /// and group conversations) and to `dm_partners`, in one engine round
+    /// trip where the engine can, whatever their number. Conversations with
+    /// more than `limits.presence_max_members` members get nothing; those with
+    /// more than `limits.batch_members` get it batched.
+    pub async fn announce_presence(
+        &self,
+        user: &str,
+        online: bool,
+        convs: &[Arc<str>],
+        dm_partners: &[String],
+    ) -> Result<(), ChatError> {
+        let limit = self.cfg.limits.presence_max_members;
+        let mut events = Vec::with_capacity(convs.len() + dm_partners.len());
+        for conv in convs {
+            let open = self.open.contains(&**conv);
+            let n = self.member_count(conv, open).await?;
+            if n > limit {
+                continue;
+            }
+            let frame = protocol::render(&PresenceChange { ty: "presence", conversation: conv, user, online });
+            let event =
+                Event::new(EventKind::Presence, frame).excluding(user).batched(n > self.cfg.limits.batch_members);
+            events.push((vec![Topic::Conv(conv.clone())], event));
+        }
+        for other in dm_partners {
+            let id = ids::dm_id(user, other);
+            let frame = protocol::render(&PresenceChange { ty: "presence", conversation: &id, user, online });
+            events.push((vec![Topic::User(other.as_str().into())], Event::new(EventKind::Presence, frame)));
+        }
+        self.engine.publish_all(events).await?;
         Ok(())
+    }
+
+    /// A user whose node stopped answering went offline: tell their
+    /// conversations (read from storage, as no session of theirs is here).
+    pub async fn announce_offline(&self, user: &str) -> Result<(), ChatError> {
+        let entries = self.conversations_for(user).await?;
+        let mut convs = Vec::new();
+        let mut partners = Vec::new();
+        for e in &entries {
+            match self.classify(&e.id)? {
+                Kind::Direct(a, b) => partners.push(if a == user { b } else { a }.to_string()),
+                _ => convs.push(Arc::from(e.id.as_str())),
+            }
+        }
+        self.announce_presence(user, false, &convs, &partners).await
+    }
+
+    /// Closes every connection of `user` on every node with 4001 (the service
+    /// API's `disconnect`). Returns how many were open across the cluster
+    /// just before (as the engine counts them).
+    pub async fn disconnect_user(&self, user: &str) -> Result<usize, ChatError> {
+        let n = self.engine.connection_count(user).await?;
+        let frame = protocol::error_code(None, crate::error::ErrorCode::Unauthorized, "signed out by the platform");
+        self.engine.publish(&vec![Topic::User(user.into())], Event::new(EventKind::Disconnect, frame)).await?;
+        Ok(n)
     }
 
     // ---- service API operations ----

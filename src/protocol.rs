@@ -6,11 +6,44 @@
 //! message names the field, and the reply still echoes the frame's `id` when the
 //! `id` itself was valid.
 
-use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize, Serializer};
+
+/// A serialised text frame: cheap to clone (reference-counted), shared by
+/// every recipient of a fan-out and written to the socket as is.
+pub type Text = tungstenite::Utf8Bytes;
 use serde_json::Value;
 
 use crate::error::{ChatError, ErrorCode};
+
+/// WebSocket close codes of PROTOCOL.md (and RFC 6455).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const IDLE: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const RESTART: u16 = 1012;
+    pub const TRY_LATER: u16 = 1013;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const POLICY: u16 = 4008;
+
+    /// The reason text sent with a code.
+    pub fn reason(code: u16) -> &'static str {
+        match code {
+            IDLE => "idle timeout",
+            PROTOCOL_ERROR => "protocol error",
+            INVALID_DATA => "invalid UTF-8",
+            TOO_BIG => "frame too big",
+            INTERNAL => "internal error",
+            RESTART => "service restart",
+            TRY_LATER => "try again later",
+            UNAUTHORIZED => "unauthorized",
+            POLICY => "policy violation",
+            _ => "",
+        }
+    }
+}
 
 /// Page size bounds of `history`/`sync` (`limit` is clamped into them).
 pub const MAX_PAGE: usize = 200;
@@ -19,15 +52,45 @@ pub const DEFAULT_PAGE: usize = 50;
 /// A client frame, validated for shape (not yet for permissions).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Hello { token: String },
-    Send { conversation: String, client_msg_id: String, body: String },
-    Delivered { conversation: String, seq: i64 },
-    Read { conversation: String, seq: i64 },
-    Typing { conversation: String },
-    History { conversation: String, before: Option<u64>, limit: usize },
-    Sync { conversation: String, after: u64, limit: usize },
-    Presence { conversation: String },
+    Hello {
+        token: String,
+    },
+    Send {
+        conversation: String,
+        client_msg_id: String,
+        body: String,
+    },
+    Delivered {
+        conversation: String,
+        seq: i64,
+    },
+    Read {
+        conversation: String,
+        seq: i64,
+    },
+    Typing {
+        conversation: String,
+    },
+    History {
+        conversation: String,
+        before: Option<u64>,
+        limit: usize,
+    },
+    /// `epoch`: the epoch the client holds, when it sent one.
+    Sync {
+        conversation: String,
+        after: u64,
+        limit: usize,
+        epoch: Option<String>,
+    },
+    Presence {
+        conversation: String,
+    },
     Ping,
+    /// A newer token for the same user (v1.1).
+    Refresh {
+        token: String,
+    },
 }
 
 impl Command {
@@ -43,6 +106,7 @@ impl Command {
             Command::Sync { .. } => "sync",
             Command::Presence { .. } => "presence",
             Command::Ping => "ping",
+            Command::Refresh { .. } => "refresh",
         }
     }
 }
@@ -80,6 +144,7 @@ struct Raw {
     before: Option<Value>,
     after: Option<Value>,
     limit: Option<Value>,
+    epoch: Option<Value>,
 }
 
 fn valid_id(v: &Value) -> bool {
@@ -193,7 +258,13 @@ pub fn parse(text: &str) -> Result<Inbound, ParseError> {
                 conversation: conv(raw.conversation)?,
                 after: take_cursor(raw.after, "after")?.unwrap_or(0),
                 limit: take_limit(raw.limit)?,
+                epoch: match raw.epoch {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(e)) if e.chars().count() <= 64 => Some(e),
+                    Some(_) => return Err("'epoch' must be a string of at most 64 characters".into()),
+                },
             },
+            "refresh" => Command::Refresh { token: take_str(raw.token, "token")? },
             "presence" => Command::Presence { conversation: conv(raw.conversation)? },
             "ping" => Command::Ping,
             other => {
@@ -207,11 +278,11 @@ pub fn parse(text: &str) -> Result<Inbound, ParseError> {
 }
 
 /// Serialises a server frame once; the result is shared by every recipient.
-pub fn render<T: Serialize>(frame: &T) -> Utf8Bytes {
+pub fn render<T: Serialize>(frame: &T) -> Text {
     // Serialising our own frame types cannot fail (string keys, no maps with
     // non-string keys, no fallible Serialize impls).
     let s = serde_json::to_string(frame).expect("server frames serialise");
-    Utf8Bytes::from(s)
+    Text::from(s)
 }
 
 /// Formats milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -270,6 +341,8 @@ pub struct ConversationEntry {
     pub last_seq: u64,
     pub read_seq: u64,
     pub unread: u64,
+    /// The stored history's epoch (v1.1): changes only when history was lost.
+    pub epoch: String,
     /// Members, except for open conversations (everyone).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<Vec<String>>,
@@ -292,7 +365,44 @@ pub struct Welcome<'a> {
     pub id: Option<&'a Value>,
     pub user: &'a UserRef,
     pub heartbeat_s: u64,
+    /// The longest `body` accepted, in Unicode scalar values.
+    pub max_body_chars: usize,
+    /// When the session's token expires (seconds since the epoch): refresh before.
+    pub exp: u64,
     pub conversations: &'a [ConversationEntry],
+}
+
+#[derive(Serialize)]
+pub struct Refreshed<'a> {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a Value>,
+    pub exp: u64,
+}
+
+/// A batched presence push (large conversations, v1.1).
+#[derive(Serialize)]
+pub struct PresenceBatch<'a> {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub conversation: &'a str,
+    pub changes: Vec<PresenceState<'a>>,
+}
+
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceState<'a> {
+    pub user: &'a str,
+    pub online: bool,
+}
+
+/// A batched receipt push (large conversations, v1.1).
+#[derive(Serialize)]
+pub struct ReceiptBatch<'a> {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub conversation: &'a str,
+    pub receipts: Vec<ReceiptState<'a>>,
 }
 
 #[derive(Serialize)]
@@ -333,7 +443,11 @@ pub struct HistoryPage<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<&'a Value>,
     pub conversation: &'a str,
-    pub messages: Vec<MessageFrame<'a>>,
+    pub epoch: &'a str,
+    /// The client's `epoch` differed: this page starts again from seq 1.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+    pub messages: Vec<&'a serde_json::value::RawValue>,
     pub receipts: Vec<ReceiptState<'a>>,
     pub has_more: bool,
 }
@@ -385,15 +499,15 @@ struct ErrorFrame<'a> {
     retry_after_ms: Option<u64>,
 }
 
-pub fn pong(id: Option<&Value>) -> Utf8Bytes {
+pub fn pong(id: Option<&Value>) -> Text {
     render(&Pong { ty: "pong", id })
 }
 
-pub fn error(id: Option<&Value>, e: &ChatError) -> Utf8Bytes {
+pub fn error(id: Option<&Value>, e: &ChatError) -> Text {
     render(&ErrorFrame { ty: "error", id, code: e.code, message: &e.message, retry_after_ms: e.retry_after_ms })
 }
 
-pub fn error_code(id: Option<&Value>, code: ErrorCode, message: &str) -> Utf8Bytes {
+pub fn error_code(id: Option<&Value>, code: ErrorCode, message: &str) -> Text {
     error(id, &ChatError::new(code, message))
 }
 
@@ -417,7 +531,7 @@ mod tests {
         let i = cmd(json!({"type":"history","id":"h","conversation":"g","before":43,"limit":500})).unwrap();
         assert_eq!(i.cmd, Command::History { conversation: "g".into(), before: Some(43), limit: 200 });
         let i = cmd(json!({"type":"sync","conversation":"g","limit":0})).unwrap();
-        assert_eq!(i.cmd, Command::Sync { conversation: "g".into(), after: 0, limit: 1 });
+        assert_eq!(i.cmd, Command::Sync { conversation: "g".into(), after: 0, limit: 1, epoch: None });
         assert_eq!(cmd(json!({"type":"ping","extra":true})).unwrap().cmd, Command::Ping);
         assert_eq!(
             cmd(json!({"type":"read","conversation":"g","seq":0})).unwrap().cmd,

@@ -288,7 +288,13 @@ async fn typing_goes_to_others_only(engine: Engine) {
     assert_eq!(t, json!({"type":"typing","conversation":conv,"user":{"id":"alice","name":"Alice"}}));
     a1.send(json!({"type":"typing","conversation":"dm:alice:bob"})).await;
     assert_eq!(b.expect_type("typing").await["conversation"], "dm:alice:bob");
-    // A burst is forwarded at most once a second per conversation.
+    // A burst is forwarded at most once a second per user and conversation,
+    // however many connections the user has: a2's burst right after a1's
+    // typing forwards nothing, a second later once.
+    a2.send(json!({"type":"typing","conversation":conv})).await;
+    a2.barrier().await;
+    b.assert_quiet(SHORT, |v| v["type"] != "typing").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..20 {
         a2.send(json!({"type":"typing","conversation":conv})).await;
     }
@@ -658,12 +664,17 @@ async fn hello_errors_close_4001() {
         assert_eq!(frames[0]["id"], frame["id"]);
         assert_eq!(end, Ended::Close(4001), "{frame}");
     }
-    // Garbage is a bad request; the connection may still say hello.
-    let mut c = Client::connect(&s.ws_url(), None).await.unwrap();
-    c.send_raw(tokio_tungstenite::tungstenite::Message::Text("not json".into())).await;
-    assert_eq!(c.next().await["code"], "bad_request");
-    c.send(json!({"type":"hello","token":s.token("alice").await})).await;
-    assert_eq!(c.next().await["type"], "welcome");
+    // Garbage before hello is "another frame" too (v1.1): unauthorized, 4001.
+    for junk in [
+        tokio_tungstenite::tungstenite::Message::Text("not json".into()),
+        tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into()),
+    ] {
+        let mut c = Client::connect(&s.ws_url(), None).await.unwrap();
+        c.send_raw(junk).await;
+        let (frames, end) = c.until_closed(Duration::from_secs(5)).await;
+        assert_eq!(frames[0]["code"], "unauthorized");
+        assert_eq!(end, Ended::Close(4001));
+    }
     // Silence past auth.hello_timeout_s.
     let mut c = Client::connect(&s.ws_url(), None).await.unwrap();
     let (_, end) = c.until_closed(Duration::from_secs(5)).await;

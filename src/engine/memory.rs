@@ -1,7 +1,10 @@
 //! The embedded engine: one node, everything in process memory.
 //!
 //! History is bounded per conversation (`chat.history_max_messages`, oldest
-//! dropped first) and lost on restart; the server says so in its start-up log.
+//! dropped first) and lost on restart; the server says so in its start-up log,
+//! and every start has a new epoch, so clients drop what they held.
+//! Nothing is allocated for a conversation that does not exist or holds
+//! nothing: receipts, typing, history and presence there only read.
 //! Each conversation has its own lock; a message is stored and handed to the
 //! hub under that lock, so every connection sees a conversation's messages in
 //! `seq` order.
@@ -65,6 +68,8 @@ pub struct MemoryEngine {
     user_index: RwLock<HashMap<String, BTreeSet<String>>>,
     /// user -> open connections on this node.
     presence: Mutex<HashMap<String, usize>>,
+    /// This process's epoch: history does not outlive it.
+    epoch: Arc<str>,
 }
 
 impl MemoryEngine {
@@ -75,6 +80,7 @@ impl MemoryEngine {
             convs: RwLock::default(),
             user_index: RwLock::default(),
             presence: Mutex::default(),
+            epoch: super::new_epoch().into(),
         }
     }
 
@@ -128,7 +134,15 @@ impl Engine for MemoryEngine {
     }
 
     async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Option<Appended>> {
-        let conv = self.conv(&msg.conversation);
+        // A send to a group that does not exist creates nothing.
+        let conv = if msg.require_member {
+            match self.existing(&msg.conversation) {
+                Some(c) => c,
+                None => return Ok(None),
+            }
+        } else {
+            self.conv(&msg.conversation)
+        };
         let first_message;
         let appended = {
             let mut c = conv.lock();
@@ -184,7 +198,7 @@ impl Engine for MemoryEngine {
 
     async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage> {
         let Some(conv) = self.existing(conversation) else {
-            return Ok(MessagePage::default());
+            return Ok(MessagePage { epoch: self.epoch.clone(), ..MessagePage::default() });
         };
         let c = conv.lock();
         let (from, to, has_more) = match page {
@@ -199,7 +213,7 @@ impl Engine for MemoryEngine {
                 (start, end, end < c.messages.len())
             }
         };
-        Ok(MessagePage { messages: c.messages.range(from..to).cloned().collect(), has_more })
+        Ok(MessagePage { messages: c.messages.range(from..to).cloned().collect(), has_more, epoch: self.epoch.clone() })
     }
 
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64> {
@@ -207,7 +221,9 @@ impl Engine for MemoryEngine {
     }
 
     async fn set_receipt(&self, conversation: &str, user: &str, seq: i64, read: bool) -> EngineResult<ReceiptOutcome> {
-        let conv = self.conv(conversation);
+        let Some(conv) = self.existing(conversation) else {
+            return Ok(ReceiptOutcome::OutOfRange { last_seq: 0 });
+        };
         let mut c = conv.lock();
         let last_seq = c.last_seq;
         if seq < 1 || seq as u64 > last_seq {
@@ -315,13 +331,13 @@ impl Engine for MemoryEngine {
             .iter()
             .map(|id| {
                 let Some(conv) = self.existing(id) else {
-                    return Counters::default();
+                    return Counters { epoch: self.epoch.clone(), ..Counters::default() };
                 };
                 let c = conv.lock();
                 let read_seq = c.receipts.get(user).map_or(0, |r| r.1);
                 let from = c.index_of(read_seq + 1);
                 let unread = c.messages.range(from..).filter(|m| &*m.sender_id != user).count() as u64;
-                Counters { last_seq: c.last_seq, read_seq, unread }
+                Counters { last_seq: c.last_seq, read_seq, unread, epoch: self.epoch.clone() }
             })
             .collect())
     }
@@ -342,6 +358,17 @@ impl Engine for MemoryEngine {
     async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
         self.dispatch(route, &event);
         Ok(())
+    }
+
+    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize> {
+        Ok(self.existing(conversation).map_or(0, |c| {
+            let c = c.lock();
+            if open { c.open_members.len() } else { c.group.as_ref().map_or(0, |g| g.members.len()) }
+        }))
+    }
+
+    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
+        Ok(self.presence.lock().get(user).copied().unwrap_or(0))
     }
 
     async fn subscribe(&self, _topics: &[Topic]) -> EngineResult<()> {

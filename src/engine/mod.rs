@@ -91,6 +91,15 @@ pub struct MessagePage {
     /// Ascending by `seq`.
     pub messages: Vec<StoredMessage>,
     pub has_more: bool,
+    /// The epoch of the conversation's stored history (see [`new_epoch`]).
+    pub epoch: Arc<str>,
+}
+
+/// A fresh epoch: 16 hex digits, random. A conversation's epoch changes only
+/// when its stored history was lost and `seq` starts again from 1 (PROTOCOL
+/// v1.1, *Epochs*); clients that hold another epoch drop their copy.
+pub fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,11 +125,12 @@ pub struct MembershipChange {
 }
 
 /// Per-user counters of one conversation (for `welcome`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
     pub last_seq: u64,
     pub read_seq: u64,
     pub unread: u64,
+    pub epoch: Arc<str>,
 }
 
 #[async_trait]
@@ -187,6 +197,28 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Publishes an event to every node.
     async fn publish(&self, route: &Route, event: Event) -> EngineResult<()>;
+
+    /// Publishes several events (one round trip where the engine can).
+    async fn publish_all(&self, events: Vec<(Route, Event)>) -> EngineResult<()> {
+        for (route, event) in events {
+            self.publish(&route, event).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a typing event of `user` in `conversation` may go out now:
+    /// at most one per `every` across the cluster. The node checks its own
+    /// throttle first; an engine with one node has nothing to add.
+    async fn typing_gate(&self, _user: &str, _conversation: &str, _every: std::time::Duration) -> EngineResult<bool> {
+        Ok(true)
+    }
+
+    /// Members of a group, or known members of an open conversation.
+    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize>;
+
+    /// Open connections of `user` on every node (this node's for an engine
+    /// that has one node).
+    async fn connection_count(&self, user: &str) -> EngineResult<usize>;
 
     /// Makes sure this node receives `topics` (the hub already wants them);
     /// returns once the subscription is active.

@@ -243,3 +243,14 @@ pub async fn get_user_conversations(
     let conversations = node.conversations_for(&user).await?;
     Ok(Json(json!({"conversations": conversations})).into_response())
 }
+
+/// `POST /api/v1/users/{id}/disconnect`: closes every connection of the user
+/// on every node with 4001 -> `{"closed":N}`, N counted across the cluster
+/// just before (the CRM signed the user out or deactivated them).
+pub async fn post_disconnect(State(node): State<Arc<Node>>, Path(user): Path<String>) -> Result<Response, ChatError> {
+    if !ids::valid_user_id(&user) {
+        return Err(ChatError::bad_request("user id must be 1-128 chars of [A-Za-z0-9_.@-]"));
+    }
+    let closed = node.disconnect_user(&user).await?;
+    Ok(Json(json!({"closed": closed})).into_response())
+}

@@ -6,9 +6,10 @@
 pub mod api;
 pub mod assets;
 pub mod health;
+pub mod listener;
 pub mod ws;
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -22,28 +23,64 @@ use ipnet::IpNet;
 use serde_json::json;
 use tower_http::{
     set_header::SetResponseHeaderLayer,
+    timeout::TimeoutLayer,
     trace::{DefaultOnFailure, TraceLayer},
 };
 
 use crate::{error::ChatError, node::Node};
 
-/// The whole HTTP surface of a node.
-pub fn router(node: Arc<Node>) -> Router {
+/// The routes of the public listener: the WebSocket, the demo page and its
+/// files, and dev tokens (a 404 unless `auth.dev_tokens`).
+fn public_routes() -> Router<Arc<Node>> {
+    Router::new()
+        .route("/ws/chat", get(ws::upgrade))
+        .route("/api/v1/dev/token", post(api::dev_token))
+        .route("/", get(assets::index))
+        .route("/static/{*path}", get(assets::file))
+}
+
+/// The routes of the internal listener: the service API, health and metrics.
+fn internal_routes(node: &Arc<Node>) -> Router<Arc<Node>> {
     let service = Router::new()
         .route("/conversations/{id}", put(api::put_conversation).get(api::get_conversation))
         .route("/conversations/{id}/members", post(api::post_members))
         .route("/conversations/{id}/messages", post(api::post_message).get(api::get_messages))
         .route("/users/{id}/conversations", get(api::get_user_conversations))
-        .route_layer(from_fn_with_state(node.clone(), api::require_api_key));
+        .route("/users/{id}/disconnect", post(api::post_disconnect))
+        .route_layer(from_fn_with_state(node.clone(), api::require_api_key))
+        // A slow request body cannot hold a handler forever.
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, API_TIMEOUT));
     Router::new()
-        .route("/ws/chat", get(ws::upgrade))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/api/v1/dev/token", post(api::dev_token))
         .nest("/api/v1", service)
-        .route("/", get(assets::index))
-        .route("/static/{*path}", get(assets::file))
+}
+
+/// How long one service API request may take, body included.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP surface of a node: `(public, internal)`. With
+/// `server.internal_listen` unset, every route is on the public router and
+/// there is no internal one.
+pub fn routers(node: Arc<Node>) -> (Router, Option<Router>) {
+    let split = node.cfg.server.internal_listen.is_some();
+    if split {
+        let public = finish(public_routes(), &node);
+        let internal = finish(internal_routes(&node), &node);
+        (public, Some(internal))
+    } else {
+        (finish(public_routes().merge(internal_routes(&node)), &node), None)
+    }
+}
+
+/// Every route on one router (tests, single-port setups).
+pub fn router(node: Arc<Node>) -> Router {
+    finish(public_routes().merge(internal_routes(&node)), &node)
+}
+
+fn finish(routes: Router<Arc<Node>>, node: &Arc<Node>) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(node.cfg.limits.api_body_bytes))
@@ -56,7 +93,7 @@ pub fn router(node: Arc<Node>) -> Router {
             HeaderName::from_static("x-chat-node"),
             HeaderValue::from_str(&node.node_id).unwrap_or_else(|_| HeaderValue::from_static("invalid-node-id")),
         ))
-        .with_state(node)
+        .with_state(node.clone())
 }
 
 /// `{"error":{"code","message"}}` with the status of the code.

@@ -47,7 +47,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use axum::extract::ws::Utf8Bytes;
 use fred::{
     clients::SubscriberClient,
     prelude::*,
@@ -66,7 +65,7 @@ use crate::{
     error::{EngineError, EngineResult},
     hub::{Event, EventKind, Hub, Topic, now_us},
     ids,
-    protocol::{ConversationObject, format_ts},
+    protocol::{ConversationObject, Text, format_ts},
     telemetry,
 };
 
@@ -130,12 +129,15 @@ impl Keys {
 fn encode(event: &Event) -> String {
     let (kind, conv, extra) = match &event.kind {
         EventKind::Message => ("m", "", String::new()),
+        EventKind::Receipt if event.batch => ("R", "", String::new()),
         EventKind::Receipt => ("r", "", String::new()),
         EventKind::Typing => ("t", "", String::new()),
+        EventKind::Presence if event.batch => ("P", "", String::new()),
         EventKind::Presence => ("p", "", String::new()),
         EventKind::Membership { conversation, member } => {
             ("c", &**conversation, (if *member { "1" } else { "0" }).into())
         }
+        EventKind::Disconnect => ("d", "", String::new()),
     };
     format!(
         "{kind}\t{}\t{}\t{conv}\t{}\t{extra}\n{}",
@@ -146,8 +148,11 @@ fn encode(event: &Event) -> String {
     )
 }
 
-/// A message's conversation and seq, as carried in its payload header.
-type MessageSeq = (Arc<str>, u64);
+/// The last message delivered of a (topic, conversation): its epoch and seq.
+type Mark = (Arc<str>, u64);
+
+/// A message's conversation, epoch and seq, as carried in its payload header.
+type MessageSeq = (Arc<str>, Arc<str>, u64);
 
 /// A decoded payload.
 struct Decoded<'a> {
@@ -161,23 +166,31 @@ fn decode(payload: &str) -> Option<Decoded<'_>> {
     let (head, frame) = payload.split_once('\n')?;
     let mut p = head.split('\t');
     let (kind, exclude, us, conv, tp, extra) = (p.next()?, p.next()?, p.next()?, p.next()?, p.next()?, p.next()?);
-    let kind = match kind {
-        "m" => EventKind::Message,
-        "r" => EventKind::Receipt,
-        "t" => EventKind::Typing,
-        "p" => EventKind::Presence,
-        "c" => EventKind::Membership { conversation: conv.into(), member: extra == "1" },
+    let (kind, batch) = match kind {
+        "m" => (EventKind::Message, false),
+        "r" => (EventKind::Receipt, false),
+        "R" => (EventKind::Receipt, true),
+        "t" => (EventKind::Typing, false),
+        "p" => (EventKind::Presence, false),
+        "P" => (EventKind::Presence, true),
+        "c" => (EventKind::Membership { conversation: conv.into(), member: extra == "1" }, false),
+        "d" => (EventKind::Disconnect, false),
         _ => return None,
     };
     let seq = match kind {
-        EventKind::Message => Some((Arc::<str>::from(conv), extra.parse().ok()?)),
+        // `<seq>:<epoch>`
+        EventKind::Message => {
+            let (seq, epoch) = extra.split_once(':')?;
+            Some((Arc::<str>::from(conv), Arc::<str>::from(epoch), seq.parse().ok()?))
+        }
         _ => None,
     };
     let event = Event {
         kind,
         exclude_user: (!exclude.is_empty()).then(|| exclude.into()),
-        frame: Utf8Bytes::from(frame.to_string()),
+        frame: Text::from(frame.to_string()),
         stored_at_us: us.parse().ok(),
+        batch,
     };
     Some(Decoded { event, seq, traceparent: (!tp.is_empty()).then_some(tp) })
 }
@@ -229,6 +242,9 @@ struct Inner {
     lease: Duration,
     retention_max: u64,
     retention_age_ms: u64,
+    /// Cluster-wide per-user send quota (checked in the append script).
+    send_per_s: f64,
+    send_burst: u32,
     scripts: scripts::Scripts,
     /// Channels the subscriber is subscribed to (guarded for ordered changes).
     active: tokio::sync::Mutex<HashSet<String>>,
@@ -236,7 +252,9 @@ struct Inner {
     /// locally without a gap. Live messages beyond a gap wait for the gap to
     /// be filled from storage; messages at or below it (re-sent by recovery,
     /// or out-of-order) are not delivered twice.
-    delivered: Mutex<HashMap<(Topic, Arc<str>), u64>>,
+    /// Marks are per epoch: a message of another epoch (the history was lost
+    /// and seqs started again) starts a new mark at 0, never counts as a repeat.
+    delivered: Mutex<HashMap<(Topic, Arc<str>), Mark>>,
     /// Last time the subscriber was known connected (ms since the epoch).
     healthy_at_ms: AtomicI64,
     /// Set when this node's presence must be written again (after a lease loss).
@@ -329,6 +347,8 @@ impl ValkeyEngine {
             lease: Duration::from_secs(v.node_lease_s),
             retention_max: v.retention_max_messages,
             retention_age_ms: v.retention_max_age_s * 1000,
+            send_per_s: cfg.limits.send_per_s,
+            send_burst: cfg.limits.send_burst,
             scripts: scripts::Scripts::new(),
             active: tokio::sync::Mutex::default(),
             delivered: Mutex::default(),
@@ -366,9 +386,9 @@ async fn receive(inner: Arc<Inner>) {
                 if let Some(tp) = traceparent {
                     telemetry::join_remote(&span, tp);
                 }
-                if let Some((conv, seq)) = seq {
+                if let Some((conv, epoch, seq)) = seq {
                     // Messages go through the in-order path (gap fill, no repeats).
-                    let n = deliver_message(&inner, &topic, &conv, seq, &event).instrument(span.clone()).await;
+                    let n = deliver_message(&inner, &topic, &conv, &epoch, seq, &event).instrument(span.clone()).await;
                     span.record("recipients", n);
                     continue;
                 }
@@ -412,17 +432,24 @@ enum Order {
 }
 
 /// Delivers one message of `conv` on `topic` if it is the next in seq order
-/// (or the first this node sees), under the lock that keeps the mark and the
-/// delivery in step.
-fn deliver_next(inner: &Inner, topic: &Topic, conv: &Arc<str>, seq: u64, event: &Event) -> Order {
+/// of its epoch (or the first this node sees), under the lock that keeps the
+/// mark and the delivery in step.
+fn deliver_next(inner: &Inner, topic: &Topic, conv: &Arc<str>, epoch: &Arc<str>, seq: u64, event: &Event) -> Order {
     let mut marks = inner.delivered.lock();
     let key = (topic.clone(), conv.clone());
-    match marks.get(&key).copied() {
+    // Another epoch: the history was lost and seqs start again. What was
+    // delivered before says nothing about the new epoch.
+    let mark = match marks.get(&key) {
+        Some((e, m)) if e == epoch => Some(*m),
+        Some(_) => Some(0),
+        None => None,
+    };
+    match mark {
         Some(mark) if seq <= mark => Order::Repeat,
         Some(mark) if seq > mark + 1 => Order::GapAfter(mark),
         _ => {
             let n = inner.hub.dispatch(topic, event);
-            marks.insert(key, seq);
+            marks.insert(key, (epoch.clone(), seq));
             Order::Delivered(n)
         }
     }
@@ -430,44 +457,44 @@ fn deliver_next(inner: &Inner, topic: &Topic, conv: &Arc<str>, seq: u64, event: 
 
 /// A live message: fills a gap before it from storage, drops a repeat.
 /// Returns the connections it was delivered to.
-async fn deliver_message(inner: &Inner, topic: &Topic, conv: &Arc<str>, seq: u64, event: &Event) -> usize {
-    let mark = match deliver_next(inner, topic, conv, seq, event) {
+async fn deliver_message(
+    inner: &Inner,
+    topic: &Topic,
+    conv: &Arc<str>,
+    epoch: &Arc<str>,
+    seq: u64,
+    event: &Event,
+) -> usize {
+    let mark = match deliver_next(inner, topic, conv, epoch, seq, event) {
         Order::Delivered(n) => return n,
         Order::Repeat => return 0,
         Order::GapAfter(mark) => mark,
     };
-    {
-        let key = inner.keys.conv(conv, "msgs");
-        let missing: Result<Vec<StreamEntry>, _> =
-            inner.pool.next().xrange(&key, format!("{}-0", mark + 1), format!("{}-0", seq - 1), None).await;
-        match missing {
-            Ok(entries) => {
-                for e in &entries {
-                    if let Ok((m, frame)) = stored(e) {
-                        deliver_next(
-                            inner,
-                            topic,
-                            conv,
-                            m.seq,
-                            &Event::new(EventKind::Message, Utf8Bytes::from(frame)),
-                        );
-                    }
+    let key = inner.keys.conv(conv, "msgs");
+    let missing: Result<Vec<StreamEntry>, _> =
+        inner.pool.next().xrange(&key, format!("{}-0", mark + 1), format!("{}-0", seq - 1), None).await;
+    match missing {
+        Ok(entries) => {
+            for e in &entries {
+                if let Ok((m, frame)) = stored(e) {
+                    let event = Event::new(EventKind::Message, Text::from(frame));
+                    deliver_next(inner, topic, conv, epoch, m.seq, &event);
                 }
-                crate::metrics::pubsub_resent(entries.len() as u64);
             }
-            Err(e) => tracing::warn!(error = %e, conversation = %conv, "cannot fill a pub/sub gap; clients will sync"),
+            crate::metrics::pubsub_resent(entries.len() as u64);
         }
-        // Delivered after the fill (or, if storage failed, anyway: clients see
-        // the gap by seq and sync).
-        match deliver_next(inner, topic, conv, seq, event) {
-            Order::Delivered(n) => n,
-            Order::Repeat => 0,
-            Order::GapAfter(_) => {
-                inner.delivered.lock().insert((topic.clone(), conv.clone()), seq - 1);
-                match deliver_next(inner, topic, conv, seq, event) {
-                    Order::Delivered(n) => n,
-                    _ => 0,
-                }
+        Err(e) => tracing::warn!(error = %e, conversation = %conv, "cannot fill a pub/sub gap; clients will sync"),
+    }
+    // Delivered after the fill (or, if storage failed, anyway: clients see
+    // the gap by seq and sync).
+    match deliver_next(inner, topic, conv, epoch, seq, event) {
+        Order::Delivered(n) => n,
+        Order::Repeat => 0,
+        Order::GapAfter(_) => {
+            inner.delivered.lock().insert((topic.clone(), conv.clone()), (epoch.clone(), seq - 1));
+            match deliver_next(inner, topic, conv, epoch, seq, event) {
+                Order::Delivered(n) => n,
+                _ => 0,
             }
         }
     }
@@ -562,12 +589,21 @@ async fn followed(inner: &Inner) -> EngineResult<Vec<(Topic, String)>> {
 }
 
 /// Re-sends, in order, the messages of one conversation this node has not
-/// delivered on `topic`.
+/// delivered on `topic` (all of the current epoch's when the epoch changed).
 async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> EngineResult<usize> {
     let conv: Arc<str> = conv.into();
-    let from = inner.delivered.lock().get(&(topic.clone(), conv.clone())).copied();
-    let key = inner.keys.conv(&conv, "msgs");
     let client = inner.pool.next();
+    let epoch: Option<String> = client.hget(inner.keys.conv(&conv, "meta"), "epoch").await.map_err(err)?;
+    let Some(epoch) = epoch.map(Arc::<str>::from) else {
+        // Nothing stored (or it was lost and nothing new came yet).
+        return Ok(0);
+    };
+    let from = match inner.delivered.lock().get(&(topic.clone(), conv.clone())) {
+        Some((e, seq)) if *e == epoch => Some(*seq),
+        Some(_) => Some(0),
+        None => None,
+    };
+    let key = inner.keys.conv(&conv, "msgs");
     let entries: Vec<StreamEntry> = match from {
         Some(seq) => client.xrange(&key, format!("{}-0", seq + 1), "+", Some(1000)).await.map_err(err)?,
         None => {
@@ -580,8 +616,8 @@ async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> Engi
     let mut n = 0;
     for e in &entries {
         let (m, frame) = stored(e)?;
-        let event = Event::new(EventKind::Message, Utf8Bytes::from(frame));
-        if matches!(deliver_next(inner, topic, &conv, m.seq, &event), Order::Delivered(_)) {
+        let event = Event::new(EventKind::Message, Text::from(frame));
+        if matches!(deliver_next(inner, topic, &conv, &epoch, m.seq, &event), Order::Delivered(_)) {
             n += 1;
         }
     }
@@ -759,6 +795,9 @@ impl Engine for ValkeyEngine {
             k.conv(conv, "own:"),
             if in_script { i.publish_cmd() } else { "n" }.to_string(),
             payload_head.clone(),
+            super::new_epoch(),
+            i.send_per_s.to_string(),
+            i.send_burst.to_string(),
         ];
         args.extend(route.iter().map(|t| k.channel(t)));
         if let Some(pair) = &msg.participants {
@@ -767,46 +806,73 @@ impl Engine for ValkeyEngine {
             // that holds messages.
             self.index(conv, pair, true).await?;
         }
-        let keys = vec![k.conv(conv, "meta"), k.conv(conv, "msgs"), k.conv(conv, "idem"), k.conv(conv, "mem")];
-        let r: Vec<i64> = i.scripts.append.run(&i.pool, keys, args).await?.convert().map_err(err)?;
-        let (seq, ts_ms, dup) = match r.as_slice() {
-            [-1] => return Ok(None),
-            [seq, ts, dup] => (*seq as u64, *ts, *dup == 1),
+        // The send bucket: the user's own slot where keys may span slots;
+        // on Cluster the script's keys share the conversation's slot, so the
+        // bucket is per user and conversation there (the node-local limiter
+        // still bounds a user across conversations on each node).
+        let bucket = if i.cluster {
+            format!("{}:{}", k.conv(conv, "rate"), msg.sender.id)
+        } else {
+            format!("{}:{{u:{}}}:rate", k.prefix, msg.sender.id)
+        };
+        let keys = vec![k.conv(conv, "meta"), k.conv(conv, "msgs"), k.conv(conv, "idem"), k.conv(conv, "mem"), bucket];
+        let r: Vec<fred::types::Value> = i.scripts.append.run(&i.pool, keys, args).await?.convert().map_err(err)?;
+        let int =
+            |v: &fred::types::Value| v.as_i64().ok_or_else(|| EngineError::Internal(format!("append returned {r:?}")));
+        let (seq, ts_ms, dup, epoch) = match r.as_slice() {
+            [code] if int(code)? == -1 => return Ok(None),
+            [code, wait] if int(code)? == -2 => return Err(EngineError::RateLimited(int(wait)?.max(1) as u64)),
+            [seq, ts, dup, epoch] => (
+                int(seq)? as u64,
+                int(ts)?,
+                int(dup)? == 1,
+                epoch.as_string().ok_or_else(|| EngineError::Internal("append returned no epoch".into()))?,
+            ),
             other => return Err(EngineError::Internal(format!("append returned {other:?}"))),
         };
         if !in_script && !dup {
-            i.publish_payload(route, format!("{payload_head}{seq}\n{head}{seq}{tail}")).await?;
+            i.publish_payload(route, format!("{payload_head}{seq}:{epoch}\n{head}{seq}{tail}")).await?;
         }
         Ok(Some(Appended { seq, ts_ms, duplicate: dup }))
     }
 
     async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage> {
         let key = self.inner.keys.conv(conversation, "msgs");
-        let client = self.inner.pool.next();
-        let (mut entries, limit): (Vec<StreamEntry>, usize) = match page {
+        // The page and the epoch in one round trip.
+        let pipe = self.inner.pool.next().pipeline();
+        let (backwards, limit) = match page {
             Page::Before(before, limit) => {
                 let end = match before {
-                    Some(0 | 1) => return Ok(MessagePage::default()),
-                    Some(b) => format!("{}-0", b - 1),
-                    None => "+".into(),
+                    Some(0 | 1) => None,
+                    Some(b) => Some(format!("{}-0", b - 1)),
+                    None => Some("+".into()),
                 };
-                let mut v: Vec<StreamEntry> =
-                    client.xrevrange(&key, end, "-", Some(limit as u64 + 1)).await.map_err(err)?;
-                let more = v.len() > limit;
-                v.truncate(limit);
-                v.reverse();
-                let messages = v.iter().map(|e| stored(e).map(|s| s.0)).collect::<EngineResult<_>>()?;
-                return Ok(MessagePage { messages, has_more: more });
+                match end {
+                    Some(end) => {
+                        let _: () = pipe.xrevrange(&key, end, "-", Some(limit as u64 + 1)).await.map_err(err)?;
+                    }
+                    // Nothing before seq 1: an empty read keeps the shape.
+                    None => {
+                        let _: () = pipe.xrange(&key, "0-1", "0-1", Some(1)).await.map_err(err)?;
+                    }
+                }
+                (true, limit)
             }
             Page::After(after, limit) => {
                 let start = format!("{}-0", after.saturating_add(1));
-                (client.xrange(&key, start, "+", Some(limit as u64 + 1)).await.map_err(err)?, limit)
+                let _: () = pipe.xrange(&key, start, "+", Some(limit as u64 + 1)).await.map_err(err)?;
+                (false, limit)
             }
         };
+        let _: () = pipe.hget(self.inner.keys.conv(conversation, "meta"), "epoch").await.map_err(err)?;
+        let (mut entries, epoch): (Vec<StreamEntry>, Option<String>) = pipe.all().await.map_err(err)?;
         let has_more = entries.len() > limit;
         entries.truncate(limit);
+        if backwards {
+            entries.reverse();
+        }
         let messages = entries.iter().map(|e| stored(e).map(|s| s.0)).collect::<EngineResult<_>>()?;
-        Ok(MessagePage { messages, has_more })
+        Ok(MessagePage { messages, has_more, epoch: epoch.unwrap_or_default().into() })
     }
 
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64> {
@@ -935,15 +1001,18 @@ impl Engine for ValkeyEngine {
         let pipe = client.pipeline();
         for c in conversations {
             let _: () = pipe.hget(k.conv(c, "meta"), "last").await.map_err(err)?;
+            let _: () = pipe.hget(k.conv(c, "meta"), "epoch").await.map_err(err)?;
             let _: () = pipe.hget(k.conv(c, "rcpt"), user).await.map_err(err)?;
         }
         let first: Vec<Option<String>> = pipe.all().await.map_err(err)?;
         let mut base = Vec::with_capacity(conversations.len());
-        for pair in first.chunks(2) {
-            let last: u64 = pair[0].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut epochs = Vec::with_capacity(conversations.len());
+        for triple in first.chunks(3) {
+            let last: u64 = triple[0].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
             let read: u64 =
-                pair[1].as_deref().and_then(|s| s.split_once(':')).and_then(|(_, r)| r.parse().ok()).unwrap_or(0);
+                triple[2].as_deref().and_then(|s| s.split_once(':')).and_then(|(_, r)| r.parse().ok()).unwrap_or(0);
             base.push((last, read));
+            epochs.push(Arc::<str>::from(triple[1].as_deref().unwrap_or_default()));
         }
         let pipe = client.pipeline();
         for (c, (_, read)) in conversations.iter().zip(&base) {
@@ -954,10 +1023,12 @@ impl Engine for ValkeyEngine {
         Ok(base
             .into_iter()
             .zip(own)
-            .map(|((last_seq, read_seq), own)| Counters {
+            .zip(epochs)
+            .map(|(((last_seq, read_seq), own), epoch)| Counters {
                 last_seq,
                 read_seq,
                 unread: last_seq.saturating_sub(read_seq).saturating_sub(own),
+                epoch,
             })
             .collect())
     }
@@ -980,6 +1051,49 @@ impl Engine for ValkeyEngine {
 
     async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
         self.inner.publish_payload(route, encode(&event)).await
+    }
+
+    async fn publish_all(&self, events: Vec<(Route, Event)>) -> EngineResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let i = &self.inner;
+        let pipe = i.pool.next().pipeline();
+        for (route, event) in &events {
+            let payload = encode(event);
+            for topic in route {
+                let ch = i.keys.channel(topic);
+                if i.cluster {
+                    let _: () = pipe.spublish(ch, payload.as_str()).await.map_err(err)?;
+                } else {
+                    let _: () = pipe.publish(ch, payload.as_str()).await.map_err(err)?;
+                }
+            }
+        }
+        let _: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn typing_gate(&self, user: &str, conversation: &str, every: Duration) -> EngineResult<bool> {
+        let key = format!("{}:{{u:{user}}}:typing:{conversation}", self.inner.keys.prefix);
+        let set: Option<String> = self
+            .inner
+            .pool
+            .next()
+            .set(key, "1", Some(Expiration::PX(every.as_millis() as i64)), Some(SetOptions::NX), false)
+            .await
+            .map_err(err)?;
+        Ok(set.is_some())
+    }
+
+    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize> {
+        let key = self.inner.keys.conv(conversation, if open { "open" } else { "mem" });
+        self.inner.pool.next().scard(key).await.map_err(err)
+    }
+
+    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
+        let n: i64 = self.inner.presence("count", &[user]).await?.convert().map_err(err)?;
+        Ok(n.max(0) as usize)
     }
 
     async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()> {
@@ -1098,7 +1212,7 @@ mod tests {
 
     #[test]
     fn payload_roundtrip() {
-        let mut e = Event::new(EventKind::Typing, Utf8Bytes::from("{\"x\":\"a\\nb\"}".to_string())).excluding("bob");
+        let mut e = Event::new(EventKind::Typing, Text::from("{\"x\":\"a\\nb\"}".to_string())).excluding("bob");
         e.stored_at_us = Some(42);
         let encoded = encode(&e);
         let d = decode(&encoded).unwrap();
@@ -1108,18 +1222,16 @@ mod tests {
         assert_eq!(d.event.frame.as_str(), e.frame.as_str());
         assert!(d.seq.is_none());
         assert!(d.traceparent.is_none(), "no trace without OpenTelemetry");
-        let m = Event::new(
-            EventKind::Membership { conversation: "deal".into(), member: true },
-            Utf8Bytes::from_static("{}"),
-        );
+        let m =
+            Event::new(EventKind::Membership { conversation: "deal".into(), member: true }, Text::from_static("{}"));
         let encoded = encode(&m);
         let d = decode(&encoded).unwrap();
         assert_eq!(d.event.kind, EventKind::Membership { conversation: "deal".into(), member: true });
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let raw = format!("m\t\t7\tgeneral\t{tp}\t12\n{{\"a\":1}}");
+        let raw = format!("m\t\t7\tgeneral\t{tp}\t12:e1\n{{\"a\":1}}");
         let d = decode(&raw).unwrap();
         assert_eq!(d.event.kind, EventKind::Message);
-        assert_eq!(d.seq, Some(("general".into(), 12)));
+        assert_eq!(d.seq, Some(("general".into(), "e1".into(), 12)));
         assert_eq!(d.traceparent, Some(tp));
     }
 

@@ -6,15 +6,22 @@
 -- KEYS[2] message stream (entry id `<seq>-0`; fields f=frame, t=ts ms, u=sender, k=idempotency key)
 -- KEYS[3] idempotency hash (`<sender>\n<client_msg_id>` -> seq)
 -- KEYS[4] members set   (checked when ARGV[8] == "1")
+-- KEYS[5] the sender's send bucket (hash: tk = tokens, ts = ms of the last take)
 -- ARGV[1] idempotency key        ARGV[2] ts (ms)          ARGV[3] sender id
 -- ARGV[4] frame head (`..."seq":`) ARGV[5] frame tail (`,"ts":...}`)
 -- ARGV[6] max messages kept      ARGV[7] min ts kept (ms, 0 = no age limit)
 -- ARGV[8] "1": sender must be in KEYS[4]
 -- ARGV[9] own-seqs key prefix (+ sender id: a sorted set of the sender's seqs, for unread counts)
 -- ARGV[10] pub/sub: "p" PUBLISH, "s" SPUBLISH, "n" none (the caller publishes)
--- ARGV[11] pub/sub payload head (the seq and "\n" + frame follow)
--- ARGV[12..] channels
--- Returns {seq, ts, duplicate(0|1)}, or {-1} when the sender is not a member.
+-- ARGV[11] pub/sub payload head (`<seq>:<epoch>`, "\n" and the frame follow)
+-- ARGV[12] a fresh epoch, used when the conversation has none (first message,
+--          or its history was lost: seqs start again, under a new epoch)
+-- ARGV[13] sends per second per user, ARGV[14] burst (token bucket, across
+--          every node; Valkey's clock)
+-- ARGV[15..] channels
+-- Returns {seq, ts, duplicate(0|1), epoch}, {-1} when the sender is not a
+-- member, {-2, retry_after_ms} when the sender's bucket is empty. Nothing is
+-- written before these checks pass, so a refused write (OOM) stores nothing.
 
 if ARGV[8] == '1' and redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 0 then
   return {-1}
@@ -33,10 +40,28 @@ if known then
   local e = redis.call('XRANGE', KEYS[2], known .. '-0', known .. '-0')
   local ts = 0
   if e[1] then ts = tonumber(field(e[1], 't')) end
-  return {tonumber(known), ts, 1}
+  return {tonumber(known), ts, 1, redis.call('HGET', KEYS[1], 'epoch') or ''}
 end
 
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, burst = tonumber(ARGV[13]), tonumber(ARGV[14])
+local bucket = redis.call('HMGET', KEYS[5], 'tk', 'ts')
+local tokens = tonumber(bucket[1]) or burst
+local last_take = tonumber(bucket[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - last_take) * rate / 1000)
+if tokens < 1 then
+  return {-2, math.ceil((1 - tokens) * 1000 / rate)}
+end
+
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[12]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
+redis.call('HSET', KEYS[5], 'tk', tostring(tokens - 1), 'ts', now)
+redis.call('PEXPIRE', KEYS[5], math.ceil(burst * 1000 / rate) + 1000)
 local frame = ARGV[4] .. seq .. ARGV[5]
 redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame, 't', ARGV[2], 'u', ARGV[3], 'k', ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)
@@ -72,11 +97,11 @@ if min_ts > 0 then
 end
 
 if ARGV[10] ~= 'n' then
-  local payload = ARGV[11] .. seq .. '\n' .. frame
+  local payload = ARGV[11] .. seq .. ':' .. epoch .. '\n' .. frame
   local cmd = 'PUBLISH'
   if ARGV[10] == 's' then cmd = 'SPUBLISH' end
-  for i = 12, #ARGV do
+  for i = 15, #ARGV do
     redis.call(cmd, ARGV[i], payload)
   end
 end
-return {seq, tonumber(ARGV[2]), 0}
+return {seq, tonumber(ARGV[2]), 0, epoch}

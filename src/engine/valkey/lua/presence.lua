@@ -6,6 +6,7 @@
 --   (down) on the cluster as a whole, else 0.
 -- online: ARGV[5..] users. Returns those online on some live node.
 -- all: returns every user online on some live node.
+-- count: ARGV[5] user. Returns the user's open connections on live nodes.
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
 local function elsewhere(user)
   for _, n in ipairs(live) do
@@ -26,6 +27,12 @@ elseif op == 'down' then
   if mine <= 0 then redis.call('HDEL', ARGV[1] .. ARGV[2], ARGV[5]) end
   if mine > 0 or elsewhere(ARGV[5]) then return 0 end
   return 1
+elseif op == 'count' then
+  local n = 0
+  for _, nd in ipairs(live) do
+    n = n + tonumber(redis.call('HGET', ARGV[1] .. nd, ARGV[5]) or '0')
+  end
+  return n
 elseif op == 'online' then
   local out = {}
   for i = 5, #ARGV do

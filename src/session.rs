@@ -1,0 +1,581 @@
+//! One WebSocket session, from the upgraded socket to the closed TCP
+//! connection. Generic over the byte stream, so unit tests drive it over an
+//! in-memory pipe under a paused clock.
+//!
+//! A session goes through three phases, in one task that owns the socket:
+//! 1. *Authenticate*: the token came at upgrade (header or cookie), or the
+//!    first frame must be a valid `hello` within `auth.hello_timeout_s`; any
+//!    other frame gets `unauthorized` and close 4001.
+//! 2. *Open*: [`Node::open_session`] subscribes and reads membership, then
+//!    `welcome` is written straight to the socket, so it is the first frame.
+//! 3. *Run*: one `select!` reads frames, writes the bounded outbound queue
+//!    (batched into one flush), sends heartbeat pings, closes an idle
+//!    connection (1001) and one whose token expired (4001).
+//!
+//! Every cost is bounded: the outbound queue in frames and bytes (1013 past
+//! either), each write by `limits.write_timeout_s` (a peer that stops reading
+//! never pins a session), requests by a per-connection token bucket.
+//!
+//! Closing follows RFC 6455: the close frame carries the first code decided
+//! (see [`Closer`](crate::hub::Closer)); afterwards the session keeps reading
+//! and discarding until the client's close frame or 2 s, then ends the TCP
+//! connection, so the code reaches the client instead of a reset.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+    time::{Instant, sleep_until, timeout, timeout_at},
+};
+use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
+use tungstenite::{
+    Message,
+    error::ProtocolError,
+    protocol::{CloseFrame, frame::coding::CloseCode},
+};
+
+use crate::{
+    auth::Verified,
+    engine::Page,
+    error::{ChatError, ErrorCode},
+    hub::Conn,
+    metrics,
+    node::Node,
+    protocol::{self, Ack, Command, Inbound, Refreshed, Text, UserRef, Welcome, close},
+};
+
+/// Frames written per flush at most (one syscall for a burst of fan-out).
+const WRITE_BATCH: usize = 128;
+/// Bytes written per flush at most.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// How long the server waits for the client's close frame after its own.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How a session's run ended, and so how it closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Close with this code: the socket is healthy, replies queued before
+    /// the decision go out first (except after 1013).
+    Close(u16),
+    /// The client broke the WebSocket protocol (1002, 1007, 1009): the read
+    /// side is unusable, so after the close frame the rest is discarded raw.
+    Violation(u16),
+    /// A write made no progress within `limits.write_timeout_s`.
+    Stalled,
+    /// The client closed (its close frame was answered) or the connection
+    /// is gone.
+    Gone,
+}
+
+/// Maps a read error to how the session ends.
+fn read_error(e: &tungstenite::Error) -> End {
+    use tungstenite::Error as E;
+    match e {
+        E::Capacity(_) => End::Violation(close::TOO_BIG),
+        E::Utf8(_) => End::Violation(close::INVALID_DATA),
+        E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        E::Protocol(_) => End::Violation(close::PROTOCOL_ERROR),
+        _ => End::Gone,
+    }
+}
+
+fn close_message(code: u16) -> Message {
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: close::reason(code).into() }))
+}
+
+/// Counts bad and rate-limited frames; past `limits.max_bad_frames` of
+/// either the connection is closed with 4008.
+struct Strikes {
+    bad: u32,
+    rate: u32,
+    max: u32,
+}
+
+impl Strikes {
+    /// Records a bad frame; true when the connection must close.
+    fn bad_frame(&mut self) -> bool {
+        self.bad += 1;
+        self.bad > self.max
+    }
+    /// Records a rate-limited frame; true when the connection must close.
+    fn limited(&mut self) -> bool {
+        self.rate += 1;
+        self.rate > self.max
+    }
+}
+
+/// A per-connection token bucket (`history`, `sync` and `presence`).
+struct Bucket {
+    tokens: f64,
+    burst: f64,
+    per_s: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_s: f64, burst: u32) -> Self {
+        Bucket { tokens: f64::from(burst), burst: f64::from(burst), per_s, at: Instant::now() }
+    }
+
+    /// Takes a token, or says in how many milliseconds one is there.
+    fn take(&mut self) -> Result<(), u64> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_s).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - self.tokens) / self.per_s) * 1000.0).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// A session from the upgraded socket to the closed TCP connection.
+/// `pre_auth`: the token given at upgrade, already verified.
+pub async fn run<S>(node: Arc<Node>, mut ws: WebSocketStream<S>, pre_auth: Option<Verified>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let write_timeout = Duration::from_secs(node.cfg.limits.write_timeout_s);
+    let mut strikes = Strikes { bad: 0, rate: 0, max: node.cfg.limits.max_bad_frames };
+    let (token, hello_id) = match pre_auth {
+        Some(v) => (v, None),
+        None => match authenticate(&node, &mut ws, write_timeout).await {
+            Ok(x) => x,
+            Err(end) => return finish(&mut ws, end, None, write_timeout).await,
+        },
+    };
+    if node.is_draining() {
+        return finish(&mut ws, End::Close(close::RESTART), None, write_timeout).await;
+    }
+    let user = token.user.clone();
+    let limits = &node.cfg.limits;
+    if node.hub.user_connections(&user.id) >= limits.connections_per_user {
+        let f = protocol::error(hello_id.as_ref(), &too_many_connections(limits.connections_per_user));
+        write_direct(&mut ws, f, "error", write_timeout).await;
+        return finish(&mut ws, End::Close(close::POLICY), None, write_timeout).await;
+    }
+    let (conn, mut rx) =
+        Conn::new(node.next_conn_id(), user.id.as_str().into(), limits.outbound_queue, limits.outbound_bytes);
+    let span = tracing::info_span!("session", conn = conn.id, user = %user.id);
+    async move {
+        let opened = match node.open_session(&conn, &user).await {
+            Ok(o) => o,
+            Err(e) => {
+                node.close_session(&conn, false, &[]).await;
+                let code = if e.code == ErrorCode::Internal { close::INTERNAL } else { close::TRY_LATER };
+                write_direct(&mut ws, protocol::error(hello_id.as_ref(), &e), "error", write_timeout).await;
+                return finish(&mut ws, End::Close(code), None, write_timeout).await;
+            }
+        };
+        let welcome = protocol::render(&Welcome {
+            ty: "welcome",
+            id: hello_id.as_ref(),
+            user: &user,
+            heartbeat_s: node.cfg.server.heartbeat_s,
+            max_body_chars: node.cfg.limits.max_body_chars,
+            exp: token.exp,
+            conversations: &opened.entries,
+        });
+        metrics::connection_opened();
+        tracing::debug!(conversations = opened.entries.len(), "connected");
+        let end = if write_direct(&mut ws, welcome, "welcome", write_timeout).await {
+            if opened.came_online {
+                let convs = node.hub.subscriptions(&conn);
+                if let Err(e) = node.announce_presence(&user.id, true, &convs, &opened.dm_partners).await {
+                    tracing::debug!(error = %e, "presence announcement failed");
+                }
+            }
+            let mut s = Session { node: &node, conn: &conn, user: &user, exp: token.exp, strikes: &mut strikes };
+            s.run(&mut ws, &mut rx).await
+        } else {
+            End::Stalled
+        };
+        // The close handshake, then presence (which may wait on storage).
+        conn.closer.close(close::NORMAL);
+        finish(&mut ws, end, Some((&conn, &mut rx)), write_timeout).await;
+        metrics::connection_closed();
+        node.close_session(&conn, true, &opened.dm_partners).await;
+        tracing::debug!(?end, "closed");
+    }
+    .instrument(span)
+    .await
+}
+
+fn too_many_connections(limit: usize) -> ChatError {
+    ChatError::rate_limited(5000).with_message(format!("too many connections for this user (limit {limit})"))
+}
+
+/// Writes one frame straight to the socket (phases 1 and 2).
+async fn write_direct<S>(ws: &mut WebSocketStream<S>, frame: Text, ty: &str, within: Duration) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    metrics::frames_out(ty, 1);
+    matches!(timeout(within, ws.send(Message::Text(frame))).await, Ok(Ok(())))
+}
+
+/// Phase 1: wait for a valid `hello`. Anything else before it (another
+/// frame type, junk, binary, invalid UTF-8) is `unauthorized` and 4001.
+async fn authenticate<S>(
+    node: &Node,
+    ws: &mut WebSocketStream<S>,
+    write_timeout: Duration,
+) -> Result<(Verified, Option<Value>), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + Duration::from_secs(node.cfg.auth.hello_timeout_s);
+    let refuse = |id: Option<Value>, message: String| (id, message);
+    let (id, message) = loop {
+        let msg = match timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err(End::Close(close::UNAUTHORIZED)),
+            Ok(None) => return Err(End::Gone),
+            Ok(Some(Err(tungstenite::Error::Utf8(_)))) => {
+                metrics::frame_in("invalid");
+                break refuse(None, "frames are UTF-8 text; authenticate with hello first".into());
+            }
+            Ok(Some(Err(e))) => return Err(read_error(&e)),
+            Ok(Some(Ok(m))) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                metrics::frame_in("binary");
+                break refuse(None, "binary frames are not accepted; authenticate with hello first".into());
+            }
+            Message::Close(_) => return Err(End::Gone),
+            _ => continue,
+        };
+        match protocol::parse(&text) {
+            Ok(Inbound { id, cmd: Command::Hello { token } }) => {
+                metrics::frame_in("hello");
+                match node.auth.verify_token(&token) {
+                    Ok(v) => return Ok((v, id)),
+                    Err(e) => break refuse(id, e.to_string()),
+                }
+            }
+            Ok(Inbound { id, cmd }) => {
+                metrics::frame_in(cmd.kind());
+                break refuse(id, "authenticate with hello first".into());
+            }
+            Err(e) => {
+                metrics::frame_in("invalid");
+                break refuse(e.id, format!("{}; authenticate with hello first", e.message));
+            }
+        }
+    };
+    let f = protocol::error_code(id.as_ref(), ErrorCode::Unauthorized, &message);
+    write_direct(ws, f, "error", write_timeout).await;
+    Err(End::Close(close::UNAUTHORIZED))
+}
+
+/// Phase 3: the state of an authenticated, open session.
+struct Session<'a> {
+    node: &'a Node,
+    conn: &'a Arc<Conn>,
+    user: &'a UserRef,
+    /// When the token expires (seconds since the epoch); `refresh` moves it.
+    exp: u64,
+    strikes: &'a mut Strikes,
+}
+
+/// The instant a token's `exp` (Unix seconds) falls on, on tokio's clock.
+fn expiry_instant(exp: u64) -> Instant {
+    let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+    let left_ms = (exp.saturating_mul(1000)).saturating_sub(now);
+    // Far-future tokens are refused by max_token_ttl_s; cap anyway.
+    Instant::now() + Duration::from_millis(left_ms.min(400 * 86_400_000))
+}
+
+impl Session<'_> {
+    async fn run<S>(&mut self, ws: &mut WebSocketStream<S>, rx: &mut mpsc::Receiver<Text>) -> End
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let cfg = &self.node.cfg;
+        let heartbeat = Duration::from_secs(cfg.server.heartbeat_s);
+        let write_timeout = Duration::from_secs(cfg.limits.write_timeout_s);
+        let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let mut idle_at = Instant::now() + heartbeat * 2;
+        let mut expires_at = expiry_instant(self.exp);
+        let mut requests = Bucket::new(cfg.limits.requests_per_s, cfg.limits.requests_burst);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.conn.closer.closed() => {
+                    return End::Close(self.conn.closer.code().unwrap_or(close::NORMAL));
+                }
+                _ = sleep_until(expires_at) => {
+                    self.reply("error", protocol::error_code(None, ErrorCode::Unauthorized, "token expired"));
+                    self.conn.closer.close(close::UNAUTHORIZED);
+                }
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { return End::Gone };
+                    match timeout(write_timeout, write_batch(ws, rx, self.conn, frame)).await {
+                        Ok(true) => {}
+                        Ok(false) => return End::Gone,
+                        Err(_) => return End::Stalled,
+                    }
+                }
+                _ = ping.tick() => {
+                    match timeout(write_timeout, ws.send(Message::Ping(Default::default()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return End::Gone,
+                        Err(_) => return End::Stalled,
+                    }
+                }
+                _ = sleep_until(idle_at) => {
+                    self.conn.closer.close(close::IDLE);
+                }
+                msg = ws.next() => {
+                    let msg = match msg {
+                        None => return End::Gone,
+                        Some(Err(e)) => return read_error(&e),
+                        Some(Ok(m)) => m,
+                    };
+                    // Any frame, Pongs included, counts as life.
+                    idle_at = Instant::now() + heartbeat * 2;
+                    match msg {
+                        Message::Text(t) => {
+                            if let Some(exp) = self.frame(&t, &mut requests).await {
+                                self.exp = exp;
+                                expires_at = expiry_instant(exp);
+                            }
+                        }
+                        Message::Binary(_) => {
+                            metrics::frame_in("binary");
+                            let f = protocol::error_code(None, ErrorCode::BadRequest, "binary frames are not accepted");
+                            self.reply("error", f);
+                            if self.strikes.bad_frame() {
+                                self.conn.closer.close(close::POLICY);
+                            }
+                        }
+                        Message::Close(_) => return End::Gone,
+                        // Pings are answered by the WebSocket layer.
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a reply to the client's own frame.
+    fn reply(&self, ty: &str, frame: Text) {
+        if self.conn.push(frame) {
+            metrics::frames_out(ty, 1);
+        }
+    }
+
+    /// Handles one text frame. Returns a new token expiry after a `refresh`.
+    async fn frame(&mut self, text: &str, requests: &mut Bucket) -> Option<u64> {
+        let inbound = match protocol::parse(text) {
+            Ok(i) => i,
+            Err(e) => {
+                metrics::frame_in("invalid");
+                let id = if e.replies { e.id.as_ref() } else { None };
+                self.reply("error", protocol::error_code(id, ErrorCode::BadRequest, &e.message));
+                if self.strikes.bad_frame() {
+                    self.conn.closer.close(close::POLICY);
+                }
+                return None;
+            }
+        };
+        let kind = inbound.cmd.kind();
+        metrics::frame_in(kind);
+        // Each frame is its own trace, linked to the connection's span.
+        let span =
+            tracing::debug_span!(parent: None, "frame", frame_type = kind, conn = self.conn.id, user = %self.user.id);
+        span.follows_from(tracing::Span::current().id());
+        let handled = self.handle(&inbound, requests).instrument(span).await;
+        match handled {
+            Ok(exp) => exp,
+            Err(e) => {
+                let replies =
+                    !matches!(inbound.cmd, Command::Delivered { .. } | Command::Read { .. } | Command::Typing { .. });
+                let id = if replies { inbound.id.as_ref() } else { None };
+                self.reply("error", protocol::error(id, &e));
+                let close_with = match e.code {
+                    ErrorCode::BadRequest | ErrorCode::TooLarge => self.strikes.bad_frame().then_some(close::POLICY),
+                    ErrorCode::RateLimited => self.strikes.limited().then_some(close::POLICY),
+                    ErrorCode::Unauthorized => Some(close::UNAUTHORIZED),
+                    _ => None,
+                };
+                if let Some(code) = close_with {
+                    self.conn.closer.close(code);
+                }
+                if e.code == ErrorCode::Internal {
+                    tracing::error!(frame = kind, "internal error answering a frame");
+                }
+                None
+            }
+        }
+    }
+
+    /// Handles one authenticated frame; replies go to the connection's queue.
+    async fn handle(&mut self, inbound: &Inbound, requests: &mut Bucket) -> Result<Option<u64>, ChatError> {
+        let node = self.node;
+        let (conn, user) = (self.conn, self.user);
+        let id = inbound.id.as_ref();
+        if matches!(inbound.cmd, Command::History { .. } | Command::Sync { .. } | Command::Presence { .. }) {
+            if let Err(ms) = requests.take() {
+                return Err(ChatError::rate_limited(ms));
+            }
+            self.strikes.rate = 0;
+        }
+        match &inbound.cmd {
+            Command::Hello { .. } => return Err(ChatError::bad_request("already authenticated")),
+            Command::Refresh { token } => {
+                let v = node.auth.verify_token(token).map_err(|e| ChatError::unauthorized(e.to_string()))?;
+                if v.user.id != user.id {
+                    return Err(ChatError::unauthorized("refresh token names another user"));
+                }
+                self.reply("refreshed", protocol::render(&Refreshed { ty: "refreshed", id, exp: v.exp }));
+                return Ok(Some(v.exp));
+            }
+            Command::Send { conversation, client_msg_id, body } => {
+                node.validate_message(client_msg_id, body)?;
+                node.classify(conversation)?;
+                if let Err(e) = node.check_send_rate(&conn.user) {
+                    if self.strikes.limited() {
+                        conn.closer.close(close::POLICY);
+                    }
+                    return Err(e);
+                }
+                self.strikes.rate = 0;
+                let a = node.store_message(user, conversation, client_msg_id.clone(), body.clone()).await?;
+                let ack = Ack { ty: "ack", id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
+                self.reply("ack", protocol::render(&ack));
+            }
+            Command::Delivered { conversation, seq } => node.receipt(&user.id, conversation, *seq, false).await?,
+            Command::Read { conversation, seq } => node.receipt(&user.id, conversation, *seq, true).await?,
+            Command::Typing { conversation } => node.typing(user, conversation).await?,
+            Command::History { conversation, before, limit } => {
+                let f = node.history(&user.id, id, conversation, Page::Before(*before, *limit), None).await?;
+                self.reply("history", f);
+            }
+            Command::Sync { conversation, after, limit, epoch } => {
+                let page = Page::After(*after, *limit);
+                let f = node.history(&user.id, id, conversation, page, epoch.as_deref()).await?;
+                self.reply("history", f);
+            }
+            Command::Presence { conversation } => {
+                let f = node.presence(&user.id, id, conversation).await?;
+                self.reply("presence", f);
+            }
+            Command::Ping => self.reply("pong", protocol::pong(id)),
+        }
+        Ok(None)
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then flushes.
+/// False when the socket failed.
+async fn write_batch<S>(ws: &mut WebSocketStream<S>, rx: &mut mpsc::Receiver<Text>, conn: &Conn, first: Text) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let depth = rx.len();
+    if depth > 0 {
+        metrics::queue_depth(depth);
+    }
+    let mut bytes = first.len();
+    conn.taken(first.len());
+    if ws.feed(Message::Text(first)).await.is_err() {
+        return false;
+    }
+    let mut n = 1;
+    while n < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
+        let Ok(f) = rx.try_recv() else { break };
+        bytes += f.len();
+        conn.taken(f.len());
+        if ws.feed(Message::Text(f)).await.is_err() {
+            return false;
+        }
+        n += 1;
+    }
+    ws.flush().await.is_ok()
+}
+
+/// Ends a session: the close frame (after the replies queued before the
+/// decision, unless the client is too slow for them), the lingering read,
+/// then the end of the TCP connection.
+pub async fn finish<S>(
+    ws: &mut WebSocketStream<S>,
+    end: End,
+    queued: Option<(&Conn, &mut mpsc::Receiver<Text>)>,
+    write_timeout: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let linger_until = |from: Instant| from + LINGER;
+    match end {
+        End::Gone => {
+            // The client's close frame was answered by the WebSocket layer;
+            // make sure the answer left.
+            let _ = timeout(Duration::from_secs(1), ws.flush()).await;
+        }
+        End::Stalled => {
+            metrics::close(close::TRY_LATER);
+            let _ = timeout(Duration::from_secs(1), ws.send(close_message(close::TRY_LATER))).await;
+        }
+        End::Close(code) => {
+            if code != close::NORMAL {
+                metrics::close(code);
+            }
+            let sent = timeout(write_timeout, async {
+                if code != close::TRY_LATER
+                    && let Some((conn, rx)) = queued
+                {
+                    while let Ok(f) = rx.try_recv() {
+                        conn.taken(f.len());
+                        ws.feed(Message::Text(f)).await?;
+                    }
+                }
+                ws.send(close_message(code)).await
+            })
+            .await;
+            if matches!(sent, Ok(Ok(()))) {
+                let deadline = linger_until(Instant::now());
+                // Read (and drop) until the client's close frame.
+                loop {
+                    match timeout_at(deadline, ws.next()).await {
+                        Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => break,
+                        Ok(Some(Ok(_))) => {}
+                        Ok(Some(Err(_))) => {
+                            drain_raw(ws.get_mut(), deadline).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        End::Violation(code) => {
+            metrics::close(code);
+            let deadline = linger_until(Instant::now());
+            let _ = timeout(LINGER, ws.send(close_message(code))).await;
+            drain_raw(ws.get_mut(), deadline).await;
+        }
+    }
+    let _ = timeout(Duration::from_secs(1), ws.get_mut().shutdown()).await;
+}
+
+/// Reads and discards raw bytes until the peer closes or `deadline`, so
+/// closing the socket does not reset a connection the client still writes to.
+async fn drain_raw<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) {
+    let mut buf = [0u8; 4096];
+    let _ = timeout_at(deadline, async {
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,153 @@
+//! The accept loop of one listener: HTTP/1.1 with upgrades, bounded before
+//! authentication.
+//!
+//! - A request head must arrive within `server.header_timeout_s` (idle or
+//!   trickling connections are closed; slowloris).
+//! - At most `limits.max_connections` + [`HTTP_HEADROOM`] TCP connections are
+//!   open on a listener (WebSockets included); beyond that a new connection is
+//!   closed at once, so file descriptors are never exhausted and the internal
+//!   listener (health, metrics) keeps answering.
+//! - On stop, idle keep-alive connections are closed and requests in flight
+//!   finish; upgraded WebSockets are drained by the node, not here.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{Router, extract::ConnectInfo};
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+
+use crate::metrics;
+
+/// TCP connections allowed beyond `limits.max_connections` for plain HTTP
+/// (page loads, API calls) and upgrades that will be answered 503.
+pub const HTTP_HEADROOM: usize = 1024;
+
+/// Settings of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub max_tcp: usize,
+}
+
+/// A TCP stream that counts itself while open (it lives on inside an
+/// upgraded WebSocket).
+struct Counted {
+    tcp: TcpStream,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled; the task ends
+/// once the HTTP connections are closed (bounded by a few seconds).
+pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let open = Arc::new(AtomicUsize::new(0));
+        let conns = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if open.fetch_add(1, Ordering::AcqRel) >= limits.max_tcp {
+                open.fetch_sub(1, Ordering::AcqRel);
+                metrics::upgrade_rejected("tcp_limit");
+                drop(tcp);
+                continue;
+            }
+            // No Nagle: a chat frame must leave now, not wait for the peer's
+            // delayed ACK (~22 ms per hop otherwise).
+            let _ = tcp.set_nodelay(true);
+            let io = TokioIo::new(Counted { tcp, open: open.clone() });
+            conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone()));
+        }
+        conns.close();
+        if tokio::time::timeout(Duration::from_secs(5), conns.wait()).await.is_err() {
+            tracing::warn!("http connections still open after stop");
+        }
+    })
+}
+
+async fn serve_one(io: TokioIo<Counted>, peer: SocketAddr, router: Router, limits: Limits, stop: CancellationToken) {
+    let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(io, TowerToHyperService::new(service))
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, %peer, "http connection ended with an error");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}
