@@ -67,7 +67,8 @@ pub async fn launch(env: &[(&str, &str)], prefix: &[&str], internal: bool) -> La
         .env("CHAT_AUTH__API_KEY", API_KEY)
         .env("CHAT_AUTH__JWT_SECRET", JWT_SECRET)
         .env("CHAT_LOG__LEVEL", "crm_chat=debug,warn")
-        .env("CHAT_SERVER__DRAIN_S", "1");
+        .env("CHAT_SERVER__DRAIN_S", "1")
+        .env("CHAT_SERVER__SHUTDOWN_DELAY_S", "0");
     for (k, v) in env {
         cmd.env(k, v);
     }
