@@ -141,6 +141,25 @@ async fn wait_connections(n: &Node, want: f64, within: Duration) -> Option<Durat
     None
 }
 
+/// The last `n` lines of a server's stderr.
+fn log_tail(s: &Server, n: usize) -> String {
+    let logs = s.logs();
+    let lines: Vec<&str> = logs.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits until `chat_connections` of `n` is at least `want`.
+async fn wait_until_connections(n: &Node, want: f64, within: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if connections(n).await >= want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 async fn readyz(s: &Server) -> u16 {
     s.http.get(s.url("/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
 }
@@ -329,6 +348,11 @@ async fn history_flood_from_a_client_that_never_reads(engine: Engine) {
     let mut attacker = Raw::connect(node.server.addr, Some(&sign_token("attacker")), Some(4096))
         .await
         .unwrap_or_else(|r| panic!("attacker upgrade: {r:?}"));
+    // Counted first, so that falling back to `base` means it is gone.
+    assert!(
+        wait_until_connections(node, base + 1.0, Duration::from_secs(5)).await,
+        "the attacker's connection never showed in chat_connections"
+    );
     let mut burst = Vec::new();
     for i in 0..250 {
         burst.extend(history_frame(i, &conv, 200));
@@ -377,10 +401,15 @@ async fn history_flood_from_a_client_that_never_reads(engine: Engine) {
         "the non-reading connection must be closed (1013 or dropped) rather than buffered; 25 s after 250 \
          history requests chat_connections was still above {base} (write_timeout_s=3)"
     );
-    let (_, end) = attacker.finish(Duration::from_secs(15)).await;
+    let (seen, end) = attacker.finish(Duration::from_secs(15)).await;
     assert!(
         matches!(end, End::Close(Some(1013)) | End::Close(Some(4008)) | End::Eof | End::Reset(_)),
-        "the flooding connection must end with 1013 (or 4008 for abusing the budget) or be dropped; it ended {end:?}"
+        "the flooding connection must end with 1013 (or 4008 for abusing the budget) or be dropped; \
+         chat_connections fell back after {gone:?}, but reading it gave {} frames ({} bytes) and then {end:?}; \
+         server log tail:\n{}",
+        seen.len(),
+        seen.iter().map(|(_, p)| p.len()).sum::<usize>(),
+        log_tail(&node.server, 15)
     );
     // The node still serves its other users.
     let ack = bystander.say(&conv, "still here").await;
@@ -475,7 +504,8 @@ async fn raw_reply(r: &mut Raw, id: &str) -> (usize, Value) {
 
 async fn history_reply_is_cut_at_max_reply_bytes_never_split(engine: Engine) {
     const CAP: usize = 20000;
-    let env = with(&FILL, &[("CHAT_LIMITS__MAX_REPLY_BYTES", "20000")]);
+    // max_reply_bytes must hold one message of max_body_chars: 1000-char bodies.
+    let env = with(&FILL, &[("CHAT_LIMITS__MAX_REPLY_BYTES", "20000"), ("CHAT_LIMITS__MAX_BODY_CHARS", "1000")]);
     let s = setup(engine, &env).await;
     let conv = unique("cap");
     s.s(0).put_group(&conv, &["poster", "reader"]).await;
@@ -569,6 +599,10 @@ async fn client_that_stops_reading_is_gone_after_the_write_deadline(engine: Engi
     let mut c = Raw::connect(node.server.addr, Some(&sign_token("sleeper")), Some(4096))
         .await
         .unwrap_or_else(|r| panic!("upgrade: {r:?}"));
+    assert!(
+        wait_until_connections(node, 1.0, Duration::from_secs(5)).await,
+        "the connection never showed in chat_connections"
+    );
     // 8 pages of up to 1 MiB: more than the kernel buffers hold, so the
     // server's writer stalls inside a frame.
     let mut reqs = Vec::new();
@@ -583,8 +617,18 @@ async fn client_that_stops_reading_is_gone_after_the_write_deadline(engine: Engi
         "a client that stops reading must be gone within write_timeout_s + 2 x heartbeat_s = {limit:?} \
          (+2 s margin); chat_connections reached 0 after {took:?}"
     );
-    let (_, end) = c.finish(Duration::from_secs(10)).await;
-    assert_ne!(end, End::Timeout, "the server still holds the socket open");
+    let t = Instant::now();
+    let (seen, end) = c.finish(Duration::from_secs(10)).await;
+    assert_ne!(
+        end,
+        End::Timeout,
+        "chat_connections is 0, but the server still holds the socket open: {} frames ({} bytes) read in {:?}, \
+         then nothing for the rest of 10 s; server log tail:\n{}",
+        seen.len(),
+        seen.iter().map(|(_, p)| p.len()).sum::<usize>(),
+        t.elapsed(),
+        log_tail(&node.server, 15)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -595,6 +639,8 @@ async fn outbound_byte_budget_closes_a_slow_reader_1013(engine: Engine) {
         &FILL,
         &[
             ("CHAT_LIMITS__OUTBOUND_BYTES", "262144"),
+            // The budget must hold one reply plus a frame.
+            ("CHAT_LIMITS__MAX_REPLY_BYTES", "65536"),
             // Neither the write deadline nor the frame count can be what closes it.
             ("CHAT_LIMITS__WRITE_TIMEOUT_S", "60"),
             ("CHAT_LIMITS__OUTBOUND_QUEUE", "100000"),
@@ -602,35 +648,57 @@ async fn outbound_byte_budget_closes_a_slow_reader_1013(engine: Engine) {
     );
     let s = setup(engine, &env).await;
     let conv = unique("budget");
-    s.s(0).put_group(&conv, &["poster", "slow", "fast"]).await;
+    s.s(0).put_group(&conv, &["poster", "slow", "fast0", "fast1"]).await;
     let n = 300u64;
-    let mut fast = s.s(1).client("fast").await;
+    // Fast members on the slow one's node and (on Valkey) on the other.
+    let mut fast_readers = Vec::new();
+    for i in 0..2 {
+        let mut c = s.s(i).client(&format!("fast{i}")).await;
+        fast_readers.push(tokio::spawn(async move {
+            let (mut last, t0) = (0, Instant::now());
+            while last < n && t0.elapsed() < Duration::from_secs(40) {
+                for f in c.drain(Duration::from_millis(200)).await {
+                    if f["type"] == "message" {
+                        last = last.max(f["seq"].as_u64().unwrap());
+                    }
+                }
+            }
+            last
+        }));
+    }
     let slow_node = s.node(0);
     let base = connections(slow_node).await;
     let mut slow = Raw::connect(slow_node.server.addr, Some(&sign_token("slow")), Some(4096))
         .await
         .unwrap_or_else(|r| panic!("upgrade: {r:?}"));
-    let fast_reader = tokio::spawn(async move {
-        let mut last = 0;
-        while last < n {
-            last = fast.expect_type("message").await["seq"].as_u64().unwrap();
-        }
-        last
-    });
+    assert!(
+        wait_until_connections(slow_node, base + 1.0, Duration::from_secs(5)).await,
+        "the slow reader never showed in chat_connections"
+    );
     // 300 x 24 KB = 7 MB toward a socket whose kernel buffers hold ~4 MB.
     post_many(s.s(0), &conv, "poster", (0..n as usize).map(fat_body).collect()).await;
     let took = wait_connections(slow_node, base, Duration::from_secs(15)).await;
+    let mut fast = Vec::new();
+    for r in fast_readers {
+        fast.push(r.await.unwrap());
+    }
+    assert_eq!(
+        fast,
+        vec![n, n],
+        "fast members (one on the slow reader's node, one on the other) must get all {n} messages whatever the \
+         slow one does; they got up to seq {fast:?}"
+    );
     assert!(
         took.is_some(),
         "a slow reader with ~3 MB waiting to be written (limits.outbound_bytes=262144) must be closed; \
-         it was still open 15 s after the last message"
+         it was still open 15 s after the last message; server log tail:\n{}",
+        log_tail(&slow_node.server, 10)
     );
     let (_, end) = slow.finish(Duration::from_secs(15)).await;
     assert!(
         matches!(end, End::Close(Some(1013)) | End::Eof | End::Reset(_)),
         "past the outbound byte budget: close 1013 (or dropped); got {end:?}"
     );
-    assert_eq!(fast_reader.await.unwrap(), n, "the fast member got everything");
     let m = slow_node.metrics().await;
     assert!(metric_sum(&m, "chat_slow_consumer_closes_total").unwrap_or(0.0) >= 1.0, "counted as slow consumer:\n{m}");
 }
@@ -653,21 +721,30 @@ async fn send_until_acked(c: &mut Client, conv: &str, cmid: &str, body: &str) ->
     }
 }
 
-/// Waits until `c` holds live `message` frames of `conv` with every body in `want`.
-async fn wait_bodies(who: &str, c: &mut Client, conv: &str, want: &[&str], within: Duration) {
-    let mut got: Vec<String> = Vec::new();
-    let t0 = Instant::now();
-    while !want.iter().all(|w| got.iter().any(|g| g == w)) {
-        assert!(
-            t0.elapsed() < within,
-            "{who}: live messages of {conv} after Valkey came back empty never arrived within {within:?}: \
-             want {want:?}, got {got:?}"
-        );
+/// Waits until `c` holds live `message` frames with every `(conversation,
+/// body)` in `want`, or `deadline`; `Err` says what arrived.
+async fn bodies_by(who: &str, c: &mut Client, want: &[(&str, &str)], deadline: Instant) -> Result<(), String> {
+    let mut got: Vec<(String, String)> = Vec::new();
+    loop {
+        if want.iter().all(|(wc, wb)| got.iter().any(|(c, b)| c == wc && b == wb)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("{who}: want {want:?}, got {got:?}"));
+        }
         for f in c.drain(Duration::from_millis(200)).await {
-            if f["type"] == "message" && f["conversation"] == conv {
-                got.push(f["body"].as_str().unwrap_or("").to_string());
+            if f["type"] == "message" {
+                let conv = f["conversation"].as_str().unwrap_or("").to_string();
+                got.push((conv, f["body"].as_str().unwrap_or("").to_string()));
             }
         }
+    }
+}
+
+async fn wait_bodies(who: &str, c: &mut Client, conv: &str, want: &[&str], within: Duration) {
+    let want: Vec<(&str, &str)> = want.iter().map(|b| (conv, *b)).collect();
+    if let Err(e) = bodies_by(who, c, &want, Instant::now() + within).await {
+        panic!("live messages never arrived within {within:?}: {e}");
     }
 }
 
@@ -727,12 +804,26 @@ async fn valkey_restarted_empty_mid_traffic_delivers_live_and_announces_a_new_ep
     // Live frames reach every member on both nodes (the lease bounds how
     // long a node may take to notice the new epoch).
     let within = Duration::from_secs(3 + 10);
-    wait_bodies("alice (sender) on node0", &mut alice0, "general", &after, within).await;
-    wait_bodies("alice on node1", &mut alice1, "general", &after, within).await;
-    wait_bodies("bob on node1", &mut bob1, "general", &after, within).await;
-    wait_bodies("carol on node0", &mut carol0, "general", &after, within).await;
-    wait_bodies("bob on node1 (dm)", &mut bob1, dm, &["dm after 0"], within).await;
-    wait_bodies("alice on node1 (dm)", &mut alice1, dm, &["dm after 0"], within).await;
+    let deadline = Instant::now() + within;
+    let mut missing = Vec::new();
+    let general: Vec<(&str, &str)> = after.iter().map(|b| ("general", *b)).collect();
+    let both: Vec<(&str, &str)> = general.iter().copied().chain([(dm, "dm after 0")]).collect();
+    for (who, c, want) in [
+        ("alice (sender) on node0", &mut alice0, &both),
+        ("alice on node1", &mut alice1, &both),
+        ("bob on node1", &mut bob1, &both),
+        ("carol on node0", &mut carol0, &general),
+    ] {
+        if let Err(e) = bodies_by(who, c, want, deadline).await {
+            missing.push(e);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "after Valkey came back empty, new messages must reach every member's connections on both nodes \
+         within node_lease_s (3 s) + 10 s:\n{}",
+        missing.join("\n")
+    );
 
     // A client connecting now gets live frames too, and sees the new epoch.
     let mut dave1 = s.s(1).client("dave").await;
@@ -1642,7 +1733,10 @@ async fn close_1001_idle_arrives_as_a_close_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_1013_slow_consumer_arrives_as_a_close_frame() {
-    let env = with(&FILL, &[("CHAT_LIMITS__OUTBOUND_BYTES", "1048576")]);
+    // Pushed messages (which the server cannot hold back, unlike replies)
+    // toward 20 members that stop reading: 300 x 24 KB each, more than the
+    // kernel buffers (~4 MB) plus the outbound budget.
+    let env = with(&FILL, &[("CHAT_LIMITS__OUTBOUND_BYTES", "262144"), ("CHAT_LIMITS__MAX_REPLY_BYTES", "65536")]);
     let node = launch_up(&env, &[], false).await;
     let addr = node.server.addr;
     let conv = unique("slow");
@@ -1650,19 +1744,22 @@ async fn close_1013_slow_consumer_arrives_as_a_close_frame() {
     members.extend((0..20).map(|i| format!("slow{i}")));
     let refs: Vec<&str> = members.iter().map(|m| m.as_str()).collect();
     node.server.put_group(&conv, &refs).await;
-    post_many(&node.server, &conv, "poster", (0..200).map(fat_body).collect()).await;
-    let conv = conv.as_str();
-    twenty("a consumer too slow for its outbound budget", 1013, None, |i| async move {
+    let mut slow = Vec::new();
+    for i in 0..20 {
         let mut r = Raw::connect(addr, Some(&sign_token(&format!("slow{i}"))), Some(4096))
             .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
-        let mut reqs = Vec::new();
-        for k in 0..6 {
-            reqs.extend(history_frame(k, conv, 200));
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), r.write(&reqs)).await;
-        // Not reading while the server gives up, then reading everything.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+            .unwrap_or_else(|e| panic!("slow{i}: {e:?}"));
+        assert_eq!(r.next_json(TIMEOUT).await.unwrap()["type"], "welcome");
+        slow.push(r);
+    }
+    assert!(wait_until_connections(&node, 20.0, Duration::from_secs(5)).await);
+    post_many(&node.server, &conv, "poster", (0..300).map(fat_body).collect()).await;
+    // Not reading while the server gives up, then reading everything.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let slow = Mutex::new(slow.into_iter().map(Some).collect::<Vec<_>>());
+    let slow = &slow;
+    twenty("a consumer too slow for its outbound budget", 1013, None, |i| async move {
+        let mut r = slow.lock().unwrap()[i].take().unwrap();
         let (seen, end) = r.finish(Duration::from_secs(20)).await;
         (end, seen)
     })
