@@ -335,6 +335,11 @@ async fn history_flood_from_a_client_that_never_reads(engine: Engine) {
     post_many(s.s(0), &conv, "filler", (0..200).map(fat_body).collect()).await;
     let node = s.node(0);
     let pid = node.server.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max address space") && l.contains(&FLOOD_AS_CAP[5..])),
+        "the node runs under the address-space cap: {limits}"
+    );
     let mut bystander = node.server.client("bystander").await;
     // One well-behaved big page first, so lazy allocations are in the baseline.
     let page = bystander.request(json!({"type":"history","conversation":conv,"limit":200})).await;
@@ -391,6 +396,7 @@ async fn history_flood_from_a_client_that_never_reads(engine: Engine) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let grown = peak.saturating_sub(before);
+    eprintln!("history flood: RSS {before} -> peak {peak} KiB, connection gone after {gone:?}");
     assert!(
         grown < 32 * MIB_KIB,
         "RSS must grow by less than 32 MiB under the flood; it grew by {} MiB ({before} KiB -> peak {peak} KiB)",
@@ -1158,6 +1164,11 @@ async fn slowloris_pre_auth_connections_are_cut_and_health_keeps_answering() {
     let lifetimes: Vec<Option<Duration>> = join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
     stop.store(true, Ordering::Relaxed);
     let (probes, peak) = prober.await.unwrap();
+    eprintln!(
+        "slowloris: RSS {before} -> peak {peak} KiB, last close after {:?}, slowest /healthz {:?}",
+        lifetimes.iter().flatten().max(),
+        probes.iter().map(|(_, t)| *t).max()
+    );
     assert_eq!(connect_errors, 0, "connects refused");
     let open: Vec<usize> = lifetimes.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| i).collect();
     let max = lifetimes.iter().flatten().max().copied().unwrap_or_default();
@@ -1302,6 +1313,7 @@ async fn junk_conversation_ids_allocate_nothing() {
     let after = rss_kib(pid);
     assert!(alive(pid));
     let grown = after.saturating_sub(before);
+    eprintln!("junk ids: RSS {before} -> {after} KiB over 200k frames in {took:?}");
     assert!(
         grown < 5 * MIB_KIB,
         "200k frames on never-used dm:<me>:<random> and group ids must allocate nothing that stays; RSS grew \
@@ -1361,6 +1373,7 @@ async fn mass_reconnect_of_a_1000_member_group_batches_presence(engine: Engine) 
     }
     let max = counts.iter().max().copied().unwrap_or(0);
     let total: usize = counts.iter().sum();
+    eprintln!("mass reconnect: reconnects took {reconnected:?}; presence frames per member: max {max}, total {total}");
     assert!(
         max <= limit,
         "each member may get at most one presence frame per batch_interval_ms (1 s) for the group, so at \
@@ -1443,6 +1456,7 @@ async fn receipts_in_a_100_member_room_are_batched(engine: Engine) {
         }
     }
     let total: usize = counts.iter().sum();
+    eprintln!("receipts: {total} receipt frames to {N} connections, max {:?}", counts.iter().max());
     assert!(
         problems.is_empty(),
         "receipts in a {N}-member room must be batched: at most one frame per connection per batch_interval_ms \
