@@ -217,7 +217,6 @@ struct Batch {
 /// back when the change joins a batch.
 #[derive(Deserialize)]
 struct Change {
-    conversation: Arc<str>,
     user: Arc<str>,
     online: Option<bool>,
     delivered_seq: Option<u64>,
@@ -336,8 +335,10 @@ impl Hub {
             }
             n
         };
-        if event.batch && matches!(topic, Topic::Conv(_)) {
-            self.collect(event);
+        if event.batch
+            && let Topic::Conv(conv) = topic
+        {
+            self.collect(conv, event);
             return 0;
         }
         let n = match topic {
@@ -367,16 +368,16 @@ impl Hub {
 
     /// Adds a batchable change to its conversation's batch (dropped when no
     /// local connection follows the conversation).
-    fn collect(&self, event: &Event) {
+    fn collect(&self, conv: &Arc<str>, event: &Event) {
+        if !self.convs.read().contains_key(conv) {
+            return;
+        }
         let Ok(c) = serde_json::from_str::<Change>(event.frame.as_str()) else {
             tracing::warn!("unreadable batchable frame");
             return;
         };
-        if !self.convs.read().contains_key(&c.conversation) {
-            return;
-        }
         let mut batches = self.batches.lock();
-        let b = batches.entry(c.conversation).or_default();
+        let b = batches.entry(conv.clone()).or_default();
         match (event.kind.clone(), c.online, c.delivered_seq, c.read_seq) {
             (EventKind::Presence, Some(online), ..) => {
                 b.presence.insert(c.user, online);
@@ -519,6 +520,88 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 20);
+    }
+
+    #[test]
+    fn byte_budget_closes_1013_and_frees_on_take() {
+        let (c, mut rx) = Conn::new(1, "u".into(), 64, 100);
+        assert!(c.push(frame(&"a".repeat(60))));
+        // 60 + 60 > 100: refused, and the connection is a slow consumer.
+        assert!(!c.push(frame(&"b".repeat(60))));
+        assert_eq!(c.closer.code(), Some(1013));
+        let f = rx.try_recv().unwrap();
+        c.taken(f.len());
+        assert_eq!(c.queued_bytes.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn batches_carry_the_latest_state_per_user_once_per_flush() {
+        let hub = Hub::new();
+        let (a, mut ra) = Conn::new(1, "alice".into(), 64, 1 << 20);
+        let (b, mut rb) = Conn::new(2, "bob".into(), 64, 1 << 20);
+        for c in [&a, &b] {
+            hub.register(c);
+            hub.subscribe(c, ["general".into()]);
+        }
+        let topic = Topic::Conv("general".into());
+        let presence = |user: &str, online: bool| {
+            let f = render(&crate::protocol::PresenceChange { ty: "presence", conversation: "general", user, online });
+            Event::new(EventKind::Presence, f).excluding(user).batched(true)
+        };
+        let receipt = |user: &str, d: u64, r: u64| {
+            let f = render(&crate::protocol::Receipt {
+                ty: "receipt",
+                conversation: "general",
+                user,
+                delivered_seq: d,
+                read_seq: r,
+            });
+            Event::new(EventKind::Receipt, f).batched(true)
+        };
+        for e in [presence("carol", true), presence("carol", false), presence("alice", true), presence("dave", true)] {
+            assert_eq!(hub.dispatch(&topic, &e), 0, "collected, not sent");
+        }
+        hub.dispatch(&topic, &receipt("carol", 3, 1));
+        hub.dispatch(&topic, &receipt("carol", 5, 2));
+        assert!(ra.try_recv().is_err(), "nothing before the flush");
+        hub.flush_batches();
+        let all = |rx: &mut mpsc::Receiver<Text>| -> Vec<serde_json::Value> {
+            std::iter::from_fn(|| rx.try_recv().ok()).map(|f| serde_json::from_str(&f).unwrap()).collect()
+        };
+        let got_b = all(&mut rb);
+        assert_eq!(got_b.len(), 2, "one receipt and one presence frame: {got_b:?}");
+        assert_eq!(got_b[0]["receipts"], serde_json::json!([{"user":"carol","delivered_seq":5,"read_seq":2}]));
+        assert_eq!(
+            got_b[1]["changes"],
+            serde_json::json!([
+                {"user":"alice","online":true},{"user":"carol","online":false},{"user":"dave","online":true}
+            ])
+        );
+        // Alice does not hear her own presence.
+        let got_a = all(&mut ra);
+        assert_eq!(
+            got_a[1]["changes"],
+            serde_json::json!([{"user":"carol","online":false},{"user":"dave","online":true}])
+        );
+        hub.flush_batches();
+        assert!(rb.try_recv().is_err(), "a flush with nothing new sends nothing");
+        // A conversation nobody here follows collects nothing.
+        hub.dispatch(&Topic::Conv("elsewhere".into()), &presence("x", true));
+        assert!(hub.batches.lock().is_empty());
+    }
+
+    #[test]
+    fn disconnect_closes_every_connection_of_the_user_4001() {
+        let hub = Hub::new();
+        let (a1, mut r1) = Conn::new(1, "alice".into(), 8, 1 << 20);
+        let (a2, _r2) = Conn::new(2, "alice".into(), 8, 1 << 20);
+        let (b, _rb) = Conn::new(3, "bob".into(), 8, 1 << 20);
+        for c in [&a1, &a2, &b] {
+            hub.register(c);
+        }
+        hub.dispatch(&Topic::User("alice".into()), &Event::new(EventKind::Disconnect, frame("bye")));
+        assert_eq!((a1.closer.code(), a2.closer.code(), b.closer.code()), (Some(4001), Some(4001), None));
+        assert_eq!(r1.try_recv().unwrap().as_str(), "bye");
     }
 
     #[test]

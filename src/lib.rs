@@ -8,10 +8,15 @@
 //! - [`protocol`]: client frames in, server frames out.
 //! - [`auth`]: HS256 tokens with the algorithm pinned.
 //! - [`node`]: the transport-agnostic core (membership, send, receipts, presence).
-//! - [`hub`]: local fan-out with bounded per-connection queues.
+//! - [`hub`]: local fan-out with bounded per-connection queues (frames and
+//!   bytes), batching of presence and receipts in large conversations.
+//! - [`session`]: one WebSocket session from the upgraded socket to the closed
+//!   TCP connection (authentication, timers, budgets, RFC 6455 closing).
 //! - [`engine`]: the storage and fan-out boundary; [`engine::memory`] and
 //!   `engine::valkey`.
-//! - [`transport`]: the axum router, WebSocket sessions, service API, health.
+//! - [`transport`]: the public and internal routers, the accept loop
+//!   (header timeout, connection caps), the WebSocket upgrade, service API,
+//!   health.
 //! - [`app`]: wiring, listener, drain on SIGTERM.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
 

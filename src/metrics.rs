@@ -89,7 +89,7 @@ fn describe() {
 }
 
 /// Frame types counted by [`frame_in`] / [`frame_out`].
-pub const FRAME_TYPES: [&str; 16] = [
+pub const FRAME_TYPES: [&str; 18] = [
     "hello",
     "welcome",
     "send",
@@ -106,6 +106,8 @@ pub const FRAME_TYPES: [&str; 16] = [
     "pong",
     "error",
     "conversation",
+    "refresh",
+    "refreshed",
 ];
 
 struct Frames {

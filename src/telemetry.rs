@@ -117,6 +117,9 @@ pub fn init(cfg: &Config) -> Telemetry {
 }
 
 fn otlp(cfg: &Config, endpoint: &str) -> anyhow::Result<(SdkTracerProvider, SdkMeterProvider)> {
+    // `https://` endpoints: rustls needs one process-wide crypto provider
+    // (ring, the one fred's TLS uses too). Installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig};
     let base = endpoint.trim_end_matches('/');
     let resource = Resource::builder()

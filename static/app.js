@@ -6,7 +6,9 @@ import { ChatClient, dmId, parseDm } from './chat.js';
 
 const USER_RE = /^[A-Za-z0-9_.@-]{1,128}$/;
 const BLANK_RE = /^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$/;
-const MAX_BODY_CHARS = 4000;
+// Until the server's welcome says (ChatClient#maxBodyChars).
+const DEFAULT_MAX_BODY_CHARS = 4000;
+const DELETED_TEXT = 'message deleted';
 const TYPING_SHOW_MS = 5000;
 const LOGIN_KEY = 'crm-chat.dev-login';
 const DEFAULT_CONVERSATION = 'general';
@@ -75,6 +77,9 @@ const ui = {
   loadingOlder: false,
   unsubscribe: [],
   insertCounter: 0,
+  composerEnabled: false,
+  ticksScheduled: false,
+  presenceScheduled: false,
 };
 
 const timeFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
@@ -274,26 +279,20 @@ async function onLoginSubmit(event) {
 function startDev(login, firstToken) {
   ui.login = login;
   saveLogin(login);
-  let cached = firstToken || null;
-  // A fresh dev token for every connection attempt (and after a 4001).
-  const token = async () => {
-    if (cached) {
-      const t = cached;
-      cached = null;
-      return t;
-    }
-    return fetchDevToken(login.user, login.name);
-  };
+  // The sign-in's token for the first connection; then a fresh dev token for
+  // every reconnection, every refresh before expiry and after a 4001.
+  const getToken = async () => fetchDevToken(login.user, login.name);
   ui.names.set(login.user, login.name);
-  startChat('dev', token);
+  startChat('dev', firstToken ? { token: firstToken, getToken } : { getToken });
 }
 
 // -------------------------------------------------------------- the client
 
-function startChat(mode, token) {
+/** options: {getToken} (dev sign-in), {token} (pasted) or {} (cookie). */
+function startChat(mode, options) {
   stopChat();
   ui.mode = mode;
-  const client = new ChatClient(token === undefined ? {} : { token });
+  const client = new ChatClient(options);
   ui.client = client;
   const on = (type, fn) => ui.unsubscribe.push(client.on(type, fn));
   on('state', onState);
@@ -380,6 +379,7 @@ function onReset({ conversation }) {
 
 function onWelcome({ user, conversations }) {
   ui.me = user;
+  checkComposerLength(); // the server's max_body_chars may differ from the default
   rememberName(user);
   setBidiText(els.whoami, user.name && user.name !== user.id ? `${user.name} (${user.id})` : user.id);
   for (const c of conversations) {
@@ -509,7 +509,7 @@ function onListKeydown(event) {
 function updatePreview(item, message, own) {
   if (message.seq < item.previewSeq) return;
   item.previewSeq = message.seq;
-  const firstLine = String(message.body || '').split('\n', 1)[0];
+  const firstLine = message.deleted ? DELETED_TEXT : String(message.body || '').split('\n', 1)[0];
   const chars = [...firstLine];
   const text = chars.length > 90 ? `${chars.slice(0, 90).join('')}…` : firstLine;
   let who = '';
@@ -630,8 +630,9 @@ function renderHeader() {
 }
 
 function setComposerEnabled(enabled) {
+  ui.composerEnabled = enabled;
   els.composer.disabled = !enabled;
-  els.send.disabled = !enabled;
+  checkComposerLength();
 }
 
 // -------------------------------------------------------------- messages
@@ -740,8 +741,10 @@ function buildMessage(m, own) {
   } else {
     bubble.append(el('span', 'visually-hidden', `${senderName}: `));
   }
-  const body = el('div', 'body', m.body);
+  // An erased message keeps its place (seq), time and ticks; its text is gone.
+  const body = el('div', 'body', m.deleted ? DELETED_TEXT : m.body);
   body.dir = 'auto';
+  if (m.deleted) li.classList.add('deleted');
   bubble.append(body);
   const meta = el('div', 'meta');
   const time = el('time');
@@ -815,8 +818,14 @@ function onAck({ conversation, client_msg_id: cmid, seq, ts }) {
   updateTicks(li);
 }
 
+/** One event per user and change (a batched frame gives many): refresh ticks once per task. */
 function onReceipt({ conversation }) {
-  if (conversation === ui.current) refreshAllTicks();
+  if (conversation !== ui.current || ui.ticksScheduled) return;
+  ui.ticksScheduled = true;
+  queueMicrotask(() => {
+    ui.ticksScheduled = false;
+    refreshAllTicks();
+  });
 }
 
 function markFailed(cmid, reason) {
@@ -865,16 +874,12 @@ function sendCurrent() {
   if (!ui.client || !id || els.composer.disabled) return;
   const body = els.composer.value;
   if (!body || BLANK_RE.test(body)) return;
-  const length = [...body].length;
-  if (length > MAX_BODY_CHARS) {
-    showError(els.composerError, `The message is too long (${length} of at most ${MAX_BODY_CHARS} characters).`);
-    return;
-  }
-  showError(els.composerError, '');
+  if (!checkComposerLength()) return;
   const { client_msg_id: cmid, promise } = ui.client.send(id, body);
   if (!ui.byCmid.has(cmid)) appendPending(cmid, id, body);
   els.composer.value = '';
   ui.drafts.delete(id);
+  checkComposerLength();
   autosize();
   scrollToBottom();
   promise.catch((err) => {
@@ -891,8 +896,29 @@ function onComposerKeydown(event) {
   sendCurrent();
 }
 
+function maxBodyChars() {
+  return (ui.client && ui.client.maxBodyChars) || DEFAULT_MAX_BODY_CHARS;
+}
+
+/**
+ * The server's limit counts Unicode scalar values (so no `maxlength`, which
+ * counts UTF-16 units): past it the composer says so and Send is off.
+ * Returns whether the draft fits.
+ */
+function checkComposerLength() {
+  const max = maxBodyChars();
+  const length = [...els.composer.value].length;
+  const over = length > max;
+  if (over) els.composer.setAttribute('aria-invalid', 'true');
+  else els.composer.removeAttribute('aria-invalid');
+  showError(els.composerError, over ? `The message is too long (${length} of at most ${max} characters).` : '');
+  els.send.disabled = !ui.composerEnabled || over;
+  return !over;
+}
+
 function onComposerInput() {
   autosize();
+  checkComposerLength();
   if (!ui.current || !ui.client) return;
   ui.drafts.set(ui.current, els.composer.value);
   if (els.composer.value && !BLANK_RE.test(els.composer.value)) ui.client.typing(ui.current);
@@ -938,6 +964,7 @@ function refreshPresence(id) {
   }).catch(() => { /* e.g. forbidden; nothing to show */ });
 }
 
+/** One event per change (a batched frame gives many): render once per task. */
 function onPresence({ conversation, user, online }) {
   if (typeof user === 'string') {
     const set = ui.convOnline.get(conversation);
@@ -946,7 +973,12 @@ function onPresence({ conversation, user, online }) {
       else set.delete(user);
     }
   }
-  renderPresence();
+  if (ui.presenceScheduled) return;
+  ui.presenceScheduled = true;
+  queueMicrotask(() => {
+    ui.presenceScheduled = false;
+    renderPresence();
+  });
 }
 
 function renderPresence() {
@@ -1026,7 +1058,7 @@ function bind() {
   els.loginForm.addEventListener('submit', onLoginSubmit);
   els.cookieConnect.addEventListener('click', () => {
     ui.login = null;
-    startChat('cookie', undefined);
+    startChat('cookie', {});
   });
   els.tokenForm.addEventListener('submit', (event) => {
     event.preventDefault();
@@ -1037,7 +1069,7 @@ function bind() {
     }
     showError(els.tokenError, '');
     ui.login = null;
-    startChat('token', token);
+    startChat('token', { token });
   });
   els.logout.addEventListener('click', logout);
   els.connRetry.addEventListener('click', () => ui.client && ui.client.reconnectNow());

@@ -1,6 +1,10 @@
 /**
- * crm-chat browser client: one ES module, no dependencies, no build step.
- * Speaks the crm-chat wire protocol v1 (PROTOCOL.md) over `/ws/chat`.
+ * crm-chat browser client: ES modules, no dependencies, no build step.
+ * This file is the public client (connection, reconnect, token refresh,
+ * frames in and out); `chat-store.js` holds the per-conversation state and
+ * catch-up, `chat-outbox.js` the unacked sends, `chat-util.js` shared helpers.
+ * Serve the four files side by side; pages import only this one.
+ * Speaks the crm-chat wire protocol v1.1 (PROTOCOL.md) over `/ws/chat`.
  *
  * Embedding it in a CRM page (CSP allows only same-origin scripts, so put the
  * glue code in its own module file):
@@ -12,11 +16,12 @@
  *     import { ChatClient } from '/static/chat.js';
  *
  *     const chat = new ChatClient({
- *       // Called before every (re)connection and again after close 4001
- *       // (token expired). Must resolve to a JWT the CRM backend signed for
- *       // the logged-in user. A plain string works too, but then an expired
- *       // token ends in the `auth_required` state until setToken() is called.
- *       token: async ({ reason }) => {
+ *       // Called before every (re)connection, before the token expires (to
+ *       // `refresh` the open connection) and after close 4001. Must resolve to
+ *       // a JWT the CRM backend signed for the logged-in user. A plain string
+ *       // (`token: '...'`) works too, but then nothing is refreshed and an
+ *       // expired token ends in the `auth_required` state until setToken().
+ *       getToken: async ({ reason }) => { // 'connect'|'reconnect'|'token_expired'|'refresh'
  *         const r = await fetch('/crm/api/chat-token', { credentials: 'same-origin' });
  *         if (!r.ok) throw new Error('chat token: HTTP ' + r.status);
  *         return (await r.json()).token;
@@ -34,15 +39,27 @@
  *     promise.then((ack) => console.log('stored as seq', ack.seq));
  *     chat.markRead('general');                   // when the conversation is on screen
  *
- * Without any `token` option the client sends no `hello` and relies on the
- * server authenticating the upgrade by cookie (`chat_token`). Tokens never go
- * into URLs.
+ * Without a `token` or `getToken` option the client sends no `hello` and
+ * relies on the server authenticating the upgrade by cookie (`chat_token`).
+ * Tokens never go into URLs.
  *
  * What the client does by itself:
  * - `hello` as first frame; reconnect with exponential backoff and full jitter
  *   (500 ms base, 30 s cap, reset after 10 s of stable connection). Close 4001:
  *   asks the token callback for a fresh token (never retries the rejected one);
  *   1012/1013/1006/...: backoff; 4008: longer backoff; close() (1000): stop.
+ * - Token refresh: with a token function and a `welcome` that carries `exp`,
+ *   sends `refresh` with a new token at 80% of the remaining lifetime or 60 s
+ *   before `exp`, whichever is earlier (never before half of it), so the
+ *   server does not close the session at expiry. A server without `refresh`
+ *   (or a failing token function) falls back to close 4001 + a new token.
+ * - Epochs: keeps each conversation's `epoch` (welcome, history replies) and
+ *   sends it with `sync`. A different epoch (the server lost that history and
+ *   numbers from 1 again) drops the local copy of that conversation (messages,
+ *   receipts, read/delivered marks; never the outbox) and reloads it.
+ * - `max_body_chars` comes from `welcome` (the `maxBodyChars` option is only
+ *   the value used before the first welcome); bodies count Unicode scalar
+ *   values, like the server.
  * - After every `welcome`: re-sends the outbox (same client_msg_id), then
  *   catches up every conversation it holds with `sync` (paging while
  *   `has_more`) and prefetches the newest page of each conversation listed in
@@ -59,23 +76,35 @@
  * Events (`client.on(type, fn)` calls fn(detail) and returns an unsubscribe
  * function; the client is also an EventTarget, `addEventListener(type, e => e.detail)`):
  * - `state`        {state, previous, reason?, code?, delay?}
- * - `welcome`      {user:{id,name}, conversations:[...], heartbeat_s, reconnect:boolean}
- * - `message`      {conversation, message:{conversation,seq,ts,sender:{id,name},body,client_msg_id?},
- *                   own:boolean, source:'live'|'sync'|'history'|'ack'}
+ * - `welcome`      {user:{id,name}, conversations:[...], heartbeat_s, max_body_chars,
+ *                   exp (unix seconds or null), reconnect:boolean}
+ * - `message`      {conversation, message:{conversation,seq,ts,sender:{id,name},body,client_msg_id?,
+ *                   deleted?}, own:boolean, source:'live'|'sync'|'history'|'ack'}
+ *                  (`deleted: true`, body '': erased by the CRM; keeps seq, ts and ticks)
  * - `ack`          {conversation, client_msg_id, seq, ts, duplicate}
- * - `receipt`      {conversation, user, delivered_seq, read_seq}
+ * - `receipt`      {conversation, user, delivered_seq, read_seq} (one event per user, also
+ *                   for the batched `receipts:[...]` frames of large conversations)
  * - `typing`       {conversation, user:{id,name}}
- * - `presence`     {conversation, user, online:boolean}  (push)
+ * - `presence`     {conversation, user, online:boolean}  (push; one event per change, also
+ *                   for the batched `changes:[...]` frames of large conversations)
  *                  {conversation, online:string[], query:true} (reply to presence())
  * - `conversation` {id, conversation:{id,title,members,last_seq}, member:boolean}
  * - `unread`       {conversation, unread}
- * - `reset`        {conversation} (local copy dropped: gap too large to sync)
+ * - `reset`        {conversation, reason:'epoch'|'data_lost'|'gap'} (local copy dropped:
+ *                   the server's history was replaced, or the gap was too large to sync)
  * - `token_expired` {code:4001, attempt} (the client asks the token function again;
  *                   a static token ends in state `auth_required`)
+ * - `token_refreshed` {exp} (the open connection now runs on a newer token)
  * - `error`        {code, message, conversation?, client_msg_id?, retry_after_ms?}
  *
  * @module chat
  */
+
+import { ChatError, CONV_RE, dmId, parseDm, uuid } from './chat-util.js';
+import { ConversationStore } from './chat-store.js';
+import { Outbox } from './chat-outbox.js';
+
+export { ChatError, dmId, parseDm, uuid };
 
 const DEFAULTS = Object.freeze({
   requestTimeoutMs: 15000,
@@ -89,78 +118,15 @@ const DEFAULTS = Object.freeze({
   prefetchConcurrency: 4,
   maxSyncGap: 1000,
   typingIntervalMs: 3000,
-  maxBodyChars: 4000,
+  maxBodyChars: 4000, // until a welcome says otherwise
+  refreshFraction: 0.8,
+  refreshLeadMs: 60000,
+  refreshRetryMs: 30000,
   maxFrameBytes: 65536,
   autoDelivered: true,
 });
 
-const CONV_RE = /^[A-Za-z0-9_.:@-]{1,128}$/;
-const USER_RE = /^[A-Za-z0-9_.@-]{1,128}$/;
-// Unicode White_Space (not JS \s, which differs on U+0085 and U+FEFF).
-const BLANK_RE = /^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$/;
-const PERMANENT_SEND_ERRORS = new Set(['forbidden', 'bad_request', 'too_large', 'not_found']);
 const OPEN = 1;
-
-/** An error answered by the server (`code` from PROTOCOL.md) or raised locally
- * (`timeout`, `disconnected`, `closed`, `auth_required`). */
-export class ChatError extends Error {
-  constructor(code, message, extra) {
-    super(message || code);
-    this.name = 'ChatError';
-    this.code = code;
-    if (extra) Object.assign(this, extra);
-  }
-}
-
-function compareBytes(a, b) {
-  const enc = new TextEncoder();
-  const x = enc.encode(a);
-  const y = enc.encode(b);
-  const n = Math.min(x.length, y.length);
-  for (let i = 0; i < n; i++) if (x[i] !== y[i]) return x[i] - y[i];
-  return x.length - y.length;
-}
-
-/** `dm:<a>:<b>` for two user ids, ordered by bytes (a < b). Throws on bad ids. */
-export function dmId(a, b) {
-  if (!USER_RE.test(a) || !USER_RE.test(b)) throw new TypeError('invalid user id');
-  const c = compareBytes(a, b);
-  if (c === 0) throw new TypeError('a direct conversation needs two different users');
-  return c < 0 ? `dm:${a}:${b}` : `dm:${b}:${a}`;
-}
-
-/** The two user ids of a `dm:<a>:<b>` conversation id, or null. */
-export function parseDm(id) {
-  if (typeof id !== 'string' || !id.startsWith('dm:')) return null;
-  const parts = id.slice(3).split(':');
-  if (parts.length !== 2 || !USER_RE.test(parts[0]) || !USER_RE.test(parts[1])) return null;
-  return parts;
-}
-
-/** Random v4 UUID; crypto.randomUUID only exists in secure contexts. */
-export function uuid() {
-  const c = globalThis.crypto;
-  if (c && typeof c.randomUUID === 'function') {
-    try { return c.randomUUID(); } catch { /* insecure context: fall through */ }
-  }
-  const b = new Uint8Array(16);
-  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(b);
-  else for (let i = 0; i < 16; i++) b[i] = Math.floor(Math.random() * 256);
-  b[6] = (b[6] & 0x0f) | 0x40;
-  b[8] = (b[8] & 0x3f) | 0x80;
-  const h = Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
-
-/** Whether two copies of a message with the same seq are the same message. */
-function sameMessage(a, b) {
-  const sa = a.sender && a.sender.id;
-  const sb = b.sender && b.sender.id;
-  if (sa && sb && sa !== sb) return false;
-  if (a.client_msg_id && b.client_msg_id) return a.client_msg_id === b.client_msg_id;
-  if (a.ts && b.ts) return a.ts === b.ts;
-  return true;
-}
 
 function defaultUrl() {
   const loc = globalThis.location;
@@ -177,32 +143,6 @@ function resolveUrl(url) {
   return u.href;
 }
 
-function newConversation(id) {
-  return {
-    id,
-    title: null,
-    members: null, // string[] when the server told us (conversation event)
-    member: true,
-    messages: new Map(), // seq -> message
-    loaded: false, // a baseline exists: lastSeq is meaningful
-    lastSeq: 0, // every seq in (baseline, lastSeq] is held
-    maxSeq: 0, // highest seq held
-    oldestSeq: 0, // lowest seq held (0: none)
-    hasMoreBefore: true,
-    serverLastSeq: 0, // highest seq the server told us about
-    readSeq: 0, // own read mark
-    deliveredSeq: 0, // own delivered mark (sent or confirmed)
-    pendingRead: 0, // read mark not yet sent (offline)
-    baseUnread: 0, // unread among seqs in (readSeq, unreadBaseTo], from welcome
-    unreadBaseTo: 0,
-    receipts: new Map(), // user -> {delivered_seq, read_seq}
-    syncing: null,
-    forceSync: false,
-    olderLoading: null,
-    lastTypingSent: 0,
-  };
-}
-
 /**
  * WebSocket chat client with reconnect, outbox, sync and receipts.
  *
@@ -210,24 +150,34 @@ function newConversation(id) {
  * @param {string} [options.url] WebSocket URL; default same origin `/ws/chat`.
  * @param {string|((ctx:{reason:string})=>string|Promise<string>)} [options.token]
  *   JWT or a function returning one (called on each connection attempt).
- * @param {Function} [options.getToken] Alias of a token function.
+ * @param {(ctx:{reason:string})=>string|Promise<string>} [options.getToken]
+ *   Function returning a fresh JWT: on each connection attempt, before expiry
+ *   (refresh) and after close 4001. With both, `token` (a string) is used for
+ *   the first connection only.
  * @param {{info:Function,warn:Function}} [options.logger] Default: console.
  * @param {Function} [options.WebSocket] WebSocket constructor (tests).
  * Other tunables: see DEFAULTS (requestTimeoutMs, backoffBaseMs, backoffCapMs,
  * stableMs, syncLimit, prefetch, prefetchLimit, maxSyncGap, typingIntervalMs,
- * maxBodyChars, maxFrameBytes, autoDelivered).
+ * maxBodyChars, maxFrameBytes, autoDelivered, refreshFraction, refreshLeadMs,
+ * refreshRetryMs).
  */
 export class ChatClient extends EventTarget {
   constructor(options = {}) {
     super();
     this.options = { ...DEFAULTS, ...options };
     this._url = options.url;
-    this._tokenSource = options.token ?? options.getToken ?? null;
+    this._tokenSource = options.getToken ?? options.token ?? null;
+    // `token` (a string) next to `getToken`: the first connection's token.
+    this._firstToken = options.getToken && typeof options.token === 'string' ? options.token : null;
     this._logger = options.logger || console;
     this._WS = options.WebSocket || globalThis.WebSocket;
 
     this.user = null; // {id, name} after welcome
     this.heartbeatS = 25;
+    this.maxBodyChars = this.options.maxBodyChars; // from welcome once connected
+    this.tokenExp = null; // exp (unix seconds) of the current connection's token
+    this._refreshFailures = 0;
+    this._refreshUnsupported = false;
     this._state = 'closed';
     this._stopped = true;
     this._ws = null;
@@ -242,15 +192,26 @@ export class ChatClient extends EventTarget {
     this._helloId = null;
     this._nextFrameId = 1;
     this._pending = new Map(); // frame id -> {resolve, reject, timer}
-    this._sendIds = new Map(); // frame id -> client_msg_id (current socket)
-    this._outbox = new Map(); // client_msg_id -> entry (insertion order = send order)
-    this._convs = new Map();
     this._online = new Map(); // user -> boolean
-    this._deliveredQueue = new Set();
     this._readyWaiters = [];
-    this._timers = { reconnect: null, hello: null, stable: null, idle: null, delivered: null };
+    this._timers = { reconnect: null, hello: null, stable: null, idle: null, refresh: null };
     this._listenerMap = new Map();
     this._onOnline = () => { if (this._timers.reconnect) this.reconnectNow(); };
+    // What the store and the outbox may use of the client, and nothing else.
+    const client = this;
+    const link = {
+      emit: (type, detail) => this._emit(type, detail),
+      request: (frame, opts) => this._request(frame, opts),
+      raw: (frame) => this._raw(frame),
+      waitReady: (ms) => this._waitReady(ms),
+      nextId: () => this._nextId(),
+      options: this.options,
+      get ready() { return client._ready; },
+      get user() { return client.user; },
+      get maxBodyChars() { return client.maxBodyChars; },
+    };
+    this._store = new ConversationStore(link);
+    this._outbox = new Outbox(link);
   }
 
   // ---------------------------------------------------------------- events
@@ -323,6 +284,7 @@ export class ChatClient extends EventTarget {
   /** Replace the token (string or function) and reconnect if waiting for one. */
   setToken(token) {
     this._tokenSource = token;
+    this._firstToken = null;
     this._authFailures = 0;
     this._rejectedToken = null;
     if (this._state === 'auth_required') this.connect();
@@ -345,6 +307,11 @@ export class ChatClient extends EventTarget {
   }
 
   async _resolveToken(reason) {
+    if (this._firstToken && reason === 'connect') {
+      const t = this._firstToken;
+      this._firstToken = null;
+      return t;
+    }
     const src = this._tokenSource;
     if (typeof src === 'function') return await src({ reason });
     return src;
@@ -413,11 +380,11 @@ export class ChatClient extends EventTarget {
   _teardown(err) {
     this._ws = null;
     this._ready = false;
-    for (const k of ['hello', 'stable', 'idle']) {
+    for (const k of ['hello', 'stable', 'idle', 'refresh']) {
       clearTimeout(this._timers[k]);
       this._timers[k] = null;
     }
-    this._sendIds.clear();
+    this._outbox.socketClosed();
     const pending = [...this._pending.values()];
     this._pending.clear();
     for (const p of pending) {
@@ -469,6 +436,77 @@ export class ChatClient extends EventTarget {
       this._logger.warn(`crm-chat: authentication required (${reason}); call setToken() or connect()`);
     }
     this._setState('auth_required', { reason, code });
+  }
+
+  // ------------------------------------------------------- token refresh
+
+  /**
+   * Plan the next `refresh` for a token expiring at `exp` (unix seconds): at
+   * `refreshFraction` (80%) of the remaining lifetime or `refreshLeadMs` (60 s)
+   * before expiry, whichever is earlier, but not before half of it (a
+   * short-lived token is not refreshed back to back). Only with a token
+   * function; without one (or without `exp`) the session ends at expiry with
+   * close 4001 as before.
+   */
+  _scheduleRefresh(exp) {
+    clearTimeout(this._timers.refresh);
+    this._timers.refresh = null;
+    this.tokenExp = Number.isFinite(exp) && exp > 0 ? exp : null;
+    if (!this.tokenExp || typeof this._tokenSource !== 'function' || this._refreshUnsupported) return;
+    const { refreshFraction, refreshLeadMs, refreshRetryMs } = this.options;
+    const remaining = this.tokenExp * 1000 - Date.now();
+    // A token that looks expired already means the clocks disagree: try
+    // later rather than in a loop (a 4001 and a new token are the fallback).
+    const delay = remaining <= 0
+      ? refreshRetryMs
+      : Math.max(remaining / 2, Math.min(remaining * refreshFraction, remaining - refreshLeadMs));
+    const ws = this._ws;
+    this._timers.refresh = setTimeout(() => this._refresh(ws), Math.min(Math.max(delay, 1000), 2 ** 31 - 1));
+  }
+
+  /** Retry a failed refresh with backoff while the token is still valid. */
+  _retryRefresh(ws) {
+    if (ws !== this._ws || !this._ready || !this.tokenExp) return;
+    this._refreshFailures++;
+    const remaining = this.tokenExp * 1000 - Date.now();
+    const backoff = Math.min(this.options.refreshRetryMs, 1000 * 2 ** Math.min(this._refreshFailures, 10));
+    const delay = remaining > 2000 ? Math.min(backoff, remaining / 2) : this.options.refreshRetryMs;
+    clearTimeout(this._timers.refresh);
+    this._timers.refresh = setTimeout(() => this._refresh(ws), Math.max(delay, 1000));
+  }
+
+  async _refresh(ws) {
+    this._timers.refresh = null;
+    if (ws !== this._ws || !this._ready) return;
+    let token;
+    try {
+      token = await this._resolveToken('refresh');
+    } catch (err) {
+      if (ws === this._ws) this._logger.info('crm-chat: token refresh: the token function failed:', err);
+      return this._retryRefresh(ws);
+    }
+    if (ws !== this._ws || !this._ready) return;
+    if (typeof token !== 'string' || !token || token === this._token) return this._retryRefresh(ws);
+    try {
+      const r = await this._request({ type: 'refresh', token }, { wait: false });
+      if (ws !== this._ws) return;
+      this._token = token;
+      this._refreshFailures = 0;
+      const exp = Number(r.exp);
+      this._emit('token_refreshed', { exp: Number.isFinite(exp) ? exp : null });
+      this._scheduleRefresh(exp);
+    } catch (err) {
+      if (ws !== this._ws) return;
+      const code = err && err.code;
+      if (code === 'unauthorized') return; // close 4001 follows; the reconnect asks for a new token
+      if (code === 'bad_request') {
+        // A server without `refresh`: this session ends at expiry (4001),
+        // then the client reconnects with a new token.
+        this._refreshUnsupported = true;
+        return;
+      }
+      this._retryRefresh(ws);
+    }
   }
 
   // ----------------------------------------------------------- transport
@@ -569,11 +607,11 @@ export class ChatClient extends EventTarget {
     switch (f.type) {
       case 'welcome': return this._onWelcome(f);
       case 'ack': return this._onAck(f);
-      case 'message': return this._onMessage(f);
-      case 'receipt': return this._onReceipt(f);
+      case 'message': return this._store.onMessage(f);
+      case 'receipt': return this._store.onReceipt(f);
       case 'typing': return this._onTyping(f);
       case 'presence': return this._onPresence(f);
-      case 'conversation': return this._onConversationEvent(f);
+      case 'conversation': return this._store.onConversationEvent(f);
       case 'error': return this._onError(f, pend);
       default: return undefined; // history / pong: handled by the requester
     }
@@ -590,6 +628,10 @@ export class ChatClient extends EventTarget {
     this._rejectedToken = null;
     this.user = f.user || this.user;
     if (Number.isFinite(f.heartbeat_s) && f.heartbeat_s > 0) this.heartbeatS = f.heartbeat_s;
+    if (Number.isInteger(f.max_body_chars) && f.max_body_chars > 0) this.maxBodyChars = f.max_body_chars;
+    this._refreshUnsupported = false;
+    this._refreshFailures = 0;
+    this._scheduleRefresh(Number(f.exp));
     const reconnect = this._everConnected;
     this._everConnected = true;
     this._logger.info('%cChat WebSocket Connected', 'color: green; font-weight: bold');
@@ -597,77 +639,28 @@ export class ChatClient extends EventTarget {
     const ws = this._ws;
     this._timers.stable = setTimeout(() => { if (ws === this._ws) this._attempt = 0; }, this.options.stableMs);
 
-    const listed = [];
-    for (const w of Array.isArray(f.conversations) ? f.conversations : []) {
-      if (!w || !CONV_RE.test(w.id)) continue;
-      const c = this._conv(w.id);
-      listed.push(c);
-      c.member = true;
-      if (w.title != null) c.title = w.title;
-      if (Array.isArray(w.members)) c.members = w.members.slice();
-      const lastSeq = Number(w.last_seq) || 0;
-      // seq never goes down; a lower last_seq means the server lost its data.
-      if (c.maxSeq > lastSeq) this._restart(c);
-      c.serverLastSeq = Math.max(c.serverLastSeq, lastSeq);
-      const ours = c.readSeq;
-      c.readSeq = Number(w.read_seq) || 0;
-      c.unreadBaseTo = lastSeq;
-      c.baseUnread = Number(w.unread) || 0;
-      if (ours > c.readSeq) { // our read frame was lost: apply and resend
-        this._setReadSeq(c, ours);
-        c.pendingRead = Math.max(c.pendingRead, ours);
-      }
-      if (c.deliveredSeq < c.readSeq) c.deliveredSeq = c.readSeq;
-    }
-    // A direct conversation is listed once it holds a message, so one we hold
-    // messages of that is not listed lost them on the server (storage reset).
-    const listedIds = new Set(listed.map((c) => c.id));
-    const me = this.user && this.user.id;
-    for (const c of this._convs.values()) {
-      const dm = parseDm(c.id);
-      if (c.maxSeq > 0 && !listedIds.has(c.id) && dm && dm.includes(me)) this._restart(c);
-    }
+    const store = this._store;
+    const listed = store.applyWelcome(Array.isArray(f.conversations) ? f.conversations : []);
     this._setState('connected');
     this._emit('welcome', {
       user: this.user,
       heartbeat_s: this.heartbeatS,
+      max_body_chars: this.maxBodyChars,
+      exp: this.tokenExp,
       reconnect,
-      conversations: listed.map((c) => this._summary(c)),
+      conversations: listed.map((c) => store.summary(c)),
     });
-    for (const c of listed) this._emit('unread', { conversation: c.id, unread: this._unreadOf(c) });
+    for (const c of listed) this._emit('unread', { conversation: c.id, unread: store.unreadOf(c) });
 
     // 1. re-send the outbox in order, same client_msg_id
-    for (const entry of this._outbox.values()) {
-      if (entry.state === 'queued' && !entry.timer) this._transmit(entry);
-    }
+    this._outbox.resend();
     // 2. own read marks made while offline
-    for (const c of this._convs.values()) {
-      if (c.pendingRead > 0) {
-        const seq = Math.min(c.pendingRead, this._maxKnown(c));
-        c.pendingRead = 0;
-        if (seq >= 1) this._raw({ type: 'read', conversation: c.id, seq });
-      }
-    }
+    store.sendPendingReads();
     for (const w of this._readyWaiters.splice(0)) w.resolve();
-    this._flushDelivered();
+    store.flushDelivered();
     // 3. catch up: sync what we hold, prefetch what welcome lists
-    const work = [];
-    for (const c of this._convs.values()) {
-      if (c.loaded) {
-        c.forceSync = true;
-        work.push(c);
-      } else if (listedIds.has(c.id)) {
-        if (c.serverLastSeq === 0 && c.messages.size === 0) {
-          c.loaded = true; // empty conversation: nothing to fetch
-          c.hasMoreBefore = false;
-        } else if (this.options.prefetch) {
-          work.push(c);
-        }
-      } else if (c.messages.size) {
-        work.push(c);
-      }
-    }
-    this._runPool(work, (c) => this._catchUp(c).catch(() => {}), this.options.prefetchConcurrency);
+    const work = store.toCatchUp(listed);
+    this._runPool(work, (c) => store.catchUp(c).catch(() => {}), this.options.prefetchConcurrency);
   }
 
   async _runPool(items, fn, n) {
@@ -680,65 +673,12 @@ export class ChatClient extends EventTarget {
   }
 
   _onAck(f) {
-    const cmid = this._sendIds.get(f.id);
-    this._sendIds.delete(f.id);
-    const entry = cmid ? this._outbox.get(cmid) : null;
+    const entry = this._outbox.takeAcked(f.id);
     if (!entry) return;
-    this._outbox.delete(cmid);
-    clearTimeout(entry.timer);
-    entry.timer = null;
-    entry.state = 'acked';
-    const conversation = f.conversation || entry.conversation;
-    const c = this._conv(conversation);
-    const seq = Number(f.seq);
-    if (seq > c.serverLastSeq) c.serverLastSeq = seq;
-    // Our message stored under a seq we hold for another one: the server
-    // lost its data and numbers from 1 again.
-    const held = Number.isInteger(seq) ? c.messages.get(seq) : undefined;
-    if (held && this.user && !sameMessage(held, { sender: this.user, client_msg_id: cmid, ts: f.ts })) {
-      this._restart(c);
-    }
-    // The server stores the body verbatim, so the acked message is known
-    // exactly; holding it now makes the order of ack and message irrelevant.
-    if (Number.isInteger(seq) && seq > 0 && !c.messages.has(seq) && this.user) {
-      this._ingest(c, {
-        conversation, seq, ts: f.ts, sender: { ...this.user }, body: entry.body, client_msg_id: cmid,
-      }, 'ack');
-      if (c.loaded && c.maxSeq > c.lastSeq) this._catchUp(c).catch(() => {});
-    }
-    const ack = { conversation, client_msg_id: cmid, seq, ts: f.ts, duplicate: !!f.duplicate };
+    const { conversation, seq } = this._store.onAck(entry, f);
+    const ack = { conversation, client_msg_id: entry.client_msg_id, seq, ts: f.ts, duplicate: !!f.duplicate };
     entry.resolve(ack);
     this._emit('ack', ack);
-  }
-
-  _onMessage(f) {
-    if (!CONV_RE.test(f.conversation)) return;
-    const c = this._conv(f.conversation);
-    const held = Number.isInteger(f.seq) ? c.messages.get(f.seq) : undefined;
-    if (held && !sameMessage(held, f)) this._restart(c); // the server lost its data
-    this._ingest(c, f, 'live');
-    if (!c.loaded || c.maxSeq > c.lastSeq) this._catchUp(c).catch(() => {});
-  }
-
-  _onReceipt(f) {
-    if (!CONV_RE.test(f.conversation) || typeof f.user !== 'string') return;
-    this._applyReceipt(this._conv(f.conversation), f, true);
-  }
-
-  _applyReceipt(c, r, fromFrame) {
-    const user = r.user;
-    const prev = c.receipts.get(user) || { delivered_seq: 0, read_seq: 0 };
-    const read = Math.max(prev.read_seq, Number(r.read_seq) || 0);
-    const delivered = Math.max(prev.delivered_seq, Number(r.delivered_seq) || 0, read);
-    const changed = read !== prev.read_seq || delivered !== prev.delivered_seq || !c.receipts.has(user);
-    c.receipts.set(user, { delivered_seq: delivered, read_seq: read });
-    if (this.user && user === this.user.id) { // another tab/device of ours
-      if (delivered > c.deliveredSeq) c.deliveredSeq = delivered;
-      if (this._setReadSeq(c, read)) this._emit('unread', { conversation: c.id, unread: this._unreadOf(c) });
-    }
-    if (changed || fromFrame) {
-      this._emit('receipt', { conversation: c.id, user, delivered_seq: delivered, read_seq: read });
-    }
   }
 
   _onTyping(f) {
@@ -748,25 +688,18 @@ export class ChatClient extends EventTarget {
     this._emit('typing', { conversation: f.conversation, user });
   }
 
+  /**
+   * A presence push: one change (v1), or `changes:[...]` (batched, large
+   * conversations), emitted as one `presence` event per change either way.
+   * Replies to presence() (with `online:[...]`) are applied there.
+   */
   _onPresence(f) {
-    if (typeof f.user === 'string') {
-      const online = !!f.online;
-      this._online.set(f.user, online);
-      this._emit('presence', { conversation: f.conversation, user: f.user, online });
+    const list = Array.isArray(f.changes) ? f.changes : [f];
+    for (const p of list) {
+      if (!p || typeof p.user !== 'string' || typeof p.online !== 'boolean') continue;
+      this._online.set(p.user, p.online);
+      this._emit('presence', { conversation: f.conversation, user: p.user, online: p.online });
     }
-    // replies are applied in presence()
-  }
-
-  _onConversationEvent(f) {
-    const info = f.conversation && typeof f.conversation === 'object' ? f.conversation : { id: f.conversation };
-    if (!CONV_RE.test(info.id)) return;
-    const c = this._conv(info.id);
-    if (info.title != null) c.title = info.title;
-    if (Array.isArray(info.members)) c.members = info.members.slice();
-    if (Number(info.last_seq) > c.serverLastSeq) c.serverLastSeq = Number(info.last_seq);
-    c.member = f.member !== false;
-    this._emit('conversation', { id: c.id, conversation: info, member: c.member });
-    if (c.member && this._ready && (c.loaded || this.options.prefetch)) this._catchUp(c).catch(() => {});
   }
 
   _onError(f, pend) {
@@ -780,230 +713,6 @@ export class ChatClient extends EventTarget {
     this._emit('error', { code: f.code, message: f.message, retry_after_ms: f.retry_after_ms });
   }
 
-  // ------------------------------------------------------- conversations
-
-  _conv(id) {
-    let c = this._convs.get(id);
-    if (!c) this._convs.set(id, (c = newConversation(id)));
-    return c;
-  }
-
-  _isOwn(m) { return !!(this.user && m.sender && m.sender.id === this.user.id); }
-
-  _maxKnown(c) { return Math.max(c.maxSeq, c.serverLastSeq); }
-
-  /** Store one message; emits `message` once per (conversation, seq). */
-  _ingest(c, m, source) {
-    const seq = m && m.seq;
-    if (!Number.isInteger(seq) || seq < 1 || c.messages.has(seq)) return false;
-    const msg = { ...m, conversation: c.id };
-    c.messages.set(seq, msg);
-    if (seq > c.maxSeq) c.maxSeq = seq;
-    if (seq > c.serverLastSeq) c.serverLastSeq = seq;
-    if (!c.oldestSeq || seq < c.oldestSeq) c.oldestSeq = seq;
-    if (seq === 1) c.hasMoreBefore = false;
-    if (c.loaded) while (c.messages.has(c.lastSeq + 1)) c.lastSeq++;
-    const own = this._isOwn(msg);
-    this._emit('message', { conversation: c.id, message: msg, own, source });
-    if (!own) {
-      if (seq > c.readSeq && seq > c.unreadBaseTo) this._emit('unread', { conversation: c.id, unread: this._unreadOf(c) });
-      this._queueDelivered(c);
-    }
-    return true;
-  }
-
-  _applyReply(c, r, source, { newest = false, before = null } = {}) {
-    if (Array.isArray(r.receipts)) {
-      for (const rc of r.receipts) if (rc && typeof rc.user === 'string') this._applyReceipt(c, rc, false);
-    }
-    const msgs = (Array.isArray(r.messages) ? r.messages : [])
-      .filter((m) => m && Number.isInteger(m.seq) && m.seq > 0)
-      .sort((a, b) => a.seq - b.seq);
-    if (newest && !c.loaded) {
-      c.loaded = true;
-      c.lastSeq = msgs.length ? msgs[0].seq - 1 : 0;
-    }
-    const oldestBefore = c.oldestSeq;
-    for (const m of msgs) this._ingest(c, m, source);
-    if (c.loaded) while (c.messages.has(c.lastSeq + 1)) c.lastSeq++;
-    if (newest || before != null) {
-      const reachedOldest = !oldestBefore || !msgs.length || msgs[0].seq <= oldestBefore;
-      if (reachedOldest) c.hasMoreBefore = msgs.length ? !!r.has_more && msgs[0].seq > 1 : false;
-    }
-    return msgs;
-  }
-
-  /** Bring one conversation up to date (single flight). */
-  _catchUp(c) {
-    if (c.syncing) return c.syncing;
-    // Cleared in a .finally() (always asynchronous): the work may finish
-    // without awaiting, and must not leave a settled promise behind.
-    const p = this._catchUpWork(c).finally(() => { if (c.syncing === p) c.syncing = null; });
-    c.syncing = p;
-    return p;
-  }
-
-  async _catchUpWork(c) {
-    const { syncLimit, prefetchLimit, maxSyncGap } = this.options;
-    try {
-      // Too far behind: drop the local copy and start again from the newest page.
-      if (c.loaded && this._maxKnown(c) - c.lastSeq > maxSyncGap) this._reset(c);
-      if (!c.loaded) {
-        const r = await this._request({ type: 'history', conversation: c.id, limit: prefetchLimit }, { wait: false });
-        this._applyReply(c, r, 'sync', { newest: true });
-      }
-      let force = c.forceSync;
-      c.forceSync = false;
-      let more = false;
-      for (let guard = 0; guard < 10000; guard++) {
-        if (!force && !more && c.lastSeq >= this._maxKnown(c)) break;
-        force = false;
-        const after = c.lastSeq;
-        const r = await this._request({ type: 'sync', conversation: c.id, after, limit: syncLimit }, { wait: false });
-        const msgs = this._applyReply(c, r, 'sync');
-        if (!msgs.length) {
-          // The server has nothing above lastSeq: what we thought existed does not.
-          if (c.maxSeq > c.lastSeq) c.lastSeq = c.maxSeq;
-          c.serverLastSeq = Math.min(c.serverLastSeq, Math.max(c.lastSeq, c.maxSeq));
-          break;
-        }
-        // A hole the server cannot fill (cannot happen: seq has no gaps).
-        if (c.lastSeq === after) c.lastSeq = msgs[msgs.length - 1].seq;
-        more = !!r.has_more;
-      }
-    } catch (err) {
-      if (err && err.code === 'forbidden') {
-        c.member = false;
-        this._emit('conversation', { id: c.id, conversation: { id: c.id }, member: false });
-      }
-      throw err;
-    }
-  }
-
-  /** The server no longer has what we hold (its storage was reset): start over. */
-  _restart(c) {
-    this._reset(c);
-    c.serverLastSeq = c.readSeq = c.deliveredSeq = c.pendingRead = 0;
-    c.baseUnread = c.unreadBaseTo = 0;
-    c.receipts.clear();
-  }
-
-  _reset(c) {
-    c.messages.clear();
-    c.loaded = false;
-    c.lastSeq = c.maxSeq = c.oldestSeq = 0;
-    c.hasMoreBefore = true;
-    this._emit('reset', { conversation: c.id });
-  }
-
-  _unreadOf(c) {
-    let n = c.baseUnread;
-    const from = Math.max(c.readSeq, c.unreadBaseTo);
-    for (const [seq, m] of c.messages) if (seq > from && !this._isOwn(m)) n++;
-    return n;
-  }
-
-  _setReadSeq(c, seq) {
-    if (!(seq > c.readSeq)) return false;
-    c.readSeq = seq;
-    if (seq > c.deliveredSeq) c.deliveredSeq = seq;
-    if (seq >= c.unreadBaseTo) {
-      c.baseUnread = 0;
-    } else {
-      let n = 0;
-      let complete = true;
-      for (let s = seq + 1; s <= c.unreadBaseTo; s++) {
-        const m = c.messages.get(s);
-        if (!m) { complete = false; break; }
-        if (!this._isOwn(m)) n++;
-      }
-      c.baseUnread = complete ? n : Math.min(c.baseUnread, c.unreadBaseTo - seq);
-    }
-    return true;
-  }
-
-  _queueDelivered(c) {
-    if (!this.options.autoDelivered) return;
-    this._deliveredQueue.add(c.id);
-    if (!this._timers.delivered) {
-      this._timers.delivered = setTimeout(() => {
-        this._timers.delivered = null;
-        this._flushDelivered();
-      }, 50);
-    }
-  }
-
-  _flushDelivered() {
-    if (!this._ready) return; // kept queued until the next welcome
-    for (const id of this._deliveredQueue) {
-      const c = this._convs.get(id);
-      if (!c || !c.member) continue;
-      const target = Math.min(c.loaded ? c.lastSeq : c.maxSeq, this._maxKnown(c));
-      const from = Math.max(c.deliveredSeq, c.readSeq);
-      if (target <= from) continue;
-      let others = false;
-      for (const [seq, m] of c.messages) {
-        if (seq > from && seq <= target && !this._isOwn(m)) { others = true; break; }
-      }
-      if (!others) continue;
-      if (this._raw({ type: 'delivered', conversation: id, seq: target })) c.deliveredSeq = target;
-    }
-    this._deliveredQueue.clear();
-  }
-
-  // ------------------------------------------------------------- outbox
-
-  _transmit(entry) {
-    if (!this._ready) { entry.state = 'queued'; return; }
-    const id = this._nextId();
-    entry.state = 'sending';
-    entry.attempts++;
-    this._sendIds.set(id, entry.client_msg_id);
-    const frame = {
-      type: 'send', id, conversation: entry.conversation, client_msg_id: entry.client_msg_id, body: entry.body,
-    };
-    this._request(frame, { wait: false }).catch((err) => this._onSendError(entry, err));
-  }
-
-  _retryLater(entry, delay) {
-    entry.state = 'queued';
-    clearTimeout(entry.timer);
-    entry.timer = setTimeout(() => {
-      entry.timer = null;
-      if (this._outbox.has(entry.client_msg_id)) this._transmit(entry);
-    }, delay);
-  }
-
-  _onSendError(entry, err) {
-    if (!this._outbox.has(entry.client_msg_id)) return;
-    const code = err && err.code;
-    if (PERMANENT_SEND_ERRORS.has(code)) return this._fail(entry, err);
-    const { backoffBaseMs: base, backoffCapMs: cap } = this.options;
-    const backoff = () => Math.floor(Math.random() * Math.min(cap, base * 2 ** Math.min(entry.attempts, 20)));
-    if (code === 'disconnected' || code === 'unauthorized' || code === 'auth_required' || code === 'closed') {
-      entry.state = 'queued'; // re-sent after the next welcome
-      return;
-    }
-    if (code === 'rate_limited') {
-      const ms = Number(err.retry_after_ms);
-      return this._retryLater(entry, Number.isFinite(ms) && ms >= 0 ? ms + Math.floor(Math.random() * 250) : base + backoff());
-    }
-    if (code === 'timeout' || code === 'unavailable' || (code === 'internal' && entry.attempts < 3)) {
-      return this._retryLater(entry, base + backoff());
-    }
-    this._fail(entry, err);
-  }
-
-  _fail(entry, err) {
-    this._outbox.delete(entry.client_msg_id);
-    clearTimeout(entry.timer);
-    entry.state = 'failed';
-    entry.reject(err);
-    this._emit('error', {
-      code: err.code, message: err.message, conversation: entry.conversation, client_msg_id: entry.client_msg_id,
-    });
-  }
-
   // ---------------------------------------------------------- public API
 
   /**
@@ -1013,89 +722,28 @@ export class ChatClient extends EventTarget {
    * @returns {{client_msg_id:string, promise:Promise<object>}}
    */
   send(conversation, body) {
-    const client_msg_id = uuid();
-    let resolve;
-    let reject;
-    const promise = new Promise((a, b) => { resolve = a; reject = b; });
-    promise.catch(() => {}); // failures are also emitted as `error`
-    const entry = {
-      client_msg_id, conversation, body, resolve, reject, attempts: 0, state: 'queued', timer: null, createdAt: Date.now(),
-    };
-    const err = this._validateSend(conversation, body, client_msg_id);
-    if (err) {
-      entry.reject(err);
-      return { client_msg_id, promise };
-    }
-    this._outbox.set(client_msg_id, entry);
-    this._conv(conversation).lastTypingSent = 0;
-    this._transmit(entry);
+    const { client_msg_id, promise, entry } = this._outbox.add(conversation, body);
+    if (entry) this._store.conv(conversation).lastTypingSent = 0;
     return { client_msg_id, promise };
   }
 
-  _validateSend(conversation, body, client_msg_id) {
-    if (!CONV_RE.test(conversation)) return new ChatError('bad_request', 'invalid conversation id');
-    if (typeof body !== 'string' || !body.length || BLANK_RE.test(body)) {
-      return new ChatError('bad_request', 'message is empty');
-    }
-    const { maxBodyChars, maxFrameBytes } = this.options;
-    if (maxBodyChars && [...body].length > maxBodyChars) {
-      return new ChatError('too_large', `message longer than ${maxBodyChars} characters`);
-    }
-    const frame = JSON.stringify({ type: 'send', id: 2 ** 31, conversation, client_msg_id, body });
-    if (maxFrameBytes && new TextEncoder().encode(frame).length > maxFrameBytes) {
-      return new ChatError('too_large', 'message too large');
-    }
-    return null;
-  }
-
   /** Messages still waiting for their ack: [{client_msg_id, conversation, body, createdAt, state}]. */
-  pending(conversation) {
-    const out = [];
-    for (const e of this._outbox.values()) {
-      if (conversation == null || e.conversation === conversation) {
-        out.push({
-          client_msg_id: e.client_msg_id, conversation: e.conversation, body: e.body, createdAt: e.createdAt, state: e.state,
-        });
-      }
-    }
-    return out;
-  }
+  pending(conversation) { return this._outbox.pending(conversation); }
 
   /**
    * Mark messages up to `seq` (default: the newest held) as read. Clamped to
    * the highest seq known; sent after reconnect if offline. Returns true when
    * the read mark moved.
    */
-  markRead(conversation, seq) {
-    const c = this._convs.get(conversation);
-    if (!c) return false;
-    let target = seq == null ? (c.loaded ? c.lastSeq : c.maxSeq) : Math.floor(Number(seq));
-    target = Math.min(target, this._maxKnown(c));
-    if (!(target >= 1) || target <= c.readSeq) return false;
-    this._setReadSeq(c, target);
-    this._emit('unread', { conversation, unread: this._unreadOf(c) });
-    if (!this._ready || !this._raw({ type: 'read', conversation, seq: target })) {
-      c.pendingRead = Math.max(c.pendingRead, target);
-    }
-    return true;
-  }
+  markRead(conversation, seq) { return this._store.markRead(conversation, seq); }
 
   /** Mark messages up to `seq` (default: newest held) delivered. Usually automatic. */
-  markDelivered(conversation, seq) {
-    const c = this._convs.get(conversation);
-    if (!c) return false;
-    let target = seq == null ? (c.loaded ? c.lastSeq : c.maxSeq) : Math.floor(Number(seq));
-    target = Math.min(target, this._maxKnown(c));
-    if (!(target >= 1) || target <= Math.max(c.deliveredSeq, c.readSeq)) return false;
-    if (!this._raw({ type: 'delivered', conversation, seq: target })) return false;
-    c.deliveredSeq = target;
-    return true;
-  }
+  markDelivered(conversation, seq) { return this._store.markDelivered(conversation, seq); }
 
   /** Tell the others we are typing; throttled to one frame per typingIntervalMs. */
   typing(conversation) {
     if (!this._ready || !CONV_RE.test(conversation)) return false;
-    const c = this._conv(conversation);
+    const c = this._store.conv(conversation);
     const now = Date.now();
     if (now - c.lastTypingSent < this.options.typingIntervalMs) return false;
     if (!this._raw({ type: 'typing', conversation })) return false;
@@ -1104,52 +752,22 @@ export class ChatClient extends EventTarget {
   }
 
   /** Raw `history` request (messages with seq < before; newest page without before). */
-  async history(conversation, before, limit = 50) {
-    const frame = { type: 'history', conversation };
-    if (before != null) frame.before = before;
-    if (limit != null) frame.limit = limit;
-    const r = await this._request(frame);
-    this._applyReply(this._conv(conversation), r, 'history', { newest: before == null, before });
-    return r;
-  }
+  history(conversation, before, limit = 50) { return this._store.history(conversation, before, limit); }
 
-  /** Raw `sync` request (messages with seq > after), one page. */
-  async sync(conversation, after = 0, limit = this.options.syncLimit) {
-    const r = await this._request({ type: 'sync', conversation, after, limit });
-    this._applyReply(this._conv(conversation), r, 'sync');
-    return r;
-  }
+  /** Raw `sync` request (messages with seq > after), one page; sends the epoch held. */
+  sync(conversation, after = 0, limit = this.options.syncLimit) { return this._store.sync(conversation, after, limit); }
 
   /** Sync one conversation up to the newest message (paging). */
   async catchUp(conversation) {
     await this._waitReady(this.options.requestTimeoutMs);
-    await this._catchUp(this._conv(conversation));
+    await this._store.catchUp(this._store.conv(conversation));
   }
 
   /** Make sure the newest page of a conversation is held; resolves to its messages. */
-  async load(conversation) {
-    const c = this._conv(conversation);
-    if (!c.loaded || c.syncing) {
-      await this._waitReady(this.options.requestTimeoutMs);
-      await this._catchUp(c);
-    }
-    return this.messages(conversation);
-  }
+  load(conversation) { return this._store.load(conversation); }
 
   /** Fetch the page before the oldest held message. Resolves to {messages, has_more}. */
-  async loadOlder(conversation, limit = 50) {
-    const c = this._conv(conversation);
-    if (c.olderLoading) return c.olderLoading;
-    const p = (async () => {
-      if (!c.loaded) await this.load(conversation);
-      if (!c.hasMoreBefore || c.oldestSeq === 1) return { messages: [], has_more: false };
-      const before = c.oldestSeq || c.lastSeq + 1;
-      const r = await this.history(conversation, before, limit);
-      return { messages: r.messages || [], has_more: c.hasMoreBefore };
-    })().finally(() => { if (c.olderLoading === p) c.olderLoading = null; });
-    c.olderLoading = p;
-    return p;
-  }
+  loadOlder(conversation, limit = 50) { return this._store.loadOlder(conversation, limit); }
 
   /** Ask who is online in a conversation; resolves to the reply `{conversation, online:[...]}`. */
   async presence(conversation) {
@@ -1157,7 +775,7 @@ export class ChatClient extends EventTarget {
     const online = Array.isArray(r.online) ? r.online : [];
     const set = new Set(online);
     for (const u of online) this._online.set(u, true);
-    for (const u of this.otherMembers(conversation)) if (!set.has(u)) this._online.set(u, false);
+    for (const u of this._store.otherMembers(conversation)) if (!set.has(u)) this._online.set(u, false);
     this._emit('presence', { conversation, online: online.slice(), query: true });
     return r;
   }
@@ -1174,89 +792,34 @@ export class ChatClient extends EventTarget {
   }
 
   /** Held messages of a conversation, ascending by seq. */
-  messages(conversation) {
-    const c = this._convs.get(conversation);
-    if (!c) return [];
-    return [...c.messages.values()].sort((a, b) => a.seq - b.seq);
-  }
+  messages(conversation) { return this._store.messages(conversation); }
 
   /** Summary of a conversation, or null when unknown. */
-  conversation(id) {
-    const c = this._convs.get(id);
-    return c ? this._summary(c) : null;
-  }
+  conversation(id) { return this._store.conversation(id); }
 
   /** Summaries of every conversation the client knows. */
-  conversations() { return [...this._convs.values()].map((c) => this._summary(c)); }
+  conversations() { return this._store.conversations(); }
 
-  _summary(c) {
-    return {
-      id: c.id,
-      title: c.title,
-      members: c.members ? c.members.slice() : null,
-      member: c.member,
-      last_seq: this._maxKnown(c),
-      read_seq: c.readSeq,
-      unread: this._unreadOf(c),
-      loaded: c.loaded,
-      has_more_before: c.hasMoreBefore,
-      oldest_seq: c.oldestSeq,
-    };
-  }
-
-  unread(conversation) {
-    const c = this._convs.get(conversation);
-    return c ? this._unreadOf(c) : 0;
-  }
+  unread(conversation) { return this._store.unread(conversation); }
 
   /** Highest seq known for a conversation (held or announced by the server). */
-  lastSeq(conversation) {
-    const c = this._convs.get(conversation);
-    return c ? this._maxKnown(c) : 0;
-  }
+  lastSeq(conversation) { return this._store.lastSeq(conversation); }
 
   /** {user: {delivered_seq, read_seq}} from receipt frames and history replies. */
-  receipts(conversation) {
-    const c = this._convs.get(conversation);
-    return c ? Object.fromEntries([...c.receipts].map(([u, r]) => [u, { ...r }])) : {};
-  }
+  receipts(conversation) { return this._store.receipts(conversation); }
 
   /**
    * The members other than us, as far as known: both ids of a dm, else the
    * members from a `conversation` event, else the users that sent receipts.
    */
-  otherMembers(conversation) {
-    const me = this.user && this.user.id;
-    const dm = parseDm(conversation);
-    if (dm) return dm.filter((u) => u !== me);
-    const c = this._convs.get(conversation);
-    if (!c) return [];
-    if (c.members) return c.members.filter((u) => u !== me);
-    return [...c.receipts.keys()].filter((u) => u !== me);
-  }
+  otherMembers(conversation) { return this._store.otherMembers(conversation); }
 
   /**
    * Tick state of one of our messages: 'pending' (no seq yet), 'sent'
    * (stored), 'delivered' (every other member delivered it), 'read' (every
    * other member read it).
    */
-  tickState(conversation, seq) {
-    if (!Number.isInteger(seq) || seq < 1) return 'pending';
-    const others = this.otherMembers(conversation);
-    if (!others.length) return 'sent';
-    const c = this._convs.get(conversation);
-    let delivered = true;
-    let read = true;
-    for (const u of others) {
-      const r = c && c.receipts.get(u);
-      const rs = r ? r.read_seq : 0;
-      const ds = r ? Math.max(r.delivered_seq, rs) : 0;
-      if (rs < seq) read = false;
-      if (ds < seq) { delivered = false; break; }
-    }
-    if (read && delivered) return 'read';
-    return delivered ? 'delivered' : 'sent';
-  }
+  tickState(conversation, seq) { return this._store.tickState(conversation, seq); }
 }
 
 ChatClient.dmId = dmId;

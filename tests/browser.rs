@@ -15,6 +15,15 @@
 //! `WebDriverCompatibleCommand` sent with `Client::issue_cmd`.
 //! Screenshots land in `tests/artifacts/`; `docs/screenshot.png` is written
 //! when missing or when `UPDATE_DOCS_SCREENSHOT=1`.
+//!
+//! The other tests (one browser test at a time: they share a lock) cover
+//! PROTOCOL v1.1 in the client: `tests/browser_chatjs.js` drives the real
+//! `chat.js` in a page against a scripted server (batched frames, epochs,
+//! `reset`, refresh, 4001, `max_body_chars`, erased messages), and three tests
+//! against the real server check an epoch change across a restart, batched
+//! receipts and presence, and token refresh. Each of those first asks the
+//! server whether it has the feature and fails with a message naming it
+//! when it does not.
 
 mod common;
 
@@ -27,7 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::Server;
+use common::{Ended, Server};
 use fantoccini::{Client, Locator, error::CmdError, wd::WebDriverCompatibleCommand, wd::WindowHandle};
 use reqwest::{Method, Url};
 use serde::Deserialize;
@@ -37,6 +46,68 @@ const WAIT: Duration = Duration::from_secs(10);
 const RECONNECT_WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
 const DM: &str = "dm:alice:bob";
+
+/// One browser test at a time: each runs a server, chromedriver and Chromium
+/// processes, and the latency checks assume a quiet machine.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+}
+
+// ------------------------------------------------------------------ relay
+
+/// A TCP relay in front of a server. The pages load and connect through it,
+/// so a test can keep them away (connections are refused) while it prepares
+/// the server behind, then point it at another server process.
+struct Relay {
+    port: u16,
+    backend: Arc<Mutex<std::net::SocketAddr>>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(backend: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let backend = Arc::new(Mutex::new(backend));
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (b, o) = (backend.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the browser sees the connection fail
+                }
+                let to = *b.lock().unwrap();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Relay { port, backend, open, task }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn hold(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn release(&self, backend: std::net::SocketAddr) {
+        *self.backend.lock().unwrap() = backend;
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 fn artifacts() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
@@ -435,7 +506,12 @@ impl Browser {
 
     /// Signs in through the dev form and waits for the connection.
     async fn login(&self, server: &Server, user: &str, name: &str) {
-        self.goto(&server.url("/")).await;
+        self.login_at(&server.url("/"), user, name).await;
+    }
+
+    /// Like `login`, with the page at `url` (e.g. through a relay).
+    async fn login_at(&self, url: &str, user: &str, name: &str) {
+        self.goto(url).await;
         self.wait_js("the sign-in form", "return !document.getElementById('login-view').hidden;", json!([]), WAIT)
             .await;
         self.type_text("#login-user", user).await;
@@ -449,6 +525,22 @@ impl Browser {
             WAIT,
         )
         .await;
+    }
+
+    /// Opens a conversation listed in the sidebar and waits until it is loaded.
+    async fn open_listed(&self, id: &str) {
+        self.click(&format!("#conversations li[data-conversation='{id}'] button")).await;
+        self.wait_js(
+            "the conversation, loaded",
+            "const li = document.querySelector(`#conversations li[data-conversation='${arguments[0]}']`);
+             return !!li && li.querySelector('button').getAttribute('aria-current') === 'true'
+               && !document.getElementById('composer').disabled
+               && document.getElementById('history-status').textContent !== 'Loading…';",
+            json!([id]),
+            WAIT,
+        )
+        .await;
+        self.js(RECORDER_JS, json!([])).await;
     }
 
     /// Opens the direct conversation with `other` through the sidebar form.
@@ -525,6 +617,7 @@ fn assert_matches_server(who: &str, shown: &[Shown], stored: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_chat_through_a_server_restart() {
+    let _serial = serial().await;
     let started = Instant::now();
     let mut server = Server::start(&[]).await;
     let port = server.addr.port();
@@ -764,4 +857,285 @@ async fn two_browsers_chat_through_a_server_restart() {
     tokio::join!(alice.quit(), bob.quit());
     drop(driver);
     println!("browser test took {:?}", started.elapsed());
+}
+
+// ------------------------------------------------------------- v1.1 tests
+
+/// Fails the test naming a server feature of PROTOCOL v1.1 that is missing,
+/// so a red run says what the server lacks rather than timing out somewhere.
+fn server_lacks(feature: &str, detail: impl std::fmt::Display) -> ! {
+    panic!(
+        "the server does not implement {feature} (PROTOCOL.md v1.1), which this browser check needs: {detail}. \
+         This is a server (src/) gap, not a client failure."
+    )
+}
+
+/// Whether the binary accepts these settings (`--print-config` shows each key).
+fn require_settings(env: &[(&str, &str)], keys: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crm-chat"));
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).arg("--print-config");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run crm-chat --print-config");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() || keys.iter().any(|k| !text.contains(k)) {
+        let names: Vec<&str> = env.iter().map(|(k, _)| *k).collect();
+        server_lacks(&format!("the settings {keys:?}"), format!("crm-chat --print-config with {names:?}: {text}"));
+    }
+}
+
+/// The epoch `dm:alice:bob` has on `server`: from the service API's list for
+/// alice, else from a welcome (a short extra connection of alice).
+async fn dm_epoch(server: &Server) -> String {
+    let (s, v) = server.api(Method::GET, "/api/v1/users/alice/conversations", None).await;
+    assert_eq!(s, 200, "{v}");
+    let entry = v["conversations"].as_array().and_then(|l| l.iter().find(|c| c["id"] == DM)).cloned();
+    if let Some(e) = entry.as_ref().and_then(|e| e["epoch"].as_str()) {
+        return e.to_string();
+    }
+    let c = server.client("alice").await;
+    let epoch = c.conversation(DM).and_then(|e| e["epoch"].as_str()).map(str::to_string);
+    c.close().await;
+    epoch.unwrap_or_else(|| server_lacks("conversation epochs", format!("no `epoch` for {DM} in {entry:?}")))
+}
+
+async fn stored_messages(server: &Server, conversation: &str) -> Vec<Value> {
+    let (s, v) = server.api(Method::GET, &format!("/api/v1/conversations/{conversation}/messages?after=0"), None).await;
+    assert_eq!(s, 200, "{v}");
+    v["messages"].as_array().unwrap().clone()
+}
+
+/// The real `chat.js` in a page, against a server scripted in the page
+/// (`tests/browser_chatjs.js`): every v1.1 frame form on demand, whatever
+/// the real server implements yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_js_against_a_scripted_server() {
+    let _serial = serial().await;
+    let server = Server::start(&[]).await;
+    let driver = Chromedriver::start().await;
+    let b = driver.browser("scripted").await;
+    b.goto(&server.url("/")).await;
+    let timeouts = fantoccini::wd::TimeoutConfiguration::new(Some(Duration::from_secs(90)), None, None);
+    b.ok("timeouts", b.client.update_timeouts(timeouts).await);
+    let script = include_str!("browser_chatjs.js");
+    let results = b.ok("execute_async", b.client.execute_async(script, vec![json!("/static/chat.js")]).await);
+    let results = results.as_array().unwrap_or_else(|| panic!("no results: {results}"));
+    let mut failed = Vec::new();
+    for r in results {
+        let ok = r["ok"] == true;
+        println!(
+            "chat.js {}: {} ({})",
+            if ok { "ok" } else { "FAILED" },
+            r["name"],
+            r["detail"].as_str().unwrap_or("")
+        );
+        if !ok {
+            failed.push(r.clone());
+        }
+    }
+    assert!(results.len() >= 6, "{results:?}");
+    assert!(failed.is_empty(), "chat.js against the scripted server: {failed:#?}");
+    b.quit().await;
+}
+
+/// The embedded engine restarts empty with a new epoch. The pages are kept
+/// away (relay) until the new history is longer than their copy, so no
+/// "last_seq went down" can give the loss away: only the epoch does. Both
+/// pages must drop their copy and show exactly the new history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_epoch_replaces_the_pages_copy() {
+    let _serial = serial().await;
+    let mut first = Server::start(&[]).await;
+    let relay = Relay::start(first.addr).await;
+    let driver = Chromedriver::start().await;
+    let (alice, bob) = tokio::join!(driver.browser("alice"), driver.browser("bob"));
+    let page = relay.url("/");
+    tokio::join!(alice.login_at(&page, "alice", "Alice"), bob.login_at(&page, "bob", "Bob"));
+    tokio::join!(alice.open_dm("bob"), bob.open_dm("alice"));
+    let old = ["Epoch one, first message.", "Epoch one, second message."];
+    for m in old {
+        alice.send(m).await;
+        bob.wait_body(m).await;
+        alice.wait_ticks(m, "read").await;
+    }
+    let epoch1 = dm_epoch(&first).await;
+
+    relay.hold();
+    first.signal("TERM");
+    tokio::join!(alice.wait_state("reconnecting", WAIT), bob.wait_state("reconnecting", WAIT));
+    assert_eq!(first.wait_exit(WAIT).await, Some(0), "crm-chat exit code after SIGTERM");
+    let second = Server::start(&[]).await;
+    let new = ["Epoch two: one.", "Epoch two: two.", "Epoch two: three."];
+    for (i, body) in new.iter().enumerate() {
+        let sender = if i % 2 == 0 { "alice" } else { "bob" };
+        let (s, v) = second
+            .api(
+                Method::POST,
+                &format!("/api/v1/conversations/{DM}/messages"),
+                Some(json!({"sender": sender, "body": body, "client_msg_id": format!("epoch2-{i}")})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let epoch2 = dm_epoch(&second).await;
+    println!("epochs of {DM}: {epoch1:?} before the restart, {epoch2:?} after");
+    assert_ne!(epoch1, epoch2, "a restarted embedded engine must announce a new epoch");
+    assert!(new.len() > old.len(), "the new history must outgrow the pages' copy");
+
+    relay.release(second.addr);
+    tokio::join!(alice.wait_state("connected", RECONNECT_WAIT), bob.wait_state("connected", RECONNECT_WAIT));
+    tokio::join!(alice.wait_body(new[2]), bob.wait_body(new[2]));
+    tokio::time::sleep(Duration::from_millis(300)).await; // let any stale message show up
+    let stored = stored_messages(&second, DM).await;
+    assert_matches_server("alice", &alice.shown().await, &stored);
+    assert_matches_server("bob", &bob.shown().await, &stored);
+
+    // Live traffic in the new epoch: seq 4, ticks as usual.
+    let live = "And live traffic in the new epoch.";
+    bob.send(live).await;
+    alice.wait_body(live).await;
+    bob.wait_ticks(live, "read").await;
+    let stored = stored_messages(&second, DM).await;
+    assert_eq!(stored.len(), 4);
+    assert_matches_server("alice", &alice.shown().await, &stored);
+    assert_matches_server("bob", &bob.shown().await, &stored);
+    alice.snap("browser-epoch-alice.png").await;
+    tokio::join!(alice.quit(), bob.quit());
+}
+
+/// With `limits.batch_members = 1` a group of two counts as large: presence
+/// and receipts reach it batched (`changes`, `receipts`; direct conversations
+/// never are). The page must still show who is online and one, two and two
+/// blue ticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_receipts_and_presence() {
+    let _serial = serial().await;
+    let env = [("CHAT_LIMITS__BATCH_MEMBERS", "1"), ("CHAT_LIMITS__BATCH_INTERVAL_MS", "200")];
+    require_settings(&env, &["batch_members", "batch_interval_ms"]);
+    let server = Server::start(&env).await;
+    const GROUP: &str = "deal-42";
+    server.put_group(GROUP, &["alice", "bob"]).await;
+    let driver = Chromedriver::start().await;
+    let alice = driver.browser("alice").await;
+    alice.login(&server, "alice", "Alice").await;
+    alice.open_listed(GROUP).await;
+    let sub = "return document.getElementById('conv-sub').textContent;";
+    let online = "return document.getElementById('conv-sub').textContent.endsWith(arguments[0]);";
+    alice.wait_js("alice alone online in the group", online, json!(["1 online"]), WAIT).await;
+    // alice's second connection sees the frames her page gets.
+    let mut watcher = server.client("alice").await;
+
+    let mut bob = server.client("bob").await;
+    alice.wait_js("bob online in alice's page", online, json!(["2 online"]), WAIT).await;
+    let in_group = |v: &Value| common::is_presence(v) && v["conversation"] == GROUP;
+    let p = watcher.expect("a presence push in the group", in_group).await;
+    if !p["changes"].is_array() {
+        server_lacks(
+            "batched presence (`changes`)",
+            format!("presence push in a group of 2 with batch_members=1: {p}"),
+        );
+    }
+
+    let m = "Batched receipts, please.";
+    alice.send(m).await;
+    let msg = bob.expect("alice's message", |v| v["type"] == "message" && v["body"] == m).await;
+    let seq = msg["seq"].as_u64().unwrap();
+    alice.wait_ticks(m, "sent").await;
+    bob.send(json!({"type": "delivered", "conversation": GROUP, "seq": seq})).await;
+    alice.wait_ticks(m, "delivered").await;
+    bob.send(json!({"type": "read", "conversation": GROUP, "seq": seq})).await;
+    alice.wait_ticks(m, "read").await;
+    assert_eq!(alice.tick_history(m).await, ["pending", "sent", "delivered", "read"]);
+    let names_bob = |v: &Value| {
+        v["type"] == "receipt"
+            && v["conversation"] == GROUP
+            && (v["user"] == "bob" || v["receipts"].as_array().is_some_and(|l| l.iter().any(|r| r["user"] == "bob")))
+    };
+    let r = watcher.expect("a receipt naming bob", names_bob).await;
+    if !r["receipts"].is_array() {
+        server_lacks(
+            "batched receipts (`receipts`)",
+            format!("receipt push in a group of 2 with batch_members=1: {r}"),
+        );
+    }
+
+    bob.close().await;
+    alice.wait_js("bob offline in alice's page", online, json!(["1 online"]), WAIT).await;
+    let gone = watcher.expect("bob's offline push", |v| in_group(v) && v.to_string().contains("bob")).await;
+    assert!(gone["changes"].is_array(), "{gone}");
+    println!("alice's header: {}", alice.js(sub, json!([])).await);
+    assert_eq!(alice.connected_logs().await, 1);
+    alice.snap("browser-batched-alice.png").await;
+    watcher.close().await;
+    alice.quit().await;
+}
+
+/// Dev tokens that live 5 s: a connection that does not refresh is closed
+/// with 4001 at expiry, the page's connection refreshes and stays; the
+/// service API's `disconnect` (4001) makes the page get a new token and
+/// come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_refresh_keeps_the_page_connected() {
+    let _serial = serial().await;
+    const TTL_S: u64 = 5;
+    let env = [("CHAT_AUTH__DEV_TOKEN_TTL_S", TTL_S.to_string()), ("CHAT_LIMITS__MAX_BODY_CHARS", "60".to_string())];
+    let server = Server::start(&env.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
+    let control = server.client("carol").await;
+    if !control.welcome["exp"].is_u64() {
+        server_lacks("`exp` in welcome", &control.welcome);
+    }
+    let control_start = Instant::now();
+    let driver = Chromedriver::start().await;
+    let alice = driver.browser("alice").await;
+    alice.login(&server, "alice", "Alice").await;
+    let alice_start = Instant::now();
+    alice.wait_connected_logs(1).await;
+
+    // A session that does not refresh ends at expiry (the server's leeway aside).
+    let within = Duration::from_secs(TTL_S + 40);
+    let mut control = control;
+    let ended = match tokio::time::timeout(within, control.until_closed(within + WAIT)).await {
+        Ok((_, ended)) => ended,
+        Err(_) => server_lacks("closing sessions at token expiry", format!("still open after {within:?}")),
+    };
+    let lag = control_start.elapsed();
+    println!("the session without refresh ended {ended:?} after {lag:?} (token lifetime {TTL_S} s)");
+    if ended != Ended::Close(4001) {
+        server_lacks("close 4001 at token expiry", format!("{ended:?}"));
+    }
+    // alice's first token is now as dead as carol's: she is still here only by refresh.
+    let alive_until = alice_start + lag + Duration::from_secs(2);
+    tokio::time::sleep_until(alive_until.into()).await;
+    assert_eq!(
+        alice.js("return document.getElementById('conn-state').dataset.state;", json!([])).await,
+        "connected",
+        "alice's page past her first token's expiry"
+    );
+    assert_eq!(alice.connected_logs().await, 1, "alice reconnected instead of refreshing");
+    // The composer takes the server's max_body_chars (60 here) from welcome.
+    alice.type_text("#composer", &"x".repeat(61)).await;
+    let state = "return [document.getElementById('send').disabled,
+                         document.getElementById('composer-error').textContent];";
+    let v = alice.js(state, json!([])).await;
+    assert_eq!(v[0], true, "send with 61 of 60 characters: {v}");
+    assert!(v[1].as_str().unwrap().contains("at most 60 characters"), "{v}");
+    alice.type_text("#composer", &char::from(fantoccini::key::Key::Backspace).to_string()).await;
+    assert_eq!(alice.js(state, json!([])).await, json!([false, ""]));
+    alice.js("document.getElementById('composer').value = ''; return true;", json!([])).await;
+    alice.type_text("#composer", "Still here after my first token expired.").await;
+    alice.click("#send").await;
+    alice.wait_ticks("Still here after my first token expired.", "sent").await;
+
+    // Signed out by the CRM (4001): a new token, then a new connection.
+    let (s, v) = server.api(Method::POST, "/api/v1/users/alice/disconnect", None).await;
+    if s != 200 {
+        server_lacks("POST /api/v1/users/{id}/disconnect", format!("{s} {v}"));
+    }
+    alice.wait_connected_logs(2).await;
+    alice.wait_state("connected", RECONNECT_WAIT).await;
+    let problems: Vec<ConsoleEntry> =
+        alice.read_console().await.into_iter().filter(|e| e.level != "INFO" && e.level != "DEBUG").collect();
+    assert!(problems.is_empty(), "alice: console warnings/errors: {problems:?}");
+    alice.quit().await;
 }

@@ -38,6 +38,8 @@ pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-0123456789";
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The internal listener, when `server.internal_listen` is set.
+    pub internal: Option<SocketAddr>,
     pub http: reqwest::Client,
     stderr_tail: std::sync::Arc<std::sync::Mutex<VecDeque<String>>>,
 }
@@ -76,8 +78,13 @@ impl Server {
             });
         }
         let mut lines = BufReader::new(stdout).lines();
+        let mut internal = None;
         let addr = tokio::time::timeout(TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
+                // The internal listener's line comes first when there is one.
+                if let Some(rest) = line.strip_prefix("crm-chat internal listening on http://") {
+                    internal = Some(rest.parse::<SocketAddr>().unwrap());
+                }
                 if let Some(rest) = line.strip_prefix("crm-chat listening on http://") {
                     return Some(rest.parse::<SocketAddr>().unwrap());
                 }
@@ -93,11 +100,17 @@ impl Server {
             panic!("crm-chat did not start (exit {status:?}); stderr:\n{}", tail.join("\n"));
         };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Server { child: Some(child), addr, http: reqwest::Client::new(), stderr_tail: tail }
+        Server { child: Some(child), addr, internal, http: reqwest::Client::new(), stderr_tail: tail }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the internal listener (service API, health, metrics): the
+    /// public one when the server has no internal listener.
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.internal.unwrap_or(self.addr))
     }
 
     pub fn ws_url(&self) -> String {
@@ -152,7 +165,7 @@ impl Server {
 
     /// Service API call with the API key.
     pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, self.url(path)).bearer_auth(API_KEY);
+        let mut req = self.http.request(method, self.internal_url(path)).bearer_auth(API_KEY);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -175,7 +188,7 @@ impl Server {
     }
 
     pub async fn metrics(&self) -> String {
-        self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+        self.http.get(self.internal_url("/metrics")).send().await.unwrap().text().await.unwrap()
     }
 }
 

