@@ -108,7 +108,8 @@ pub async fn launch(env: &[(&str, &str)], prefix: &[&str], internal: bool) -> La
     match public {
         Some(addr) if !internal || private.is_some() => {
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            let server = Server { child: Some(child), addr, http: reqwest::Client::new(), stderr_tail: tail };
+            let server =
+                Server { child: Some(child), addr, internal: private, http: reqwest::Client::new(), stderr_tail: tail };
             Launch::Up(Box::new(Node { server, internal: private }))
         }
         _ => {
