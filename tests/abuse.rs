@@ -1576,6 +1576,21 @@ where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = Tried>,
 {
+    let bad = twenty_failures(want, error, f).await;
+    assert!(
+        bad.is_empty(),
+        "{what}: expected a close frame with code {want} (no reset, no bare FIN) in 20 of 20 tries; {} failed:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+/// The tries of [`twenty`] that did not end as wanted.
+async fn twenty_failures<F, Fut>(want: u16, error: Option<&str>, f: F) -> Vec<String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Tried>,
+{
     let results = join_all((0..20).map(f)).await;
     let mut bad = Vec::new();
     for (i, (end, seen)) in results.iter().enumerate() {
@@ -1591,12 +1606,7 @@ where
             }
         }
     }
-    assert!(
-        bad.is_empty(),
-        "{what}: expected a close frame with code {want} (no reset, no bare FIN) in 20 of 20 tries; {} failed:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    bad
 }
 
 fn last(v: &[String]) -> &[String] {
@@ -1750,7 +1760,15 @@ async fn close_1013_slow_consumer_arrives_as_a_close_frame() {
     // Pushed messages (which the server cannot hold back, unlike replies)
     // toward 20 members that stop reading: 300 x 24 KB each, more than the
     // kernel buffers (~4 MB) plus the outbound budget.
-    let env = with(&FILL, &[("CHAT_LIMITS__OUTBOUND_BYTES", "262144"), ("CHAT_LIMITS__MAX_REPLY_BYTES", "65536")]);
+    let env = with(
+        &FILL,
+        &[
+            ("CHAT_LIMITS__OUTBOUND_BYTES", "262144"),
+            ("CHAT_LIMITS__MAX_REPLY_BYTES", "65536"),
+            // Sessions' and the hub's lines only, so the log tail tells each connection's story.
+            ("CHAT_LOG__LEVEL", "crm_chat::session=debug,crm_chat::hub=debug,warn"),
+        ],
+    );
     let node = launch_up(&env, &[], false).await;
     let addr = node.server.addr;
     let conv = unique("slow");
@@ -1772,12 +1790,20 @@ async fn close_1013_slow_consumer_arrives_as_a_close_frame() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let slow = Mutex::new(slow.into_iter().map(Some).collect::<Vec<_>>());
     let slow = &slow;
-    twenty("a consumer too slow for its outbound budget", 1013, None, |i| async move {
+    let bad = twenty_failures(1013, None, |i| async move {
         let mut r = slow.lock().unwrap()[i].take().unwrap();
         let (seen, end) = r.finish(Duration::from_secs(20)).await;
         (end, seen)
     })
     .await;
+    assert!(
+        bad.is_empty(),
+        "a consumer too slow for its outbound budget: expected a close frame with code 1013 in 20 of 20 tries \
+         (try i is user slow<i>); {} failed:\n{}\nserver log:\n{}",
+        bad.len(),
+        bad.iter().map(|b| &b[..b.len().min(300)]).collect::<Vec<_>>().join("\n"),
+        log_tail(&node.server, 80)
+    );
 }
 
 // ---------------------------------------------------------------------------
