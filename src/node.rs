@@ -226,12 +226,16 @@ impl Node {
             return Ok(*n);
         }
         let n = self.engine.member_count(conversation, open).await?;
+        self.remember_member_count(conversation, n);
+        Ok(n)
+    }
+
+    fn remember_member_count(&self, conversation: &str, n: usize) {
         let mut cache = self.member_counts.lock();
         if cache.len() >= CACHE_MAX {
             cache.clear();
         }
-        cache.insert(conversation.into(), (n, now));
-        Ok(n)
+        cache.insert(conversation.into(), (n, Instant::now()));
     }
 
     /// Validates a conversation id and says what kind it is.
@@ -554,7 +558,10 @@ impl Node {
         let user_topic = Topic::User(conn.user.clone());
         self.engine.subscribe(std::slice::from_ref(&user_topic)).await?;
         for c in &self.cfg.chat.open_conversations {
-            self.engine.join_open(c, &user.id).await?;
+            // The exact count, fresh: whether this user's presence goes out
+            // (and batched or not) is decided from it.
+            let n = self.engine.join_open(c, &user.id).await?;
+            self.remember_member_count(c, n);
         }
         let ids = self.conversation_ids(&user.id).await?;
         let convs: Vec<Arc<str>> = ids
