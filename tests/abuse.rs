@@ -1325,7 +1325,8 @@ async fn junk_conversation_ids_allocate_nothing() {
 // 9. Mass reconnect and receipts in large conversations.
 
 async fn mass_reconnect_of_a_1000_member_group_batches_presence(engine: Engine) {
-    let s = setup(engine, &[]).await;
+    // No open conversation: the group is the only one these users share.
+    let s = setup(engine, &[("CHAT_CHAT__OPEN_CONVERSATIONS", "[]")]).await;
     const N: usize = 1000;
     let users: Vec<String> = (0..N).map(|i| format!("p{i:04}")).collect();
     let g = unique("big");
@@ -1347,7 +1348,7 @@ async fn mass_reconnect_of_a_1000_member_group_batches_presence(engine: Engine) 
     let window = phase.elapsed();
     let limit = window.as_secs_f64().ceil() as usize + 2;
     let mut counts = Vec::new();
-    let mut stale = Vec::new();
+    let mut stale: Vec<(String, String)> = Vec::new();
     let mut lost = Vec::new();
     for (i, p) in peers.iter_mut().enumerate().skip(N / 2) {
         if p.task.is_finished() {
@@ -1360,16 +1361,30 @@ async fn mass_reconnect_of_a_1000_member_group_batches_presence(engine: Engine) 
         lost.len(),
         &lost[..lost.len().min(5)]
     );
-    for (i, p) in peers.iter().enumerate().skip(N / 2) {
-        let frames: Vec<Value> = p.frames().into_iter().filter(|(t, _)| *t >= phase).map(|(_, v)| v).collect();
-        counts.push(frames.len());
-        let mut state: HashMap<String, bool> = HashMap::new();
-        for f in &frames {
-            state.extend(presence_changes(f));
+    // (observer, user) where the observer's last pushed state of a user who
+    // reconnected is offline.
+    let stale_now = |peers: &[Peer]| {
+        let mut stale = Vec::new();
+        for (i, p) in peers.iter().enumerate().skip(N / 2) {
+            let mut state: HashMap<String, bool> = HashMap::new();
+            for (_, f) in p.frames().into_iter().filter(|(t, _)| *t >= phase) {
+                state.extend(presence_changes(&f));
+            }
+            for (u, _) in state.iter().filter(|(u, on)| half.contains(u) && !**on) {
+                stale.push((users[i].clone(), u.clone()));
+            }
         }
-        if let Some((u, _)) = state.iter().find(|(u, on)| half.contains(u) && !**on) {
-            stale.push(format!("{} sees {u} offline", users[i]));
-        }
+        stale
+    };
+    for p in peers.iter().skip(N / 2) {
+        counts.push(p.frames().into_iter().filter(|(t, _)| *t >= phase).count());
+    }
+    let early = stale_now(&peers).len();
+    if early > 0 {
+        // Not a late batch: give it five more seconds.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stale = stale_now(&peers);
+        eprintln!("mass reconnect: {early} stale views 3 s after the reconnects, {} after 5 s more", stale.len());
     }
     let max = counts.iter().max().copied().unwrap_or(0);
     let total: usize = counts.iter().sum();
@@ -1379,7 +1394,24 @@ async fn mass_reconnect_of_a_1000_member_group_batches_presence(engine: Engine) 
         "each member may get at most one presence frame per batch_interval_ms (1 s) for the group, so at \
          most {limit} in {window:?} (reconnects took {reconnected:?}); the worst got {max}, {total} in all to 500 members"
     );
-    assert!(stale.is_empty(), "the latest state must win: {:?}", &stale[..stale.len().min(5)]);
+    if !stale.is_empty() {
+        let mut q = s.s(1).client(&users[N - 1]).await;
+        let r = q.request(json!({"type":"presence","conversation":g})).await;
+        let online: Vec<&str> =
+            r["online"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+        let wrong: Vec<&(String, String)> = stale.iter().filter(|(_, u)| online.contains(&u.as_str())).collect();
+        panic!(
+            "the latest state must win: {} times a member's last pushed presence for a user who reconnected says \
+             offline ({} distinct users), 3 + 5 s after the last reconnect; a presence query now lists {} of \
+             those cases as online, e.g. {:?} \
+             (observer, user); query: {}",
+            stale.len(),
+            stale.iter().map(|(_, u)| u).collect::<std::collections::BTreeSet<_>>().len(),
+            wrong.len(),
+            &wrong[..wrong.len().min(5)],
+            &r.to_string()[..r.to_string().len().min(300)]
+        );
+    }
     // Batched pushes still carry the news: 5 members leave for good.
     let t = Instant::now();
     for p in &again[..5] {
