@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Container end-to-end test: build the image, start the compose stack (nginx,
 # two crm-chat replicas, Valkey) as its own compose project, run
-# tests/container.rs against it through nginx, and always tear it down.
+# tests/container.rs against it through nginx (its public side for the
+# WebSocket and dev tokens, its internal side for /readyz and the service
+# API), and always tear it down.
 #
 #   bash scripts/container-e2e.sh
 #
@@ -10,7 +12,8 @@
 # ../shared/containers/offline-images.sh (run first when it exists).
 #
 # Environment:
-#   CHAT_HTTP_PORT             host port of nginx (default 8080)
+#   CHAT_HTTP_PORT             host port of nginx's public side (default 8080)
+#   CHAT_INTERNAL_PORT         host port of nginx's internal side (default 8081)
 #   CHAT_NET_SUBNET            the stack's network (default 172.29.241.0/24, not
 #                              compose.yaml's, so a developer's own stack can run)
 #   CHAT_E2E_COMPOSE_PROJECT   compose project name (default crm-chat-e2e)
@@ -24,9 +27,13 @@ cd "$root"
 shared=${CRM_CHAT_SHARED:-$root/../shared}
 
 export CHAT_HTTP_PORT=${CHAT_HTTP_PORT:-8080}
+export CHAT_INTERNAL_PORT=${CHAT_INTERNAL_PORT:-8081}
+# Loopback only, whatever the caller's environment says.
+export CHAT_BIND=127.0.0.1
 export CHAT_NET_SUBNET=${CHAT_NET_SUBNET:-172.29.241.0/24}
 export CHAT_E2E_COMPOSE_PROJECT=${CHAT_E2E_COMPOSE_PROJECT:-crm-chat-e2e}
 url=http://127.0.0.1:$CHAT_HTTP_PORT
+internal_url=http://127.0.0.1:$CHAT_INTERNAL_PORT
 
 step() { printf '\n=== container-e2e: %s (%ss)\n' "$*" "$SECONDS"; }
 
@@ -87,24 +94,26 @@ compose build
 # Leftovers of an interrupted run would hold the port and the network.
 started=1
 compose down -v --remove-orphans >/dev/null 2>&1 || true
-if curl -s -o /dev/null --max-time 2 "$url/"; then
-  echo "container-e2e: something already answers on $url: set CHAT_HTTP_PORT to a free port" >&2
-  exit 1
-fi
+for u in "$url" "$internal_url"; do
+  if curl -s -o /dev/null --max-time 2 "$u/"; then
+    echo "container-e2e: something already answers on $u: set CHAT_HTTP_PORT / CHAT_INTERNAL_PORT to free ports" >&2
+    exit 1
+  fi
+done
 
 step "compose up -d (waits for Valkey and both replicas to be healthy)"
 compose up -d
 
-step "wait for $url/readyz through nginx (120 s at most)"
+step "wait for $internal_url/readyz through nginx's internal side (120 s at most)"
 deadline=$((SECONDS + 120))
-until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$url/readyz" || true) == 200 ]]; do
+until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$internal_url/readyz" || true) == 200 ]]; do
   if ((SECONDS >= deadline)); then
-    echo "container-e2e: $url/readyz did not answer 200 within 120 s" >&2
+    echo "container-e2e: $internal_url/readyz did not answer 200 within 120 s" >&2
     exit 1
   fi
   sleep 1
 done
 compose ps
 
-step "cargo test --test container (CHAT_E2E_URL=$url)"
-CHAT_E2E_URL=$url cargo test --locked --test container -- --ignored --nocapture
+step "cargo test --test container (CHAT_E2E_URL=$url CHAT_E2E_INTERNAL_URL=$internal_url)"
+CHAT_E2E_URL=$url CHAT_E2E_INTERNAL_URL=$internal_url cargo test --locked --test container -- --ignored --nocapture

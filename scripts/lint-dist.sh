@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lint the distribution files (Dockerfile, compose.yaml, nginx, Valkey, Helm
-# chart, GitHub workflows, shell scripts) with every linter that applies, and
-# fail on any finding.
+# chart, GitHub workflows and Dependabot, shell scripts) with every linter that
+# applies, and fail on any finding.
 #
 #   bash scripts/lint-dist.sh
 #
@@ -27,11 +27,9 @@ pip_tools=(
   check-jsonschema==0.39.0
   kubernetes-validate==1.37.0
 )
-# Kubernetes versions the chart is validated against: its kubeVersion floor,
-# the first with the preStop sleep action on by default (used only by the
-# all-features values), and the newest the validator knows.
+# Kubernetes versions the chart is validated against: its kubeVersion floor
+# and the newest the validator knows.
 k8s_min=1.25
-k8s_sleep=1.30
 k8s_max=1.37
 
 cd "$root"
@@ -141,6 +139,15 @@ run hadolint hadolint --failure-threshold style Dockerfile
 step "shellcheck ${shell_files[*]}"
 run shellcheck shellcheck --severity=style "${shell_files[@]}"
 
+step "python3 -m py_compile scripts/*.py"
+py_check() {
+  local f
+  for f in scripts/*.py; do
+    python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])' "$f" || return 1
+  done
+}
+run py-compile py_check
+
 # --- YAML ------------------------------------------------------------------------
 
 step "yamllint (.yamllint.yaml; helm/crm-chat/templates excluded: Go templates)"
@@ -148,6 +155,9 @@ run yamllint yamllint --strict .
 
 step actionlint
 run actionlint actionlint -shellcheck "$(command -v shellcheck)" .github/workflows/*.yml
+
+step "check-jsonschema vendor.dependabot .github/dependabot.yml"
+run dependabot-schema check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
 
 # --- compose -----------------------------------------------------------------------
 
@@ -162,6 +172,26 @@ if docker compose version >/dev/null 2>&1; then
   step "docker compose (v2) config -q"
   run "docker compose" docker compose --env-file "$tmp/empty.env" -f compose.yaml config -q
 fi
+
+# Every published port binds 127.0.0.1 by default (CHAT_BIND opens the public one).
+compose_loopback() {
+  docker-compose --env-file "$tmp/empty.env" -f compose.yaml config >"$tmp/compose.yaml" || return 1
+  "$venv/bin/python" - "$tmp/compose.yaml" <<'PY'
+import sys, yaml
+bad = []
+for name, svc in yaml.safe_load(open(sys.argv[1]))["services"].items():
+    for p in svc.get("ports") or []:
+        ip = p.get("host_ip") if isinstance(p, dict) else str(p).rsplit(":", 2)[0]
+        if ip != "127.0.0.1":
+            bad.append(f"{name}: {p}")
+        else:
+            print(f"   {name}: {p if isinstance(p, str) else p['host_ip'] + ':' + str(p['published']) + '->' + str(p['target'])}")
+if bad:
+    sys.exit("ports not bound to 127.0.0.1 by default: " + "; ".join(bad))
+PY
+}
+step "compose publishes on 127.0.0.1 only (by default)"
+run compose-loopback compose_loopback
 
 # --- nginx -----------------------------------------------------------------------
 
@@ -300,8 +330,6 @@ helm_check() { # helm_check VALUES_FILE_OR_EMPTY
   local values=$1 name args=() out versions=("$k8s_min" "$k8s_max")
   name=$(basename "${values:-default}" .yaml)
   [[ -n $values ]] && args=(-f "$values")
-  # preStop sleep (k8s >= 1.30) is in the all-features values.
-  [[ $name == all-features ]] && versions=("$k8s_sleep" "$k8s_max")
   "$helm_bin" lint --strict "$chart" "${args[@]}" >"$tmp/lint.out" 2>&1 || { cat "$tmp/lint.out"; return 1; }
   out=$tmp/render-$name.yaml
   "$helm_bin" template ci "$chart" --namespace crm-chat "${args[@]}" >"$out" || return 1
@@ -326,6 +354,66 @@ helm_refuses() {
 }
 step "helm template refuses replicaCount=2 without Valkey"
 run helm-fail-guard helm_refuses
+
+# The dashboard the chart ships is valid JSON with panels.
+dashboard_check() {
+  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"] and d["uid"], "no panels"' \
+    "$chart/dashboards/crm-chat.json"
+}
+step "helm/crm-chat/dashboards/crm-chat.json is a dashboard"
+run dashboard-json dashboard_check
+
+# Pod templates roll only on what the user changed: two renders (new random
+# secrets each time) and a render of the chart with another version give the
+# same pod templates; a changed given secret or Valkey URL changes them.
+pod_templates() { # pod_templates CHART OUT HELM_ARGS...
+  local c=$1 out=$2
+  shift 2
+  "$helm_bin" template ci "$c" --namespace crm-chat --set valkey.bundled.enabled=true --set replicaCount=2 "$@" \
+    | "$venv/bin/python" -c '
+import sys, yaml
+for d in yaml.safe_load_all(sys.stdin):
+    if d and d["kind"] in ("Deployment", "StatefulSet"):
+        print(d["kind"], yaml.safe_dump(d["spec"]["template"], sort_keys=True))' >"$out"
+}
+helm_rollouts() {
+  pod_templates "$chart" "$tmp/t1" || return 1
+  pod_templates "$chart" "$tmp/t2" || return 1
+  cmp -s "$tmp/t1" "$tmp/t2" || { echo "pod templates differ between two renders (random data hashed?)"; diff "$tmp/t1" "$tmp/t2"; return 1; }
+  cp -r "$chart" "$tmp/bumped"
+  sed -i -e 's/^version: .*/version: 99.0.0/' -e 's/^appVersion: .*/appVersion: "99.0.0"/' "$tmp/bumped/Chart.yaml"
+  pod_templates "$tmp/bumped" "$tmp/t3" --set image.tag=0.1.0 || return 1
+  cmp -s "$tmp/t1" "$tmp/t3" || { echo "a chart version bump changes the pod templates (version labels?)"; diff "$tmp/t1" "$tmp/t3"; return 1; }
+  pod_templates "$chart" "$tmp/t4" --set auth.jwtSecret=0123456789abcdef0123456789abcdef-given || return 1
+  if cmp -s "$tmp/t1" "$tmp/t4"; then
+    echo "a given auth.jwtSecret does not roll the chat pods"
+    return 1
+  fi
+  pod_templates "$chart" "$tmp/t5" --set valkey.bundled.auth.password=given-password || return 1
+  if cmp -s "$tmp/t1" "$tmp/t5"; then
+    echo "a given Valkey password does not roll the pods"
+    return 1
+  fi
+  echo "   stable across renders and chart versions; given secrets roll the pods"
+}
+step "pod templates: no random or version data, given secrets roll them"
+run helm-rollouts helm_rollouts
+
+# The bundled Valkey gets maxmemory from its memory limit, and refuses to
+# render without one.
+helm_maxmemory() {
+  "$helm_bin" template ci "$chart" --set valkey.bundled.enabled=true \
+    --set valkey.bundled.resources.limits.memory=1Gi >"$tmp/vk.yaml" || return 1
+  grep -q '^    maxmemory 858993459$' "$tmp/vk.yaml" || { grep maxmemory "$tmp/vk.yaml"; echo "1Gi limit: want maxmemory 858993459 (80%)"; return 1; }
+  if "$helm_bin" template ci "$chart" --set valkey.bundled.enabled=true --set valkey.bundled.resources=null \
+    >/dev/null 2>"$tmp/err"; then
+    echo "rendered a bundled Valkey without memory limit or maxmemory"
+    return 1
+  fi
+  grep -q 'resources.limits.memory' "$tmp/err"
+}
+step "bundled Valkey: maxmemory = 80% of the memory limit, required"
+run helm-maxmemory helm_maxmemory
 
 # --- result ----------------------------------------------------------------------
 

@@ -304,8 +304,14 @@ impl Session<'_> {
         let heartbeat = Duration::from_secs(cfg.server.heartbeat_s);
         let write_timeout = Duration::from_secs(cfg.limits.write_timeout_s);
         let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-        let mut idle_at = Instant::now() + heartbeat * 2;
-        let mut expires_at = expiry_instant(self.exp);
+        // Two timers for the connection's life, re-armed only when they fire
+        // (idle) or on `refresh` (expiry): a busy connection wakes many times a
+        // second and must not register timers on every wake-up.
+        let mut last_seen = Instant::now();
+        let idle = sleep_until(last_seen + heartbeat * 2);
+        let expiry = sleep_until(expiry_instant(self.exp));
+        tokio::pin!(idle, expiry);
+        let never = || Instant::now() + Duration::from_secs(400 * 86_400);
         let mut requests = Bucket::new(cfg.limits.requests_per_s, cfg.limits.requests_burst);
         loop {
             tokio::select! {
@@ -313,9 +319,10 @@ impl Session<'_> {
                 _ = self.conn.closer.closed() => {
                     return End::Close(self.conn.closer.code().unwrap_or(close::NORMAL));
                 }
-                _ = sleep_until(expires_at) => {
+                _ = &mut expiry => {
                     self.reply("error", protocol::error_code(None, ErrorCode::Unauthorized, "token expired"));
                     self.conn.closer.close(close::UNAUTHORIZED);
+                    expiry.as_mut().reset(never());
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return End::Gone };
@@ -332,8 +339,14 @@ impl Session<'_> {
                         Err(_) => return End::Stalled,
                     }
                 }
-                _ = sleep_until(idle_at) => {
-                    self.conn.closer.close(close::IDLE);
+                _ = &mut idle => {
+                    let due = last_seen + heartbeat * 2;
+                    if Instant::now() >= due {
+                        self.conn.closer.close(close::IDLE);
+                        idle.as_mut().reset(never());
+                    } else {
+                        idle.as_mut().reset(due);
+                    }
                 }
                 msg = ws.next() => {
                     let msg = match msg {
@@ -342,12 +355,12 @@ impl Session<'_> {
                         Some(Ok(m)) => m,
                     };
                     // Any frame, Pongs included, counts as life.
-                    idle_at = Instant::now() + heartbeat * 2;
+                    last_seen = Instant::now();
                     match msg {
                         Message::Text(t) => {
                             if let Some(exp) = Box::pin(self.frame(&t, &mut requests)).await {
                                 self.exp = exp;
-                                expires_at = expiry_instant(exp);
+                                expiry.as_mut().reset(expiry_instant(exp));
                             }
                         }
                         Message::Binary(_) => {

@@ -1,14 +1,18 @@
 //! End-to-end test of the compose stack (compose.yaml): nginx in front of two
 //! crm-chat replicas sharing Valkey, all in containers, driven from outside
-//! through nginx only. `scripts/container-e2e.sh` builds the image, starts the
-//! stack, runs this test with `CHAT_E2E_URL` set and tears the stack down:
+//! through nginx only: its public side (`CHAT_E2E_URL`: WebSocket, demo page,
+//! dev tokens) and its internal side (`CHAT_E2E_INTERNAL_URL`: service API,
+//! `/readyz`, `/metrics` of the replicas' internal listeners).
+//! `scripts/container-e2e.sh` builds the image, starts the stack, runs this test
+//! with both set and tears the stack down:
 //!
 //!   bash scripts/container-e2e.sh
 //!
 //! Against a stack that is already up (compose project `crm-chat-e2e`, or set
 //! `CHAT_E2E_COMPOSE_PROJECT`):
 //!
-//!   CHAT_E2E_URL=http://127.0.0.1:8080 cargo test --test container -- --ignored --nocapture
+//!   CHAT_E2E_URL=http://127.0.0.1:8080 CHAT_E2E_INTERNAL_URL=http://127.0.0.1:8081 \
+//!     cargo test --test container -- --ignored --nocapture
 //!
 //! The test stops and starts one chat container with the `docker` CLI. It finds
 //! the containers by their compose labels and matches them to the `x-chat-node`
@@ -50,6 +54,17 @@ fn base_url() -> String {
         !url.is_empty(),
         "CHAT_E2E_URL is not set: this test needs the compose stack behind nginx, e.g. \
          CHAT_E2E_URL=http://127.0.0.1:8080 (scripts/container-e2e.sh sets it up and runs the test)"
+    );
+    url.trim_end_matches('/').to_string()
+}
+
+/// nginx's internal side (compose publishes it on 127.0.0.1:8081).
+fn internal_url() -> String {
+    let url = std::env::var("CHAT_E2E_INTERNAL_URL").unwrap_or_default();
+    assert!(
+        !url.is_empty(),
+        "CHAT_E2E_INTERNAL_URL is not set: the service API and /readyz are on nginx's internal side, e.g. \
+         CHAT_E2E_INTERNAL_URL=http://127.0.0.1:8081 (scripts/container-e2e.sh sets it)"
     );
     url.trim_end_matches('/').to_string()
 }
@@ -107,7 +122,7 @@ async fn inspect(id: &str, format: &str) -> String {
 
 // --- HTTP --------------------------------------------------------------------
 
-/// `GET /readyz` through nginx: (status, x-chat-node) or the transport error.
+/// `GET /readyz` through nginx's internal side: (status, x-chat-node) or the transport error.
 async fn readyz(http: &reqwest::Client, base: &str) -> Result<(u16, String), String> {
     let r = http.get(format!("{base}/readyz")).timeout(TIMEOUT).send().await.map_err(|e| e.to_string())?;
     let node = r.headers().get("x-chat-node").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
@@ -128,7 +143,7 @@ async fn dev_token(http: &reqwest::Client, base: &str, user: &str) -> String {
     body["token"].as_str().expect("token").to_string()
 }
 
-/// Every stored message of `conv`, through the service API.
+/// Every stored message of `conv`, through the service API (nginx's internal side).
 async fn stored_messages(http: &reqwest::Client, base: &str, conv: &str) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::new();
     loop {
@@ -346,20 +361,34 @@ impl Rider {
 async fn two_replicas_behind_nginx_survive_a_replica_restart() {
     let t0 = Instant::now();
     let base = base_url();
+    let internal = internal_url();
     let http = reqwest::Client::new();
 
     // The stack is up: nginx answers and a replica is ready.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match readyz(&http, &base).await {
+        match readyz(&http, &internal).await {
             Ok((200, _)) => break,
             r if Instant::now() < deadline => {
-                println!("waiting for {base}/readyz: {r:?}");
+                println!("waiting for {internal}/readyz: {r:?}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            r => panic!("{base}/readyz not 200 within 60 s: {r:?}"),
+            r => panic!("{internal}/readyz not 200 within 60 s: {r:?}"),
         }
     }
+    // The public side serves the WebSocket, the demo page and its files only.
+    for path in
+        ["/api/v1/conversations/general", "/api/v1/users/alice/conversations", "/metrics", "/readyz", "/healthz"]
+    {
+        let r = http.get(format!("{base}{path}")).bearer_auth(api_key()).timeout(TIMEOUT).send().await;
+        let status = r.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert_eq!(status, 404, "public side {base}{path} must not be served");
+    }
+    for path in ["/", "/static/chat.js"] {
+        let r = http.get(format!("{base}{path}")).timeout(TIMEOUT).send().await.expect("public page");
+        assert_eq!(r.status(), 200, "public side {base}{path}");
+    }
+    println!("{} public side: /ws/, / and /static/ only; service API, /metrics and health are 404", at(t0));
     let containers = chat_containers().await;
     assert_eq!(
         containers.len(),
@@ -502,7 +531,7 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
             assert_eq!(held[seq]["client_msg_id"], json!(cmid), "seq {seq}");
         }
     }
-    let stored = stored_messages(&http, &base, &conv).await;
+    let stored = stored_messages(&http, &internal, &conv).await;
     let stored_seqs: Vec<u64> = stored.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(stored_seqs, (1..=last).collect::<Vec<_>>(), "service API: stored seqs");
     for m in &stored {
@@ -522,7 +551,7 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut seen = Vec::new();
     loop {
-        let r = readyz(&http, &base).await;
+        let r = readyz(&http, &internal).await;
         if let Ok((200, n)) = &r
             && *n == node_b
         {
@@ -554,7 +583,7 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
         expect_message(b, &conv, &format!("back-{run}")).await;
     }
     println!("{}     {alice}@{} -> {bob}@{node_b} (restarted) and @{node_a}: seq {s}", at(t0), a.node);
-    let (status, _) = readyz(&http, &base).await.expect("readyz");
+    let (status, _) = readyz(&http, &internal).await.expect("readyz");
     assert_eq!(status, 200);
     a.close().await;
     back.close().await;

@@ -153,14 +153,103 @@ Call with (dict "ctx" $ "secret" "<secret name>" "key" "<data key>" "value" "<gi
 {{- end }}
 
 {{/*
-The address the server listens on inside the pod.
+An address the server listens on inside the pod: config.listenAddress and a
+port. Call with (dict "ctx" $ "port" <port>).
+*/}}
+{{- define "crm-chat.listenOn" -}}
+{{- $host := .ctx.Values.config.listenAddress }}
+{{- if contains ":" $host }}
+{{- printf "[%s]:%d" $host (int .port) }}
+{{- else }}
+{{- printf "%s:%d" $host (int .port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Public (server.listen) and internal (server.internal_listen) listen addresses.
 */}}
 {{- define "crm-chat.listen" -}}
-{{- $host := .Values.config.listenAddress }}
-{{- if contains ":" $host }}
-{{- printf "[%s]:%d" $host (int .Values.containerPort) }}
+{{- include "crm-chat.listenOn" (dict "ctx" . "port" .Values.containerPort) }}
+{{- end }}
+
+{{- define "crm-chat.internalListen" -}}
+{{- include "crm-chat.listenOn" (dict "ctx" . "port" .Values.internalContainerPort) }}
+{{- end }}
+
+{{/*
+"true" when more than one chat pod may run (replicaCount > 1, or autoscaling):
+then the PodDisruptionBudget and the default topology spread apply.
+*/}}
+{{- define "crm-chat.multiReplica" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{/*
+Seconds the shutdown takes at most: readyz 503 for shutdownDelaySeconds, the
+drain over drainSeconds, then up to 5 s for sessions to end.
+*/}}
+{{- define "crm-chat.shutdownSeconds" -}}
+{{- add (int .Values.config.shutdownDelaySeconds) (int .Values.config.drainSeconds) 5 }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value, or the shutdown plus 5 s of margin.
+*/}}
+{{- define "crm-chat.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add (include "crm-chat.shutdownSeconds" . | int) 5 }}
 {{- else }}
-{{- printf "%s:%d" $host (int .Values.containerPort) }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checksums of what the user gave, so pods roll when it changes and only then.
+Generated secrets (kept across upgrades with lookup) are never hashed: with
+`helm template` (Argo CD) they would be new random data every render and roll
+every pod every time. Secrets named by existingSecret are outside the chart:
+only their names are hashed.
+*/}}
+{{- define "crm-chat.checksum.secret" -}}
+{{- $a := .Values.auth }}
+{{- dict "existingSecret" $a.existingSecret "jwtSecret" $a.jwtSecret "apiKey" $a.apiKey "jwtSecretKey" $a.jwtSecretKey "apiKeyKey" $a.apiKeyKey | toJson | sha256sum }}
+{{- end }}
+
+{{- define "crm-chat.checksum.valkey" -}}
+{{- $v := .Values.valkey }}
+{{- dict "url" $v.url "existingSecret" $v.existingSecret "existingSecretKey" $v.existingSecretKey "bundled" $v.bundled.enabled "auth" $v.bundled.auth.enabled "password" $v.bundled.auth.password | toJson | sha256sum }}
+{{- end }}
+
+{{/*
+A Kubernetes memory quantity ("1Gi", "512Mi", "1G", "1073741824") in bytes,
+as an integer; fails on a form it does not know.
+*/}}
+{{- define "crm-chat.quantityBytes" -}}
+{{- $q := toString . }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|K|M|G|T)?$" $q) }}
+{{- fail (printf "crm-chat: cannot read the memory quantity %q (use e.g. 1Gi, 512Mi, 1G)" $q) }}
+{{- end }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $mult := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- mulf (float64 $num) (get $mult $unit) | floor | int64 }}
+{{- end }}
+
+{{/*
+Bundled Valkey maxmemory: valkey.bundled.maxmemory, else maxmemoryPercent of
+the container memory limit, in bytes.
+*/}}
+{{- define "crm-chat.valkey.maxmemory" -}}
+{{- $b := .Values.valkey.bundled }}
+{{- if $b.maxmemory }}
+{{- $b.maxmemory }}
+{{- else }}
+{{- $limit := dig "limits" "memory" "" ($b.resources | default dict) }}
+{{- if not $limit }}
+{{- fail "crm-chat: the bundled Valkey needs valkey.bundled.resources.limits.memory (maxmemory is derived from it) or valkey.bundled.maxmemory: without maxmemory the kernel OOM-kills Valkey instead of Valkey refusing writes." }}
+{{- end }}
+{{- $bytes := include "crm-chat.quantityBytes" $limit | float64 }}
+{{- divf (mulf $bytes (int $b.maxmemoryPercent)) 100 | floor | int64 }}
 {{- end }}
 {{- end }}
 
@@ -191,9 +280,22 @@ that cannot work.
 {{- if and (eq .Values.config.profile "production") .Values.auth.devTokens }}
 {{- fail "crm-chat: auth.devTokens=true is refused by the production profile (config.profile=production)." }}
 {{- end }}
-{{- $minGrace := add (int .Values.config.drainSeconds) (int .Values.preStopSleepSeconds) 5 }}
-{{- if lt (int .Values.terminationGracePeriodSeconds) (int $minGrace) }}
-{{- fail (printf "crm-chat: terminationGracePeriodSeconds (%d) must be at least config.drainSeconds + preStopSleepSeconds + 5 = %d, or pods are killed mid-drain." (int .Values.terminationGracePeriodSeconds) (int $minGrace)) }}
+{{- $minGrace := include "crm-chat.shutdownSeconds" . | int }}
+{{- $grace := include "crm-chat.terminationGracePeriodSeconds" . | int }}
+{{- if lt $grace $minGrace }}
+{{- fail (printf "crm-chat: terminationGracePeriodSeconds (%d) must be at least config.shutdownDelaySeconds + config.drainSeconds + 5 = %d, or pods are killed mid-drain (leave it null to derive it)." $grace $minGrace) }}
+{{- end }}
+{{- if eq (int .Values.containerPort) (int .Values.internalContainerPort) }}
+{{- fail "crm-chat: containerPort and internalContainerPort must differ (public and internal listeners)." }}
+{{- end }}
+{{- if eq (int .Values.service.port) (int .Values.service.internalPort) }}
+{{- fail "crm-chat: service.port and service.internalPort must differ." }}
+{{- end }}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
+{{- fail "crm-chat: httpRoute.enabled=true needs httpRoute.parentRefs (the Gateway to attach to)." }}
+{{- end }}
+{{- if .Values.valkey.bundled.enabled }}
+{{- $_ := include "crm-chat.valkey.maxmemory" . }}
 {{- end }}
 {{- range $k, $v := dict "jwtSecret" .Values.auth.jwtSecret "apiKey" .Values.auth.apiKey }}
 {{- if and $v (lt (len $v) 32) (eq $.Values.config.profile "production") }}
