@@ -2,6 +2,7 @@
 //! and HTTP clients. Nothing is mocked.
 #![allow(dead_code)]
 
+pub mod extra;
 pub mod valkey;
 
 use std::{
