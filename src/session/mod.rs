@@ -21,6 +21,8 @@
 //! and discarding until the client's close frame or 2 s, then ends the TCP
 //! connection, so the code reaches the client instead of a reset.
 
+mod writer;
+
 use std::{sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
@@ -47,6 +49,7 @@ use crate::{
     node::Node,
     protocol::{self, Ack, Command, Inbound, Refreshed, Text, UserRef, Welcome, close},
 };
+use writer::Writer;
 
 /// The byte stream under a session.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
@@ -196,6 +199,7 @@ where
         });
         metrics::connection_opened();
         tracing::debug!(conversations = opened.entries.len(), "connected");
+        let mut out = Writer::default();
         let end = if Box::pin(write_direct(&mut ws, welcome, "welcome", write_timeout)).await {
             if opened.came_online {
                 let convs = node.hub.subscriptions(&conn);
@@ -204,13 +208,13 @@ where
                 }
             }
             let mut s = Session { node: &node, conn: &conn, user: &user, exp: token.exp, strikes: &mut strikes };
-            Box::pin(s.run(&mut ws, &mut rx)).await
+            Box::pin(s.run(&mut ws, &mut out, &mut rx)).await
         } else {
             End::Stalled
         };
         // The close handshake, then presence (which may wait on storage).
         conn.closer.close(close::NORMAL);
-        Box::pin(finish(&mut ws, end, Some((&conn, &mut rx)), write_timeout)).await;
+        Box::pin(finish(&mut ws, end, Some((&mut out, &conn, &mut rx)), write_timeout)).await;
         metrics::connection_closed();
         Box::pin(node.close_session(&conn, true, &opened.dm_partners)).await;
         tracing::debug!(?end, "closed");
@@ -223,13 +227,27 @@ fn too_many_connections(limit: usize) -> ChatError {
     ChatError::rate_limited(5000).with_message(format!("too many connections for this user (limit {limit})"))
 }
 
-/// Writes one frame straight to the socket (phases 1 and 2).
+/// Writes one frame straight to the socket (phases 1 and 2). On failure the
+/// connection will end with a reset: the frame may be cut short.
 async fn write_direct<S>(ws: &mut WebSocketStream<S>, frame: Text, ty: &str, within: Duration) -> bool
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Transport,
 {
     metrics::frames_out(ty, 1);
-    matches!(timeout(within, ws.send(Message::Text(frame))).await, Ok(Ok(())))
+    let mut w = Writer::default();
+    w.push(frame);
+    let ok = matches!(
+        timeout(within, async {
+            ws.flush().await.map_err(|_| ())?;
+            w.write_to(ws.get_mut()).await.map_err(|_| ())
+        })
+        .await,
+        Ok(Ok(()))
+    );
+    if !ok {
+        ws.get_ref().reset();
+    }
+    ok
 }
 
 /// Phase 1: wait for a valid `hello`. Anything else before it (another
@@ -240,7 +258,7 @@ async fn authenticate<S>(
     write_timeout: Duration,
 ) -> Result<(Verified, Option<Value>), End>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Transport,
 {
     let deadline = Instant::now() + Duration::from_secs(node.cfg.auth.hello_timeout_s);
     let refuse = |id: Option<Value>, message: String| (id, message);
@@ -306,9 +324,9 @@ fn expiry_instant(exp: u64) -> Instant {
 }
 
 impl Session<'_> {
-    async fn run<S>(&mut self, ws: &mut WebSocketStream<S>, rx: &mut mpsc::Receiver<Text>) -> End
+    async fn run<S>(&mut self, ws: &mut WebSocketStream<S>, out: &mut Writer, rx: &mut mpsc::Receiver<Text>) -> End
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: Transport,
     {
         let cfg = &self.node.cfg;
         let heartbeat = Duration::from_secs(cfg.server.heartbeat_s);
@@ -341,7 +359,7 @@ impl Session<'_> {
                     let written = tokio::select! {
                         biased;
                         _ = self.conn.closer.closed() => None,
-                        r = timeout(write_timeout, write_batch(ws, rx, self.conn, frame)) => Some(r),
+                        r = timeout(write_timeout, write_batch(ws, out, rx, self.conn, frame)) => Some(r),
                     };
                     match written {
                         None => return End::Close(self.conn.closer.code().unwrap_or(close::NORMAL)),
@@ -509,9 +527,15 @@ impl Session<'_> {
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes.
 /// False when the socket failed.
-async fn write_batch<S>(ws: &mut WebSocketStream<S>, rx: &mut mpsc::Receiver<Text>, conn: &Conn, first: Text) -> bool
+async fn write_batch<S>(
+    ws: &mut WebSocketStream<S>,
+    out: &mut Writer,
+    rx: &mut mpsc::Receiver<Text>,
+    conn: &Conn,
+    first: Text,
+) -> bool
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Transport,
 {
     let depth = rx.len();
     if depth > 0 {
@@ -519,20 +543,20 @@ where
     }
     let mut bytes = first.len();
     conn.taken(first.len());
-    if ws.feed(Message::Text(first)).await.is_err() {
-        return false;
-    }
+    out.push(first);
     let mut n = 1;
     while n < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
         let Ok(f) = rx.try_recv() else { break };
         bytes += f.len();
         conn.taken(f.len());
-        if ws.feed(Message::Text(f)).await.is_err() {
-            return false;
-        }
+        out.push(f);
         n += 1;
     }
-    ws.flush().await.is_ok()
+    // A control frame the WebSocket layer holds (a pong) goes first, whole.
+    if ws.flush().await.is_err() {
+        return false;
+    }
+    out.write_to(ws.get_mut()).await.is_ok()
 }
 
 /// Ends a session: the close frame (after the replies queued before the
@@ -541,7 +565,7 @@ where
 pub async fn finish<S>(
     ws: &mut WebSocketStream<S>,
     end: End,
-    queued: Option<(&Conn, &mut mpsc::Receiver<Text>)>,
+    queued: Option<(&mut Writer, &Conn, &mut mpsc::Receiver<Text>)>,
     write_timeout: Duration,
 ) where
     S: Transport,
@@ -555,8 +579,14 @@ pub async fn finish<S>(
         }
         End::Stalled => {
             metrics::close(close::TRY_LATER);
-            if !matches!(timeout(Duration::from_secs(1), ws.send(close_message(close::TRY_LATER))).await, Ok(Ok(()))) {
-                // The peer does not read: drop the connection.
+            let whole = queued.as_ref().is_none_or(|(out, ..)| !out.mid_frame());
+            if !whole
+                || !matches!(
+                    timeout(Duration::from_secs(1), ws.send(close_message(close::TRY_LATER))).await,
+                    Ok(Ok(()))
+                )
+            {
+                // The peer does not read (perhaps inside a frame): drop the connection.
                 ws.get_ref().reset();
                 return;
             }
@@ -566,15 +596,23 @@ pub async fn finish<S>(
                 metrics::close(code);
             }
             let sent = timeout(write_timeout, async {
-                if code != close::TRY_LATER
-                    && let Some((conn, rx)) = queued
-                {
-                    while let Ok(f) = rx.try_recv() {
-                        conn.taken(f.len());
-                        ws.feed(Message::Text(f)).await?;
+                if let Some((out, conn, rx)) = queued {
+                    if code == close::TRY_LATER {
+                        // A slow consumer's backlog is dropped; a frame cut
+                        // short is finished, so the close frame can follow.
+                        out.keep_current();
+                    } else {
+                        // Replies queued before the decision (the error that
+                        // explains a 4008, say) go out first.
+                        while let Ok(f) = rx.try_recv() {
+                            conn.taken(f.len());
+                            out.push(f);
+                        }
                     }
+                    ws.flush().await.map_err(|_| ())?;
+                    out.write_to(ws.get_mut()).await.map_err(|_| ())?;
                 }
-                ws.send(close_message(code)).await
+                ws.send(close_message(code)).await.map_err(|_| ())
             })
             .await;
             if !matches!(sent, Ok(Ok(()))) {
@@ -583,17 +621,15 @@ pub async fn finish<S>(
                 ws.get_ref().reset();
                 return;
             }
-            {
-                let deadline = linger_until(Instant::now());
-                // Read (and drop) until the client's close frame.
-                loop {
-                    match timeout_at(deadline, ws.next()).await {
-                        Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => break,
-                        Ok(Some(Ok(_))) => {}
-                        Ok(Some(Err(_))) => {
-                            drain_raw(ws.get_mut(), deadline).await;
-                            break;
-                        }
+            let deadline = linger_until(Instant::now());
+            // Read (and drop) until the client's close frame.
+            loop {
+                match timeout_at(deadline, ws.next()).await {
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => break,
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(_))) => {
+                        drain_raw(ws.get_mut(), deadline).await;
+                        break;
                     }
                 }
             }

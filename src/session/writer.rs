@@ -1,0 +1,191 @@
+//! Text frames written to the socket straight from their shared bytes.
+//!
+//! A fan-out frame is serialised once and shared by every recipient
+//! ([`Text`] is reference-counted). Writing it through the WebSocket
+//! library would copy it into that connection's write buffer, which keeps its
+//! largest size for the connection's life: one large `history` reply or
+//! batched presence frame would leave every connection that saw it holding a
+//! buffer that large. Here the frame header (server frames are unmasked) and
+//! the shared payload go out together in one vectored write, with no copy and
+//! no buffer that grows.
+//!
+//! Progress is kept outside the write future, so a write interrupted between
+//! two system calls (a close decided meanwhile, a deadline) knows whether it
+//! stopped inside a frame: the close frame may only follow a whole frame.
+
+use std::{collections::VecDeque, io, io::IoSlice};
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::Text;
+
+/// Frames per vectored write at most (two slices each).
+const SLICES_FRAMES: usize = 64;
+
+/// A frame header: FIN + text opcode, then the payload length.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    bytes: [u8; 10],
+    len: u8,
+}
+
+impl Header {
+    fn text(payload: usize) -> Header {
+        let mut bytes = [0u8; 10];
+        bytes[0] = 0x81;
+        let len = if payload < 126 {
+            bytes[1] = payload as u8;
+            2
+        } else if payload <= u16::MAX as usize {
+            bytes[1] = 126;
+            bytes[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
+            4
+        } else {
+            bytes[1] = 127;
+            bytes[2..10].copy_from_slice(&(payload as u64).to_be_bytes());
+            10
+        };
+        Header { bytes, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// Text frames waiting for the socket, and how far the first one got.
+#[derive(Debug, Default)]
+pub struct Writer {
+    frames: VecDeque<(Header, Text)>,
+    /// Bytes of the first frame (header and payload) already written.
+    done: usize,
+}
+
+impl Writer {
+    pub fn push(&mut self, frame: Text) {
+        self.frames.push_back((Header::text(frame.len()), frame));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Whether a frame was partly written: nothing else (no close frame) may
+    /// go out before its rest.
+    pub fn mid_frame(&self) -> bool {
+        self.done > 0
+    }
+
+    /// Drops the frames not started yet (a slow consumer's backlog); the one
+    /// in progress stays, so it can be finished before a close frame.
+    pub fn keep_current(&mut self) {
+        let keep = usize::from(self.mid_frame());
+        self.frames.truncate(keep);
+    }
+
+    /// Writes every frame and flushes. Cancel-safe between system calls:
+    /// what was written stays accounted for.
+    pub async fn write_to<S: AsyncWrite + Unpin>(&mut self, io: &mut S) -> io::Result<()> {
+        while !self.frames.is_empty() {
+            let n = {
+                let mut slices = Vec::with_capacity(2 * self.frames.len().min(SLICES_FRAMES));
+                for (i, (h, t)) in self.frames.iter().take(SLICES_FRAMES).enumerate() {
+                    let (head, body) = (h.as_slice(), t.as_bytes());
+                    let skip = if i == 0 { self.done } else { 0 };
+                    if skip < head.len() {
+                        slices.push(IoSlice::new(&head[skip..]));
+                        slices.push(IoSlice::new(body));
+                    } else {
+                        slices.push(IoSlice::new(&body[skip - head.len()..]));
+                    }
+                }
+                io.write_vectored(&slices).await?
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.advance(n);
+        }
+        io.flush().await
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some((h, t)) = self.frames.front() else { return };
+            let left = h.len as usize + t.len() - self.done;
+            if n >= left {
+                n -= left;
+                self.done = 0;
+                self.frames.pop_front();
+            } else {
+                self.done += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::WebSocketStream;
+    use tungstenite::{Message, protocol::Role};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_of_every_length_class_read_back_whole() {
+        let (mut server, client) = tokio::io::duplex(1 << 20);
+        let mut w = Writer::default();
+        let bodies: Vec<String> = [0usize, 1, 125, 126, 127, 65_535, 65_536, 200_000]
+            .iter()
+            .map(|n| "é".repeat(n / 2) + &"x".repeat(n % 2))
+            .collect();
+        for b in &bodies {
+            w.push(Text::from(b.clone()));
+        }
+        w.write_to(&mut server).await.unwrap();
+        assert!(w.is_empty() && !w.mid_frame());
+        let mut c = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        for b in &bodies {
+            assert_eq!(c.next().await.unwrap().unwrap(), Message::Text(b.clone().into()));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_cut_short_resumes_inside_the_frame() {
+        // A pipe of 7 bytes: every write is partial.
+        let (mut server, mut client) = tokio::io::duplex(7);
+        let mut w = Writer::default();
+        w.push(Text::from("hello, world".to_string()));
+        w.push(Text::from("again".to_string()));
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 3];
+            loop {
+                match client.read(&mut buf).await.unwrap() {
+                    0 => return all,
+                    n => all.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        w.write_to(&mut server).await.unwrap();
+        drop(server);
+        let got = reader.await.unwrap();
+        assert_eq!(got, [&[0x81, 12][..], b"hello, world", &[0x81, 5], b"again"].concat());
+    }
+
+    #[test]
+    fn advance_tracks_the_position_inside_a_frame() {
+        let mut w = Writer::default();
+        w.push(Text::from("abc".to_string()));
+        w.push(Text::from("de".to_string()));
+        w.advance(3);
+        assert!(w.mid_frame());
+        w.keep_current();
+        assert_eq!(w.frames.len(), 1, "the started frame stays, the rest goes");
+        w.advance(2);
+        assert!(w.is_empty() && !w.mid_frame());
+    }
+}
