@@ -61,7 +61,9 @@ async def history(a, stop):
             # Never read: the reader's buffer and the socket fill up.
             r.transport.pause_reading()
             while time.time() < stop:
-                await r.send(json.dumps({"type": "history", "id": n, "conversation": conv, "limit": 200}))
+                # A server that stops reading would block this send forever.
+                await asyncio.wait_for(
+                    r.send(json.dumps({"type": "history", "id": n, "conversation": conv, "limit": 200})), 1)
                 n += 1
                 await asyncio.sleep(0)
         except Exception:
@@ -174,10 +176,14 @@ async def main():
     peak = before
     stop = time.time() + a.seconds
     task = asyncio.create_task(globals()[a.scenario](a, stop))
-    while not task.done():
+    while not task.done() and time.time() < stop + 10:
         peak = max(peak, rss_kib(a.pid))
         await asyncio.sleep(0.2)
-    out = task.result()
+    if not task.done():
+        task.cancel()
+        out = {"note": "scenario did not stop in time"}
+    else:
+        out = task.result()
     out.update({"scenario": a.scenario, "rss_before_mib": round(before / 1024, 1),
                 "rss_peak_mib": round(peak / 1024, 1), "rss_after_mib": round(rss_kib(a.pid) / 1024, 1)})
     print(json.dumps(out))
