@@ -164,7 +164,20 @@ pub struct ValkeyCluster {
 }
 
 impl ValkeyCluster {
+    /// Starts `n` masters and joins them. A node can die before the join (a
+    /// port taken in between, say), which leaves `--cluster create` waiting
+    /// forever: every attempt is bounded, and a failed one starts afresh.
     pub async fn start(n: usize) -> ValkeyCluster {
+        for attempt in 1..=3 {
+            match Self::try_start(n).await {
+                Ok(c) => return c,
+                Err(why) => eprintln!("valkey cluster attempt {attempt} failed: {why}"),
+            }
+        }
+        panic!("could not start a {n}-master Valkey cluster");
+    }
+
+    async fn try_start(n: usize) -> Result<ValkeyCluster, String> {
         let mut masters = Vec::new();
         for _ in 0..n {
             let conf = format!("nodes-{}.conf", free_port());
@@ -185,15 +198,20 @@ impl ValkeyCluster {
             );
         }
         let addrs: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
-        let out = Command::new(cli_binary())
+        let create = Command::new(cli_binary())
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), create)
             .await
-            .expect("cli --cluster create");
-        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+            .map_err(|_| "cli --cluster create did not finish in 30 s".to_string())?
+            .map_err(|e| format!("cli --cluster create: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("cluster create failed: {}", String::from_utf8_lossy(&out.stdout)));
+        }
         for _ in 0..100 {
             let mut ok = true;
             for m in &masters {
@@ -201,11 +219,11 @@ impl ValkeyCluster {
                 ok &= info.contains("cluster_state:ok");
             }
             if ok {
-                return ValkeyCluster { masters };
+                return Ok(ValkeyCluster { masters });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("cluster did not reach cluster_state:ok");
+        Err("cluster did not reach cluster_state:ok".into())
     }
 
     pub fn url(&self) -> String {
