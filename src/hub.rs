@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics,
-    protocol::{PresenceBatch, PresenceState, ReceiptBatch, ReceiptState, Text, close, render},
+    protocol::{
+        Outgoing, PresenceBatch, PresenceState, ReceiptBatch, ReceiptState, Text, close, render, render_cuttable,
+    },
 };
 
 /// Where an event is published.
@@ -132,7 +134,7 @@ impl Closer {
 pub struct Conn {
     pub id: u64,
     pub user: Arc<str>,
-    tx: mpsc::Sender<Text>,
+    tx: mpsc::Sender<Outgoing>,
     /// Bytes queued and not yet taken by the writer.
     queued_bytes: AtomicUsize,
     /// The byte budget of the queue (`limits.outbound_bytes`).
@@ -145,7 +147,7 @@ pub struct Conn {
 impl Conn {
     /// A connection whose outbound queue holds at most `queue` frames and
     /// `max_bytes` bytes.
-    pub fn new(id: u64, user: Arc<str>, queue: usize, max_bytes: usize) -> (Arc<Conn>, mpsc::Receiver<Text>) {
+    pub fn new(id: u64, user: Arc<str>, queue: usize, max_bytes: usize) -> (Arc<Conn>, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(queue);
         let conn = Arc::new(Conn {
             id,
@@ -162,7 +164,8 @@ impl Conn {
     /// Queues a frame without waiting. A full queue (in frames or bytes)
     /// closes the connection with 1013 (slow consumer). Returns whether the
     /// frame was queued.
-    pub fn push(&self, frame: Text) -> bool {
+    pub fn push(&self, frame: impl Into<Outgoing>) -> bool {
+        let frame = frame.into();
         let len = frame.len();
         let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
         if before + len > self.max_bytes {
@@ -410,33 +413,25 @@ impl Hub {
                         .map(|(u, (d, r))| ReceiptState { user: u, delivered_seq: *d, read_seq: *r })
                         .collect(),
                 });
-                self.push_all(&conns, "receipt", |_| Some(frame.clone()));
+                self.push_all(&conns, "receipt", |_| Some(frame.clone().into()));
             }
             if !b.presence.is_empty() {
-                let render_without = |skip: Option<&str>| {
-                    let changes: Vec<PresenceState> = b
-                        .presence
-                        .iter()
-                        .filter(|(u, _)| Some(&***u) != skip)
-                        .map(|(u, online)| PresenceState { user: u, online: *online })
-                        .collect();
-                    (!changes.is_empty())
-                        .then(|| render(&PresenceBatch { ty: "presence", conversation: &conv, changes }))
-                };
-                let all = render_without(None);
-                let mut own: HashMap<Arc<str>, Option<Text>> = HashMap::new();
-                self.push_all(&conns, "presence", |c| {
-                    if b.presence.contains_key(&c.user) {
-                        own.entry(c.user.clone()).or_insert_with(|| render_without(Some(&c.user))).clone()
-                    } else {
-                        all.clone()
-                    }
+                // One rendering for everyone; a connection whose user is in
+                // the batch gets it with that entry cut out (no copy).
+                let changes: Vec<PresenceState> =
+                    b.presence.iter().map(|(u, online)| PresenceState { user: u, online: *online }).collect();
+                let empty = render(&PresenceBatch { ty: "presence", conversation: &conv, changes: Vec::new() });
+                let (all, cuts) = render_cuttable(empty, &changes);
+                self.push_all(&conns, "presence", |c| match changes.binary_search_by(|p| p.user.cmp(&*c.user)) {
+                    Ok(_) if changes.len() == 1 => None,
+                    Ok(i) => Some(Outgoing::cut(&all, cuts[i].clone())),
+                    Err(_) => Some(all.clone().into()),
                 });
             }
         }
     }
 
-    fn push_all(&self, conns: &[Arc<Conn>], ty: &'static str, mut frame: impl FnMut(&Conn) -> Option<Text>) {
+    fn push_all(&self, conns: &[Arc<Conn>], ty: &'static str, mut frame: impl FnMut(&Conn) -> Option<Outgoing>) {
         let mut n = 0u64;
         for c in conns {
             if let Some(f) = frame(c)
@@ -490,10 +485,10 @@ mod tests {
         let topic = Topic::Conv("g".into());
         assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Message, frame("m"))), 2);
         assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Typing, frame("t")).excluding("alice")), 1);
-        assert_eq!(ra.try_recv().unwrap().as_str(), "m");
+        assert_eq!(ra.try_recv().unwrap().to_text(), "m");
         assert!(ra.try_recv().is_err());
-        assert_eq!(rb.try_recv().unwrap().as_str(), "m");
-        assert_eq!(rb.try_recv().unwrap().as_str(), "t");
+        assert_eq!(rb.try_recv().unwrap().to_text(), "m");
+        assert_eq!(rb.try_recv().unwrap().to_text(), "t");
         assert_eq!(hub.unregister(&a), 0);
         assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Message, frame("m2"))), 1);
         assert!(hub.wants(&topic));
@@ -565,8 +560,8 @@ mod tests {
         hub.dispatch(&topic, &receipt("carol", 5, 2));
         assert!(ra.try_recv().is_err(), "nothing before the flush");
         hub.flush_batches();
-        let all = |rx: &mut mpsc::Receiver<Text>| -> Vec<serde_json::Value> {
-            std::iter::from_fn(|| rx.try_recv().ok()).map(|f| serde_json::from_str(&f).unwrap()).collect()
+        let all = |rx: &mut mpsc::Receiver<Outgoing>| -> Vec<serde_json::Value> {
+            std::iter::from_fn(|| rx.try_recv().ok()).map(|f| serde_json::from_str(&f.to_text()).unwrap()).collect()
         };
         let got_b = all(&mut rb);
         assert_eq!(got_b.len(), 2, "one receipt and one presence frame: {got_b:?}");
@@ -601,7 +596,7 @@ mod tests {
         }
         hub.dispatch(&Topic::User("alice".into()), &Event::new(EventKind::Disconnect, frame("bye")));
         assert_eq!((a1.closer.code(), a2.closer.code(), b.closer.code()), (Some(4001), Some(4001), None));
-        assert_eq!(r1.try_recv().unwrap().as_str(), "bye");
+        assert_eq!(r1.try_recv().unwrap().to_text(), "bye");
     }
 
     #[test]
@@ -617,7 +612,7 @@ mod tests {
         let leave = Event::new(EventKind::Membership { conversation: conv.clone(), member: false }, frame("left"));
         hub.dispatch(&user, &leave);
         assert_eq!(hub.dispatch(&Topic::Conv(conv), &Event::new(EventKind::Message, frame("m"))), 0);
-        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|f| f.to_string()).collect();
+        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|f| f.to_text().to_string()).collect();
         assert_eq!(got, ["joined", "m", "left"]);
     }
 }

@@ -13,6 +13,67 @@ use serde::{Deserialize, Serialize, Serializer};
 pub type Text = tungstenite::Utf8Bytes;
 use serde_json::Value;
 
+/// A text frame as queued for one connection.
+///
+/// Usually one shared frame. A batched frame that must leave out the
+/// recipient's own change (PROTOCOL: a user's own presence goes to other
+/// users only) is the shared frame with that entry cut out, as two slices of
+/// the same shared bytes: nothing is copied or rendered per recipient, so a
+/// batch of a thousand changes costs the same whether or not its users are
+/// online.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Whole(Text),
+    /// The bytes before and after the cut (boxed: keeps the queue's slots
+    /// as small as a [`Text`]).
+    Cut(Box<[bytes::Bytes; 2]>),
+}
+
+impl Outgoing {
+    /// `frame` without the bytes in `cut`, which must cover whole JSON
+    /// elements and the comma that separates them from their neighbour.
+    pub fn cut(frame: &Text, cut: std::ops::Range<usize>) -> Outgoing {
+        let b: &bytes::Bytes = frame.as_ref();
+        Outgoing::Cut(Box::new([b.slice(..cut.start), b.slice(cut.end..)]))
+    }
+
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Outgoing::Whole(t) => t.len(),
+            Outgoing::Cut(p) => p[0].len() + p[1].len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload as written: one or two slices (the second may be empty).
+    pub fn parts(&self) -> [&[u8]; 2] {
+        match self {
+            Outgoing::Whole(t) => [t.as_bytes(), &[]],
+            Outgoing::Cut(p) => [&p[0], &p[1]],
+        }
+    }
+
+    /// The payload as one string (tests and logs; allocates for a cut frame).
+    pub fn to_text(&self) -> Text {
+        match self {
+            Outgoing::Whole(t) => t.clone(),
+            Outgoing::Cut(p) => {
+                Text::try_from([&p[0][..], &p[1][..]].concat()).expect("cut at JSON element boundaries")
+            }
+        }
+    }
+}
+
+impl From<Text> for Outgoing {
+    fn from(t: Text) -> Self {
+        Outgoing::Whole(t)
+    }
+}
+
 use crate::error::{ChatError, ErrorCode};
 
 /// WebSocket close codes of PROTOCOL.md (and RFC 6455).
@@ -283,6 +344,36 @@ pub fn render<T: Serialize>(frame: &T) -> Text {
     // non-string keys, no fallible Serialize impls).
     let s = serde_json::to_string(frame).expect("server frames serialise");
     Text::from(s)
+}
+
+/// Renders a frame whose last field is a list, and the span to cut out of
+/// the rendering to leave out each element (the element and one separating
+/// comma; see [`Outgoing::cut`]). `empty` is the frame rendered with an empty
+/// list. Equal byte for byte to [`render`] of the frame with `items`.
+pub fn render_cuttable<T: Serialize>(empty: Text, items: &[T]) -> (Text, Vec<std::ops::Range<usize>>) {
+    let head = empty.as_str().strip_suffix("[]}").expect("the list is the frame's last field");
+    let mut s = String::with_capacity(head.len() + 32 * items.len() + 2);
+    s.push_str(head);
+    s.push('[');
+    let mut spans = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let start = s.len();
+        s.push_str(&serde_json::to_string(item).expect("server frames serialise"));
+        spans.push(start..s.len());
+    }
+    s.push_str("]}");
+    let n = spans.len();
+    let cuts = (0..n)
+        .map(|i| match i {
+            _ if n == 1 => spans[0].clone(),
+            _ if i + 1 < n => spans[i].start..spans[i + 1].start,
+            _ => spans[i - 1].end..spans[i].end,
+        })
+        .collect();
+    (Text::from(s), cuts)
 }
 
 /// Formats milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -562,6 +653,32 @@ mod tests {
         assert_eq!(e.id, Some(json!(9)));
         let e = cmd(json!({"type":"history","conversation":"g","before":-1})).unwrap_err();
         assert!(e.message.contains("before"));
+    }
+
+    #[test]
+    fn a_cut_frame_equals_the_frame_rendered_without_that_element() {
+        let users = ["a", "b\"q", "é😀", "d"];
+        for n in 1..=users.len() {
+            let changes: Vec<PresenceState> =
+                users[..n].iter().enumerate().map(|(i, u)| PresenceState { user: u, online: i % 2 == 0 }).collect();
+            fn batch<'a>(changes: Vec<PresenceState<'a>>) -> PresenceBatch<'a> {
+                PresenceBatch { ty: "presence", conversation: "g\n", changes }
+            }
+            let (all, cuts) = render_cuttable(render(&batch(Vec::new())), &changes);
+            assert_eq!(all, render(&batch(changes.clone())));
+            for (i, cut) in cuts.iter().enumerate() {
+                let mut rest = changes.clone();
+                rest.remove(i);
+                let got = Outgoing::cut(&all, cut.clone());
+                assert_eq!(got.to_text(), render(&batch(rest)), "without element {i} of {n}");
+                assert_eq!(got.len(), got.to_text().len());
+            }
+        }
+    }
+
+    #[test]
+    fn an_outgoing_frame_is_as_small_as_a_text() {
+        assert_eq!(std::mem::size_of::<Outgoing>(), std::mem::size_of::<Text>());
     }
 
     #[test]

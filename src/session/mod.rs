@@ -47,7 +47,7 @@ use crate::{
     hub::Conn,
     metrics,
     node::Node,
-    protocol::{self, Ack, Command, Inbound, Refreshed, Text, UserRef, Welcome, close},
+    protocol::{self, Ack, Command, Inbound, Outgoing, Refreshed, Text, UserRef, Welcome, close},
 };
 use writer::Writer;
 
@@ -324,7 +324,7 @@ fn expiry_instant(exp: u64) -> Instant {
 }
 
 impl Session<'_> {
-    async fn run<S>(&mut self, ws: &mut WebSocketStream<S>, out: &mut Writer, rx: &mut mpsc::Receiver<Text>) -> End
+    async fn run<S>(&mut self, ws: &mut WebSocketStream<S>, out: &mut Writer, rx: &mut mpsc::Receiver<Outgoing>) -> End
     where
         S: Transport,
     {
@@ -530,9 +530,9 @@ impl Session<'_> {
 async fn write_batch<S>(
     ws: &mut WebSocketStream<S>,
     out: &mut Writer,
-    rx: &mut mpsc::Receiver<Text>,
+    rx: &mut mpsc::Receiver<Outgoing>,
     conn: &Conn,
-    first: Text,
+    first: Outgoing,
 ) -> bool
 where
     S: Transport,
@@ -565,7 +565,7 @@ where
 pub async fn finish<S>(
     ws: &mut WebSocketStream<S>,
     end: End,
-    queued: Option<(&mut Writer, &Conn, &mut mpsc::Receiver<Text>)>,
+    queued: Option<(&mut Writer, &Conn, &mut mpsc::Receiver<Outgoing>)>,
     write_timeout: Duration,
 ) where
     S: Transport,

@@ -17,9 +17,9 @@ use std::{collections::VecDeque, io, io::IoSlice};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::Text;
+use crate::protocol::Outgoing;
 
-/// Frames per vectored write at most (two slices each).
+/// Frames per vectored write at most (up to three slices each).
 const SLICES_FRAMES: usize = 64;
 
 /// A frame header: FIN + text opcode, then the payload length.
@@ -56,13 +56,14 @@ impl Header {
 /// Text frames waiting for the socket, and how far the first one got.
 #[derive(Debug, Default)]
 pub struct Writer {
-    frames: VecDeque<(Header, Text)>,
+    frames: VecDeque<(Header, Outgoing)>,
     /// Bytes of the first frame (header and payload) already written.
     done: usize,
 }
 
 impl Writer {
-    pub fn push(&mut self, frame: Text) {
+    pub fn push(&mut self, frame: impl Into<Outgoing>) {
+        let frame = frame.into();
         self.frames.push_back((Header::text(frame.len()), frame));
     }
 
@@ -88,15 +89,17 @@ impl Writer {
     pub async fn write_to<S: AsyncWrite + Unpin>(&mut self, io: &mut S) -> io::Result<()> {
         while !self.frames.is_empty() {
             let n = {
-                let mut slices = Vec::with_capacity(2 * self.frames.len().min(SLICES_FRAMES));
-                for (i, (h, t)) in self.frames.iter().take(SLICES_FRAMES).enumerate() {
-                    let (head, body) = (h.as_slice(), t.as_bytes());
-                    let skip = if i == 0 { self.done } else { 0 };
-                    if skip < head.len() {
-                        slices.push(IoSlice::new(&head[skip..]));
-                        slices.push(IoSlice::new(body));
-                    } else {
-                        slices.push(IoSlice::new(&body[skip - head.len()..]));
+                let mut slices = Vec::with_capacity(3 * self.frames.len().min(SLICES_FRAMES));
+                for (i, (h, f)) in self.frames.iter().take(SLICES_FRAMES).enumerate() {
+                    let [a, b] = f.parts();
+                    let mut skip = if i == 0 { self.done } else { 0 };
+                    for part in [h.as_slice(), a, b] {
+                        if skip >= part.len() {
+                            skip -= part.len();
+                            continue;
+                        }
+                        slices.push(IoSlice::new(&part[skip..]));
+                        skip = 0;
                     }
                 }
                 io.write_vectored(&slices).await?
@@ -133,6 +136,7 @@ mod tests {
     use tungstenite::{Message, protocol::Role};
 
     use super::*;
+    use crate::protocol::Text;
 
     #[tokio::test]
     async fn frames_of_every_length_class_read_back_whole() {
@@ -174,6 +178,24 @@ mod tests {
         drop(server);
         let got = reader.await.unwrap();
         assert_eq!(got, [&[0x81, 12][..], b"hello, world", &[0x81, 5], b"again"].concat());
+    }
+
+    #[tokio::test]
+    async fn a_cut_frame_resumes_inside_either_part() {
+        let whole = Text::from("[1,2,3]".to_string());
+        let cut = Outgoing::cut(&whole, 2..4);
+        let (mut server, mut client) = tokio::io::duplex(2);
+        let mut w = Writer::default();
+        w.push(cut);
+        w.push(whole);
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        w.write_to(&mut server).await.unwrap();
+        drop(server);
+        assert_eq!(reader.await.unwrap(), [&[0x81, 5][..], b"[1,3]", &[0x81, 7], b"[1,2,3]"].concat());
     }
 
     #[test]

@@ -160,8 +160,13 @@ pub async fn upgrade(
             // Our own TCP stream back (so the session can reset it), with any
             // bytes the client sent right after the request.
             match io.downcast::<TokioIo<Counted>>() {
-                Ok(parts) => {
-                    let (io, early) = (parts.io.into_inner(), parts.read_buf.to_vec());
+                Ok(hyper::upgrade::Parts { io, read_buf, .. }) => {
+                    // Copied and dropped here: `read_buf` is a view of hyper's
+                    // whole request buffer, which would otherwise stay
+                    // allocated for the life of the session.
+                    let early = read_buf.to_vec();
+                    drop(read_buf);
+                    let io = io.into_inner();
                     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
                     session::run(node, ws, verified).await;
                 }
