@@ -57,8 +57,8 @@ use serde::Deserialize;
 use tracing::Instrument;
 
 use super::{
-    Appended, Counters, Engine, Group, MembershipChange, MessagePage, NewMessage, Page, ReceiptOutcome, ReceiptRow,
-    Route, StoredMessage,
+    Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
+    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage,
 };
 use crate::{
     config::Config,
@@ -750,19 +750,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl Engine for ValkeyEngine {
-    fn name(&self) -> &'static str {
-        "valkey"
-    }
-
-    async fn ready(&self) -> bool {
-        let ping = async {
-            let pool_ok = self.inner.pool.next().ping::<String>(None).await.is_ok();
-            pool_ok && self.inner.sub.is_connected()
-        };
-        tokio::time::timeout(Duration::from_secs(2), ping).await.unwrap_or(false)
-    }
-
+impl MessageStore for ValkeyEngine {
     async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Option<Appended>> {
         let i = &self.inner;
         let k = &i.keys;
@@ -921,6 +909,57 @@ impl Engine for ValkeyEngine {
         Ok(rows)
     }
 
+    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>> {
+        let mut v: Vec<String> =
+            self.inner.pool.next().smembers(self.inner.keys.user_convs(user)).await.map_err(err)?;
+        v.sort();
+        Ok(v)
+    }
+
+    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
+        if conversations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = &self.inner.keys;
+        let client = self.inner.pool.next();
+        let pipe = client.pipeline();
+        for c in conversations {
+            let _: () = pipe.hget(k.conv(c, "meta"), "last").await.map_err(err)?;
+            let _: () = pipe.hget(k.conv(c, "meta"), "epoch").await.map_err(err)?;
+            let _: () = pipe.hget(k.conv(c, "rcpt"), user).await.map_err(err)?;
+        }
+        let first: Vec<Option<String>> = pipe.all().await.map_err(err)?;
+        let mut base = Vec::with_capacity(conversations.len());
+        let mut epochs = Vec::with_capacity(conversations.len());
+        for triple in first.chunks(3) {
+            let last: u64 = triple[0].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let read: u64 =
+                triple[2].as_deref().and_then(|s| s.split_once(':')).and_then(|(_, r)| r.parse().ok()).unwrap_or(0);
+            base.push((last, read));
+            epochs.push(Arc::<str>::from(triple[1].as_deref().unwrap_or_default()));
+        }
+        let pipe = client.pipeline();
+        for (c, (_, read)) in conversations.iter().zip(&base) {
+            let own = format!("{}{user}", k.conv(c, "own:"));
+            let _: () = pipe.zcount(own, (*read + 1) as f64, f64::INFINITY).await.map_err(err)?;
+        }
+        let own: Vec<u64> = pipe.all().await.map_err(err)?;
+        Ok(base
+            .into_iter()
+            .zip(own)
+            .zip(epochs)
+            .map(|(((last_seq, read_seq), own), epoch)| Counters {
+                last_seq,
+                read_seq,
+                unread: last_seq.saturating_sub(read_seq).saturating_sub(own),
+                epoch,
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Groups for ValkeyEngine {
     async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
         Ok(self.groups(&[conversation.to_string()]).await?.pop().flatten())
     }
@@ -985,54 +1024,6 @@ impl Engine for ValkeyEngine {
         Ok(Some(change))
     }
 
-    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>> {
-        let mut v: Vec<String> =
-            self.inner.pool.next().smembers(self.inner.keys.user_convs(user)).await.map_err(err)?;
-        v.sort();
-        Ok(v)
-    }
-
-    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
-        if conversations.is_empty() {
-            return Ok(Vec::new());
-        }
-        let k = &self.inner.keys;
-        let client = self.inner.pool.next();
-        let pipe = client.pipeline();
-        for c in conversations {
-            let _: () = pipe.hget(k.conv(c, "meta"), "last").await.map_err(err)?;
-            let _: () = pipe.hget(k.conv(c, "meta"), "epoch").await.map_err(err)?;
-            let _: () = pipe.hget(k.conv(c, "rcpt"), user).await.map_err(err)?;
-        }
-        let first: Vec<Option<String>> = pipe.all().await.map_err(err)?;
-        let mut base = Vec::with_capacity(conversations.len());
-        let mut epochs = Vec::with_capacity(conversations.len());
-        for triple in first.chunks(3) {
-            let last: u64 = triple[0].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
-            let read: u64 =
-                triple[2].as_deref().and_then(|s| s.split_once(':')).and_then(|(_, r)| r.parse().ok()).unwrap_or(0);
-            base.push((last, read));
-            epochs.push(Arc::<str>::from(triple[1].as_deref().unwrap_or_default()));
-        }
-        let pipe = client.pipeline();
-        for (c, (_, read)) in conversations.iter().zip(&base) {
-            let own = format!("{}{user}", k.conv(c, "own:"));
-            let _: () = pipe.zcount(own, (*read + 1) as f64, f64::INFINITY).await.map_err(err)?;
-        }
-        let own: Vec<u64> = pipe.all().await.map_err(err)?;
-        Ok(base
-            .into_iter()
-            .zip(own)
-            .zip(epochs)
-            .map(|(((last_seq, read_seq), own), epoch)| Counters {
-                last_seq,
-                read_seq,
-                unread: last_seq.saturating_sub(read_seq).saturating_sub(own),
-                epoch,
-            })
-            .collect())
-    }
-
     async fn join_open(&self, conversation: &str, user: &str) -> EngineResult<usize> {
         let key = self.inner.keys.conv(conversation, "open");
         let pipe = self.inner.pool.next().pipeline();
@@ -1049,6 +1040,14 @@ impl Engine for ValkeyEngine {
         Ok(v)
     }
 
+    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize> {
+        let key = self.inner.keys.conv(conversation, if open { "open" } else { "mem" });
+        self.inner.pool.next().scard(key).await.map_err(err)
+    }
+}
+
+#[async_trait]
+impl Broker for ValkeyEngine {
     async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
         self.inner.publish_payload(route, encode(&event)).await
     }
@@ -1086,22 +1085,20 @@ impl Engine for ValkeyEngine {
         Ok(set.is_some())
     }
 
-    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize> {
-        let key = self.inner.keys.conv(conversation, if open { "open" } else { "mem" });
-        self.inner.pool.next().scard(key).await.map_err(err)
-    }
-
-    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
-        let n: i64 = self.inner.presence("count", &[user]).await?.convert().map_err(err)?;
-        Ok(n.max(0) as usize)
-    }
-
     async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()> {
         self.inner.subscribe(topics).await
     }
 
     fn topics_changed(&self) {
         self.inner.clone().reconcile();
+    }
+}
+
+#[async_trait]
+impl Presence for ValkeyEngine {
+    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
+        let n: i64 = self.inner.presence("count", &[user]).await?.convert().map_err(err)?;
+        Ok(n.max(0) as usize)
     }
 
     async fn presence_up(&self, user: &str) -> EngineResult<bool> {
@@ -1127,6 +1124,21 @@ impl Engine for ValkeyEngine {
         };
         v.sort();
         Ok(v)
+    }
+}
+
+#[async_trait]
+impl Engine for ValkeyEngine {
+    fn name(&self) -> &'static str {
+        "valkey"
+    }
+
+    async fn ready(&self) -> bool {
+        let ping = async {
+            let pool_ok = self.inner.pool.next().ping::<String>(None).await.is_ok();
+            pool_ok && self.inner.sub.is_connected()
+        };
+        tokio::time::timeout(Duration::from_secs(2), ping).await.unwrap_or(false)
     }
 
     async fn maintain(&self) -> EngineResult<Vec<String>> {
