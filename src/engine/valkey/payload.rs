@@ -9,7 +9,8 @@ use crate::{
     engine::StoredMessage,
     error::{EngineError, EngineResult},
     hub::{Event, EventKind},
-    protocol::Text,
+    node::message_frame,
+    protocol::{self, MessageFrame, Text},
     telemetry,
 };
 
@@ -84,8 +85,39 @@ pub(super) fn decode(payload: &str) -> Option<Decoded<'_>> {
     Some(Decoded { event, seq, traceparent: (!tp.is_empty()).then_some(tp) })
 }
 
-pub(super) fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
-    serde_json::to_string(v).expect("strings and user refs serialise")
+/// A `message` frame split around its seq, for the append script to join
+/// with the seq it assigns (`head .. seq .. tail`).
+///
+/// Both halves come from the protocol's own rendering of the frame
+/// ([`protocol::render`] of [`message_frame`]), so a live frame from Valkey is
+/// byte for byte what history pages and the other engine send, whatever
+/// fields the frame gains. `m.seq` is ignored.
+///
+/// How: the frame is rendered with two seqs that differ only in their last
+/// digit (`u64::MAX` and `u64::MAX - 1`). Nothing else differs between the
+/// two texts, so the first byte where they differ is the seq's last digit,
+/// and the seq's digits end there, whatever the body, names or ids contain
+/// (even the same digits).
+///
+/// # Errors
+/// [`EngineError::Internal`] if the two renderings differ anywhere else (the
+/// frame would carry something derived from the seq twice): a bug, caught by
+/// the unit test below.
+pub(super) fn message_template(conversation: &str, m: &StoredMessage) -> EngineResult<(String, String)> {
+    const A: u64 = u64::MAX;
+    const B: u64 = u64::MAX - 1;
+    let digits = A.to_string();
+    let a = protocol::render(&MessageFrame { seq: A, ..message_frame(conversation, m) });
+    let b = protocol::render(&MessageFrame { seq: B, ..message_frame(conversation, m) });
+    let (a, b) = (a.as_str(), b.as_str());
+    let split = a.bytes().zip(b.bytes()).position(|(x, y)| x != y).and_then(|last| {
+        let start = (last + 1).checked_sub(digits.len())?;
+        let one_seq = a.len() == b.len()
+            && a.get(start..=last) == Some(digits.as_str())
+            && a.get(last + 1..) == b.get(last + 1..);
+        one_seq.then(|| (a[..start].to_string(), a[last + 1..].to_string()))
+    });
+    split.ok_or_else(|| EngineError::Internal("the message frame does not hold its seq exactly once".into()))
 }
 
 /// The fields of a stored frame needed to rebuild a [`StoredMessage`].
@@ -124,6 +156,49 @@ pub(super) fn stored(entry: &StreamEntry) -> EngineResult<(StoredMessage, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(seq: u64, ts_ms: i64, sender: (&str, &str), body: &str, client_msg_id: &str) -> StoredMessage {
+        StoredMessage {
+            seq,
+            ts_ms,
+            sender_id: sender.0.into(),
+            sender_name: sender.1.into(),
+            body: body.into(),
+            client_msg_id: client_msg_id.into(),
+        }
+    }
+
+    #[test]
+    fn message_template_is_the_rendered_frame_around_its_seq() {
+        let max = u64::MAX.to_string();
+        let cases = [
+            ("general", message(1, 1_700_000_000_123, ("alice", "Alice"), "hello", "c-1")),
+            ("dm:alice:bob", message(42, 0, ("bob", "Bob \"the\" Builder"), "say \"hi\" \\ back\\", "x\"y\\z")),
+            (
+                "deal:42@x",
+                message(
+                    7,
+                    1_234,
+                    ("zoë", "Zoë Ñandú 日本語"),
+                    "emoji 🎉👩‍👩‍👧 and \u{1F600}, tabs\tand\nnewlines\r",
+                    "🎉-id",
+                ),
+            ),
+            ("c", message(9, -5, ("u", "ctl \u{0}\u{1f}\u{7f}\u{2028}"), "\u{0}\u{8}\u{c}\u{1b}[0m", "\u{1}")),
+            // The sentinel's own digits in every text field, and the largest seq.
+            ("n18446744073709551615", message(u64::MAX, 18_446_744, ("18446744073709551614", &max), &max, &max)),
+            ("x", message(10, 1, ("a", "a"), "\"seq\":18446744073709551615,", "seq")),
+        ];
+        for (conv, m) in &cases {
+            let (head, tail) = message_template(conv, m).unwrap();
+            let joined = format!("{head}{}{tail}", m.seq);
+            let rendered = protocol::render(&message_frame(conv, m));
+            assert_eq!(joined.as_bytes(), rendered.as_str().as_bytes(), "{conv}");
+            // The seq is ignored: the same halves for another one.
+            let other = StoredMessage { seq: 3, ..m.clone() };
+            assert_eq!(message_template(conv, &other).unwrap(), (head, tail));
+        }
+    }
 
     #[test]
     fn payload_roundtrip() {

@@ -9,13 +9,15 @@ use fred::prelude::*;
 use super::{
     ValkeyEngine,
     errors::err,
-    payload::{StreamEntry, json, stored},
+    payload::{StreamEntry, message_template, stored},
 };
 use crate::{
-    engine::{Appended, Counters, MessagePage, MessageStore, NewMessage, Page, ReceiptOutcome, ReceiptRow, Route},
+    engine::{
+        Appended, Counters, MessagePage, MessageStore, NewMessage, Page, ReceiptOutcome, ReceiptRow, Route,
+        StoredMessage,
+    },
     error::{EngineError, EngineResult},
     hub::now_us,
-    protocol::format_ts,
     telemetry,
 };
 
@@ -26,14 +28,15 @@ impl MessageStore for ValkeyEngine {
         let k = &i.keys;
         let conv = msg.conversation.as_str();
         // The frame is rendered around the seq the script assigns.
-        let head = format!("{{\"type\":\"message\",\"conversation\":{},\"seq\":", json(conv));
-        let tail = format!(
-            ",\"ts\":\"{}\",\"sender\":{},\"body\":{},\"client_msg_id\":{}}}",
-            format_ts(msg.ts_ms),
-            json(&msg.sender),
-            json(&msg.body),
-            json(&msg.client_msg_id),
-        );
+        let draft = StoredMessage {
+            seq: 0,
+            ts_ms: msg.ts_ms,
+            sender_id: msg.sender.id.as_str().into(),
+            sender_name: msg.sender.name.as_str().into(),
+            body: msg.body.as_str().into(),
+            client_msg_id: msg.client_msg_id.as_str().into(),
+        };
+        let (head, tail) = message_template(conv, &draft)?;
         let min_ts = if i.retention_age_ms > 0 { msg.ts_ms - i.retention_age_ms as i64 } else { 0 };
         // On Cluster a shard channel must hash to the script's slot: direct
         // messages (user channels) are published after the script.
