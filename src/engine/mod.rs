@@ -287,11 +287,16 @@ pub trait Broker: Send + Sync + 'static {
 /// - [`presence_up`](Presence::presence_up) is true exactly when the user
 ///   went from no connection on any node to one;
 ///   [`presence_down`](Presence::presence_down) exactly when the last one
-///   closed (a `down` without an `up` changes nothing and is false).
+///   closed. The node calls `down` once per `up`, never without one.
 /// - [`online`](Presence::online) answers sorted; with a list, only users of
 ///   it.
-/// - A node that stops answering loses its users after its lease
-///   ([`Engine::maintain`] on the other nodes reports them).
+/// - [`online`](Presence::online) and
+///   [`connection_count`](Presence::connection_count) count the nodes that
+///   hold a live lease: a node takes it in [`Engine::maintain`], which the
+///   app runs at start and then every
+///   [`maintenance_interval`](Engine::maintenance_interval). A node that stops
+///   answering loses its users when its lease expires (`maintain` on the
+///   other nodes reports them).
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
     /// A connection of `user` opened on this node. Returns true when the user
