@@ -104,14 +104,14 @@ pub async fn serve(node: Arc<Node>, listeners: Listeners, shutdown: impl Future<
             }
         })
     };
-    let maintenance = node.engine.maintenance_interval().map(|every| {
+    let maintenance = node.maintenance_interval().map(|every| {
         let node = node.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match node.engine.maintain().await {
+                match node.maintain().await {
                     Ok(gone) => {
                         for user in gone {
                             if let Err(e) = node.announce_offline(&user).await {
@@ -138,7 +138,7 @@ pub async fn serve(node: Arc<Node>, listeners: Listeners, shutdown: impl Future<
     if let Some(m) = maintenance {
         m.abort();
     }
-    node.engine.shutdown().await;
+    node.shutdown_engine().await;
     stop_http.cancel();
     for s in servers {
         if tokio::time::timeout(Duration::from_secs(6), s).await.is_err() {

@@ -22,8 +22,8 @@ use tracing::Instrument;
 use crate::{
     auth::Authenticator,
     config::{Config, RATE_MAX, RATE_MIN},
-    engine::{Appended, Engine, MembershipChange, NewMessage, Page, ReceiptOutcome, Route},
-    error::ChatError,
+    engine::{Appended, Engine, MembershipChange, MessagePage, NewMessage, Page, ReceiptOutcome, Route},
+    error::{ChatError, EngineResult},
     hub::{Conn, Event, EventKind, Hub, Topic},
     ids::{self, Dm},
     metrics,
@@ -55,7 +55,9 @@ impl Kind<'_> {
 
 pub struct Node {
     pub cfg: Arc<Config>,
-    pub engine: Arc<dyn Engine>,
+    /// Only the node talks to the engine: the transport goes through the
+    /// node's methods (see the `impl Node` block "The engine door").
+    engine: Arc<dyn Engine>,
     pub hub: Arc<Hub>,
     pub auth: Authenticator,
     pub node_id: String,
@@ -545,14 +547,28 @@ impl Node {
         self.entries(user, &ids).await
     }
 
-    /// Opens a session: the order that makes membership exact under races
-    /// and faults lives here. (1) The connection is registered and the user's
-    /// topic subscribed, so membership events reach it from now on; (2) the
-    /// user's conversations are read and the candidate groups subscribed;
-    /// (3) membership is then read from each group's member set (the
-    /// per-user index alone grants nothing) and groups the user is not in are
-    /// unsubscribed. A removal after (3) arrives as an event on the user's
-    /// topic; one before it is seen by (3). Then counters for `welcome`.
+    /// Opens a session. The connect-time ordering rule, which makes
+    /// membership exact under races and faults, lives here and nowhere else:
+    ///
+    /// 1. **Subscribe the user topic**: the connection is registered and the
+    ///    user's topic subscribed, so membership events (added, removed)
+    ///    reach it from now on. Open conversations are joined (fresh member
+    ///    counts).
+    /// 2. **Read membership**: the user's conversations are read from the
+    ///    per-user index, and the candidate groups (and open conversations)
+    ///    are **subscribed** before anything is verified, so a message sent
+    ///    from here on arrives live.
+    /// 3. **Verify against the group's member set**: each group's own member
+    ///    set decides (the per-user index alone grants nothing); counters for
+    ///    `welcome` are read in the same pass.
+    /// 4. **Unsubscribe stale**: groups the user is not in are unsubscribed.
+    /// 5. Presence is counted up here, but **announced after `welcome`** by
+    ///    the caller ([`OpenSession::came_online`]): `welcome` is the
+    ///    session's first frame, and the others hear the user came online
+    ///    only once it is written.
+    ///
+    /// A removal after (3) arrives as an event on the user's topic (1); one
+    /// before it is seen by (3).
     pub async fn open_session(&self, conn: &Arc<Conn>, user: &UserRef) -> Result<OpenSession, ChatError> {
         self.hub.register(conn);
         let user_topic = Topic::User(conn.user.clone());
@@ -734,6 +750,71 @@ impl Node {
         };
         let last_seq = self.engine.last_seq(conversation).await?;
         Ok(Some(ConversationObject { id: conversation.to_string(), title, members, last_seq }))
+    }
+}
+
+/// The engine door: everything outside the node (service API, health, the
+/// app's upkeep and shutdown) reaches the engine through these methods, so
+/// the transport never sees an [`Engine`]. Engine failures map to
+/// [`ChatError`] as everywhere else in the node (`From<EngineError>`), except
+/// for upkeep, whose caller only logs.
+impl Node {
+    /// The engine's name (`memory` or `valkey`), for logs and `/readyz`.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Whether storage answers (for `/readyz`; draining is checked apart).
+    pub async fn engine_ready(&self) -> bool {
+        self.engine.ready().await
+    }
+
+    /// Creates or replaces a group (title and the whole member list).
+    pub async fn put_group(
+        &self,
+        conversation: &str,
+        title: &str,
+        members: Vec<String>,
+    ) -> Result<MembershipChange, ChatError> {
+        Ok(self.engine.put_group(conversation, title, members).await?)
+    }
+
+    /// Adds and removes members of a group; `None` when it does not exist.
+    pub async fn update_group(
+        &self,
+        conversation: &str,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> Result<Option<MembershipChange>, ChatError> {
+        Ok(self.engine.update_group(conversation, add, remove).await?)
+    }
+
+    /// Whether a group conversation exists.
+    pub async fn group_exists(&self, conversation: &str) -> Result<bool, ChatError> {
+        Ok(self.engine.group(conversation).await?.is_some())
+    }
+
+    /// One page of stored history, without authorization or reply budget
+    /// (the service API's message list; sessions use [`Node::history`]).
+    pub async fn history_page(&self, conversation: &str, page: Page) -> Result<MessagePage, ChatError> {
+        Ok(self.engine.history(conversation, page).await?)
+    }
+
+    /// How often [`Node::maintain`] must run; `None`: never.
+    pub fn maintenance_interval(&self) -> Option<Duration> {
+        self.engine.maintenance_interval()
+    }
+
+    /// The engine's periodic upkeep. Returns users who went offline
+    /// everywhere because their node stopped answering (announce them with
+    /// [`Node::announce_offline`]).
+    pub async fn maintain(&self) -> EngineResult<Vec<String>> {
+        self.engine.maintain().await
+    }
+
+    /// Stops the engine's background work before exit.
+    pub async fn shutdown_engine(&self) {
+        self.engine.shutdown().await
     }
 }
 

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    Appended, Counters, Engine, Group, MembershipChange, MessagePage, NewMessage, Page, ReceiptOutcome, ReceiptRow,
-    Route, StoredMessage,
+    Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
+    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage,
 };
 use crate::{
     error::EngineResult,
@@ -124,15 +124,7 @@ fn normalise(members: Vec<String>) -> Vec<String> {
 }
 
 #[async_trait]
-impl Engine for MemoryEngine {
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-
-    async fn ready(&self) -> bool {
-        true
-    }
-
+impl MessageStore for MemoryEngine {
     async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Option<Appended>> {
         // A send to a group that does not exist creates nothing.
         let conv = if msg.require_member {
@@ -258,6 +250,29 @@ impl Engine for MemoryEngine {
         Ok(rows)
     }
 
+    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>> {
+        Ok(self.user_index.read().get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
+        Ok(conversations
+            .iter()
+            .map(|id| {
+                let Some(conv) = self.existing(id) else {
+                    return Counters { epoch: self.epoch.clone(), ..Counters::default() };
+                };
+                let c = conv.lock();
+                let read_seq = c.receipts.get(user).map_or(0, |r| r.1);
+                let from = c.index_of(read_seq + 1);
+                let unread = c.messages.range(from..).filter(|m| &*m.sender_id != user).count() as u64;
+                Counters { last_seq: c.last_seq, read_seq, unread, epoch: self.epoch.clone() }
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Groups for MemoryEngine {
     async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
         Ok(self.existing(conversation).and_then(|c| c.lock().group.clone()))
     }
@@ -322,26 +337,6 @@ impl Engine for MemoryEngine {
         Ok(Some(change))
     }
 
-    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>> {
-        Ok(self.user_index.read().get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default())
-    }
-
-    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
-        Ok(conversations
-            .iter()
-            .map(|id| {
-                let Some(conv) = self.existing(id) else {
-                    return Counters { epoch: self.epoch.clone(), ..Counters::default() };
-                };
-                let c = conv.lock();
-                let read_seq = c.receipts.get(user).map_or(0, |r| r.1);
-                let from = c.index_of(read_seq + 1);
-                let unread = c.messages.range(from..).filter(|m| &*m.sender_id != user).count() as u64;
-                Counters { last_seq: c.last_seq, read_seq, unread, epoch: self.epoch.clone() }
-            })
-            .collect())
-    }
-
     async fn join_open(&self, conversation: &str, user: &str) -> EngineResult<usize> {
         let conv = self.conv(conversation);
         let mut c = conv.lock();
@@ -355,20 +350,19 @@ impl Engine for MemoryEngine {
         Ok(self.existing(conversation).map(|c| c.lock().open_members.iter().cloned().collect()).unwrap_or_default())
     }
 
-    async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
-        self.dispatch(route, &event);
-        Ok(())
-    }
-
     async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize> {
         Ok(self.existing(conversation).map_or(0, |c| {
             let c = c.lock();
             if open { c.open_members.len() } else { c.group.as_ref().map_or(0, |g| g.members.len()) }
         }))
     }
+}
 
-    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
-        Ok(self.presence.lock().get(user).copied().unwrap_or(0))
+#[async_trait]
+impl Broker for MemoryEngine {
+    async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
+        self.dispatch(route, &event);
+        Ok(())
     }
 
     async fn subscribe(&self, _topics: &[Topic]) -> EngineResult<()> {
@@ -377,6 +371,13 @@ impl Engine for MemoryEngine {
     }
 
     fn topics_changed(&self) {}
+}
+
+#[async_trait]
+impl Presence for MemoryEngine {
+    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
+        Ok(self.presence.lock().get(user).copied().unwrap_or(0))
+    }
 
     async fn presence_up(&self, user: &str) -> EngineResult<bool> {
         let mut p = self.presence.lock();
@@ -408,6 +409,17 @@ impl Engine for MemoryEngine {
         };
         out.sort();
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn ready(&self) -> bool {
+        true
     }
 
     async fn shutdown(&self) {}

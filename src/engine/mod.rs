@@ -1,21 +1,33 @@
-//! The engine boundary: storage and fan-out behind one small interface.
+//! The engine boundary: storage and fan-out behind four narrow traits.
 //!
-//! The transport (WebSocket sessions, service API) talks to [`crate::node::Node`],
-//! which talks to an [`Engine`]. Two engines implement it:
+//! The transport (WebSocket sessions, service API) talks to [`crate::node::Node`]
+//! only; the node talks to an [`Engine`], which is the sum of four concerns,
+//! each with its contract documented on the trait:
+//! - [`MessageStore`]: messages (append, history, `last_seq`), receipts,
+//!   per-user counters and the per-user conversation list.
+//! - [`Groups`]: membership of group conversations (managed by the platform)
+//!   and known members of open conversations.
+//! - [`Broker`]: events to every node's local connections, and this node's
+//!   subscriptions.
+//! - [`Presence`]: who is online, counted in connections per node.
+//!
+//! [`Engine`] itself only adds the lifecycle (name, readiness, upkeep,
+//! shutdown). Two engines implement all of it:
 //! - [`memory::MemoryEngine`]: in-process, single node, bounded history in memory.
 //! - `valkey::ValkeyEngine`: durable history and cross-node fan-out on Valkey.
 //!
-//! # Contract
-//! - [`Engine::append`] stores a message and assigns the next gap-free `seq` of
-//!   its conversation, *atomically* with the idempotency record of
-//!   `(sender, client_msg_id)`; it returns only after the message is stored, and
-//!   a repeat returns the first `seq` with `duplicate: true` and publishes
-//!   nothing. The engine publishes the `message` frame itself, in `seq` order
-//!   per conversation.
-//! - [`Engine::publish`] delivers an event to every node's local connections of
-//!   the route's topics (best effort: a node that missed events tells its
-//!   clients to `sync`).
-//! - Engines deliver events to this node's [`Hub`](crate::hub::Hub).
+//! Both run the same contract tests (`tests/engine_conformance.rs`).
+//!
+//! # The one cross-cutting rule
+//! [`MessageStore::append`] stores a message and assigns the next gap-free
+//! `seq` of its conversation, *atomically* with the idempotency record of
+//! `(sender, client_msg_id)`; it returns only after the message is stored, and
+//! a repeat returns the first `seq` with `duplicate: true` and publishes
+//! nothing. The store publishes the `message` frame itself (through the
+//! engine's broker), in `seq` order per conversation: storing and publishing
+//! are one step so that no two nodes can deliver a conversation's messages
+//! out of order. Every other event goes through [`Broker::publish`].
+//! Engines deliver events to this node's [`Hub`](crate::hub::Hub).
 
 pub mod memory;
 pub mod valkey;
@@ -133,16 +145,31 @@ pub struct Counters {
     pub epoch: Arc<str>,
 }
 
+/// Messages, receipts and the per-user view of conversations.
+///
+/// # Contract
+/// - `seq` is per conversation, starts at 1 and has no gaps; a conversation
+///   that was never written has `last_seq` 0.
+/// - [`append`](MessageStore::append) is atomic with its idempotency record
+///   and publishes the `message` frame itself (see the module docs); with
+///   `require_member` it stores only for a member of the group (checked in
+///   the same step) and answers `None` otherwise, storing and publishing
+///   nothing.
+/// - Every history page carries the conversation's epoch: the same on every
+///   call for as long as the stored history lasts (see [`new_epoch`]).
+/// - Receipts only rise, and only up to `last_seq` (checked in the same step).
+///
+/// [`user_conversations`](MessageStore::user_conversations) lives here, not
+/// in [`Groups`]: it is the per-user list of conversations a user reads from
+/// (the one `welcome` shows with its [`counters`](MessageStore::counters)),
+/// and direct conversations enter it by their first stored message, in the
+/// store's own write. Group changes ([`Groups`]) feed it too, but it grants
+/// nothing: the node verifies every group in it against the group's member
+/// set, so an engine may leave a stale entry after a fault, never miss one.
 #[async_trait]
-pub trait Engine: Send + Sync + 'static {
-    /// `memory` or `valkey`, for logs and metrics.
-    fn name(&self) -> &'static str;
-
-    /// Whether storage answers (for /readyz).
-    async fn ready(&self) -> bool;
-
-    /// Stores a message (see the module contract) and publishes it to `route`.
-    /// `None` when `msg.require_member` and the sender is not a member.
+pub trait MessageStore: Send + Sync + 'static {
+    /// Stores a message and publishes it to `route`. `None` when
+    /// `msg.require_member` and the sender is not a member.
     async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Option<Appended>>;
 
     async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage>;
@@ -153,15 +180,35 @@ pub trait Engine: Send + Sync + 'static {
     /// checking `1 <= seq <= last_seq` in the same step.
     async fn set_receipt(&self, conversation: &str, user: &str, seq: i64, read: bool) -> EngineResult<ReceiptOutcome>;
 
-    /// Every user of the conversation who has sent a receipt.
+    /// Every user of the conversation who has sent a receipt, sorted by user.
     async fn receipts(&self, conversation: &str) -> EngineResult<Vec<ReceiptRow>>;
 
+    /// `last_seq`, `read_seq` and unread count (messages of *other* users
+    /// above `read_seq`) of `user` in each conversation, in order.
+    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>>;
+
+    /// Group conversations the user belongs to and direct conversations of the
+    /// user that hold a message, sorted.
+    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>>;
+}
+
+/// Membership: group conversations (created and changed by the platform
+/// through the service API) and the known members of open conversations.
+///
+/// # Contract
+/// - Member lists are sorted and unique.
+/// - [`put_group`](Groups::put_group) and [`update_group`](Groups::update_group)
+///   are atomic per group and report exactly who was added and removed
+///   compared with the members just before; a user removed and added in one
+///   update is no change.
+/// - A group that does not exist has no members:
+///   [`is_member`](Groups::is_member) is false, [`member_count`](Groups::member_count)
+///   0, [`update_group`](Groups::update_group) `None`.
+#[async_trait]
+pub trait Groups: Send + Sync + 'static {
     async fn group(&self, conversation: &str) -> EngineResult<Option<Group>>;
 
-    /// Whether `user` is a member of the group (false when it does not exist).
-    async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool>;
-
-    /// Several groups at once (one round trip where the engine can).
+    /// Several groups at once, in order (one round trip where the engine can).
     async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Group>>> {
         let mut out = Vec::with_capacity(conversations.len());
         for c in conversations {
@@ -169,6 +216,9 @@ pub trait Engine: Send + Sync + 'static {
         }
         Ok(out)
     }
+
+    /// Whether `user` is a member of the group (false when it does not exist).
+    async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool>;
 
     /// Creates or replaces a group (title and the whole member list).
     async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange>;
@@ -181,20 +231,30 @@ pub trait Engine: Send + Sync + 'static {
         remove: Vec<String>,
     ) -> EngineResult<Option<MembershipChange>>;
 
-    /// Group conversations the user belongs to and direct conversations of the
-    /// user that hold a message.
-    async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>>;
-
-    /// `last_seq`, `read_seq` and unread count of `user` in each conversation.
-    async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>>;
-
-    /// Records that `user` belongs to the open conversation; returns its
-    /// number of known members.
+    /// Records that `user` belongs to the open conversation (idempotent);
+    /// returns its number of known members.
     async fn join_open(&self, conversation: &str, user: &str) -> EngineResult<usize>;
 
-    /// Known members of an open conversation.
+    /// Known members of an open conversation, sorted.
     async fn open_members(&self, conversation: &str) -> EngineResult<Vec<String>>;
 
+    /// Members of a group, or known members of an open conversation.
+    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize>;
+}
+
+/// Fan-out of events to the local connections of every node.
+///
+/// # Contract
+/// - [`publish`](Broker::publish) hands the event to the [`Hub`](crate::hub::Hub)
+///   of every node subscribed to one of the route's topics. It is best
+///   effort: a node that missed events re-sends stored messages or tells its
+///   clients to `sync`.
+/// - Once [`subscribe`](Broker::subscribe) returns, every event published
+///   afterwards to those topics reaches this node.
+/// - [`topics_changed`](Broker::topics_changed) never drops a topic the hub
+///   still wants; it may keep an unwanted one for a while.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
     /// Publishes an event to every node.
     async fn publish(&self, route: &Route, event: Event) -> EngineResult<()>;
 
@@ -206,20 +266,6 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether a typing event of `user` in `conversation` may go out now:
-    /// at most one per `every` across the cluster. The node checks its own
-    /// throttle first; an engine with one node has nothing to add.
-    async fn typing_gate(&self, _user: &str, _conversation: &str, _every: std::time::Duration) -> EngineResult<bool> {
-        Ok(true)
-    }
-
-    /// Members of a group, or known members of an open conversation.
-    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize>;
-
-    /// Open connections of `user` on every node (this node's for an engine
-    /// that has one node).
-    async fn connection_count(&self, user: &str) -> EngineResult<usize>;
-
     /// Makes sure this node receives `topics` (the hub already wants them);
     /// returns once the subscription is active.
     async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()>;
@@ -227,6 +273,32 @@ pub trait Engine: Send + Sync + 'static {
     /// The hub dropped interest in some topics; unsubscribe lazily.
     fn topics_changed(&self);
 
+    /// Whether a typing event of `user` in `conversation` may go out now:
+    /// at most one per `every` across the cluster. The node checks its own
+    /// throttle first; an engine with one node has nothing to add.
+    async fn typing_gate(&self, _user: &str, _conversation: &str, _every: std::time::Duration) -> EngineResult<bool> {
+        Ok(true)
+    }
+}
+
+/// Who is online: open connections per user, counted per node.
+///
+/// # Contract
+/// - [`presence_up`](Presence::presence_up) is true exactly when the user
+///   went from no connection on any node to one;
+///   [`presence_down`](Presence::presence_down) exactly when the last one
+///   closed. The node calls `down` once per `up`, never without one.
+/// - [`online`](Presence::online) answers sorted; with a list, only users of
+///   it.
+/// - [`online`](Presence::online) and
+///   [`connection_count`](Presence::connection_count) count the nodes that
+///   hold a live lease: a node takes it in [`Engine::maintain`], which the
+///   app runs at start and then every
+///   [`maintenance_interval`](Engine::maintenance_interval). A node that stops
+///   answering loses its users when its lease expires (`maintain` on the
+///   other nodes reports them).
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
     /// A connection of `user` opened on this node. Returns true when the user
     /// went from offline to online (on any node).
     async fn presence_up(&self, user: &str) -> EngineResult<bool>;
@@ -237,6 +309,22 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Which of `users` are online; every online user when `None`.
     async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>>;
+
+    /// Open connections of `user` on every node (this node's for an engine
+    /// that has one node).
+    async fn connection_count(&self, user: &str) -> EngineResult<usize>;
+}
+
+/// A whole engine: the four concerns plus its lifecycle. Used as
+/// `Arc<dyn Engine>`; the methods of the four traits are called on it with
+/// those traits in scope.
+#[async_trait]
+pub trait Engine: MessageStore + Groups + Broker + Presence {
+    /// `memory` or `valkey`, for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Whether storage answers (for /readyz).
+    async fn ready(&self) -> bool;
 
     /// Periodic upkeep (node leases, expired nodes). Returns users who went
     /// offline everywhere because their node stopped answering.

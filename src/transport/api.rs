@@ -121,7 +121,7 @@ pub async fn put_conversation(
     }
     let title = req.title.unwrap_or_else(|| id.to_string());
     check_title(&title)?;
-    let change = node.engine.put_group(id, &title, req.members).await?;
+    let change = node.put_group(id, &title, req.members).await?;
     tracing::info!(conversation = id, added = change.added.len(), removed = change.removed.len(), "conversation put");
     node.announce_membership(&change).await?;
     Ok(Json(change.conversation).into_response())
@@ -148,7 +148,7 @@ pub async fn post_members(
     if req.add.len() + req.remove.len() > MAX_MEMBERS {
         return Err(ChatError::too_large(format!("at most {MAX_MEMBERS} changes")));
     }
-    let Some(change) = node.engine.update_group(id, req.add, req.remove).await? else {
+    let Some(change) = node.update_group(id, req.add, req.remove).await? else {
         return Err(ChatError::not_found(format!("no conversation '{id}'")));
     };
     tracing::info!(conversation = id, added = change.added.len(), removed = change.removed.len(), "members changed");
@@ -166,7 +166,7 @@ pub async fn get_conversation(State(node): State<Arc<Node>>, Path(id): Path<Stri
 
 /// 404 for a group that does not exist (direct and open ones always exist).
 async fn must_exist(node: &Node, id: &str) -> Result<(), ChatError> {
-    if node.classify(id)? == Kind::Group && node.engine.group(id).await?.is_none() {
+    if node.classify(id)? == Kind::Group && !node.group_exists(id).await? {
         return Err(ChatError::not_found(format!("no conversation '{id}'")));
     }
     Ok(())
@@ -227,7 +227,7 @@ pub async fn get_messages(
         (None, Some(b)) => Page::Before(Some(b), limit),
         (after, None) => Page::After(after.unwrap_or(0), limit),
     };
-    let page = node.engine.history(&id, page).await?;
+    let page = node.history_page(&id, page).await?;
     let messages: Vec<_> = page.messages.iter().map(|m| message_frame(&id, m)).collect();
     Ok(Json(json!({"messages": messages, "has_more": page.has_more})).into_response())
 }

@@ -21,10 +21,10 @@ pub async fn readyz(State(node): State<Arc<Node>>) -> Response {
     if node.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response();
     }
-    if !node.engine.ready().await {
+    if !node.engine_ready().await {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "storage unavailable"}))).into_response();
     }
-    Json(json!({"status": "ready", "engine": node.engine.name(), "node": node.node_id})).into_response()
+    Json(json!({"status": "ready", "engine": node.engine_name(), "node": node.node_id})).into_response()
 }
 
 pub async fn metrics() -> Response {

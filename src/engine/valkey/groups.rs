@@ -1,0 +1,152 @@
+//! Group membership (`group.lua`, atomic per group), the per-user
+//! conversation index, and known members of open conversations.
+
+use async_trait::async_trait;
+use fred::prelude::*;
+
+use super::{ValkeyEngine, errors::err};
+use crate::{
+    engine::{Group, Groups, MembershipChange},
+    error::{EngineError, EngineResult},
+    protocol::ConversationObject,
+};
+
+#[async_trait]
+impl Groups for ValkeyEngine {
+    async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
+        Ok(self.groups(&[conversation.to_string()]).await?.pop().flatten())
+    }
+
+    async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Group>>> {
+        if conversations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = &self.inner.keys;
+        let pipe = self.inner.pool.next().pipeline();
+        for c in conversations {
+            let _: () = pipe.hmget(k.conv(c, "meta"), vec!["group", "title"]).await.map_err(err)?;
+            let _: () = pipe.smembers(k.conv(c, "mem")).await.map_err(err)?;
+        }
+        let replies: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
+        let mut out = Vec::with_capacity(conversations.len());
+        for pair in replies.chunks(2) {
+            let meta: Vec<Option<String>> = pair[0].clone().convert().map_err(err)?;
+            if meta.first().cloned().flatten().as_deref() != Some("1") {
+                out.push(None);
+                continue;
+            }
+            let mut members: Vec<String> = pair[1].clone().convert().map_err(err)?;
+            members.sort();
+            out.push(Some(Group { title: meta.get(1).cloned().flatten().unwrap_or_default(), members }));
+        }
+        Ok(out)
+    }
+
+    async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool> {
+        self.inner.pool.next().sismember(self.inner.keys.conv(conversation, "mem"), user).await.map_err(err)
+    }
+
+    async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange> {
+        // Members are indexed before they join and unindexed after they
+        // leave, so a crash in between leaves an index entry that welcome
+        // filters out, never a membership without its index entry.
+        self.index(conversation, &members, true).await?;
+        let mut args = vec!["put".to_string(), title.to_string()];
+        args.extend(members);
+        let change = self.run_group(conversation, args).await?.expect("put always returns a group");
+        self.index(conversation, &change.removed, false).await?;
+        Ok(change)
+    }
+
+    async fn update_group(
+        &self,
+        conversation: &str,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> EngineResult<Option<MembershipChange>> {
+        self.index(conversation, &add, true).await?;
+        let mut args = vec!["update".to_string(), add.len().to_string()];
+        args.extend(add.iter().cloned());
+        args.extend(remove);
+        let Some(change) = self.run_group(conversation, args).await? else {
+            // No such group: undo the optimistic index entries.
+            self.index(conversation, &add, false).await?;
+            return Ok(None);
+        };
+        self.index(conversation, &change.removed, false).await?;
+        Ok(Some(change))
+    }
+
+    async fn join_open(&self, conversation: &str, user: &str) -> EngineResult<usize> {
+        let key = self.inner.keys.conv(conversation, "open");
+        let pipe = self.inner.pool.next().pipeline();
+        let _: () = pipe.sadd(&key, user).await.map_err(err)?;
+        let _: () = pipe.scard(&key).await.map_err(err)?;
+        let r: (i64, usize) = pipe.all().await.map_err(err)?;
+        Ok(r.1)
+    }
+
+    async fn open_members(&self, conversation: &str) -> EngineResult<Vec<String>> {
+        let mut v: Vec<String> =
+            self.inner.pool.next().smembers(self.inner.keys.conv(conversation, "open")).await.map_err(err)?;
+        v.sort();
+        Ok(v)
+    }
+
+    async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize> {
+        let key = self.inner.keys.conv(conversation, if open { "open" } else { "mem" });
+        self.inner.pool.next().scard(key).await.map_err(err)
+    }
+}
+
+impl ValkeyEngine {
+    /// Runs `group.lua` on a conversation; `None` when an update names no group.
+    async fn run_group(&self, conversation: &str, args: Vec<String>) -> EngineResult<Option<MembershipChange>> {
+        let k = &self.inner.keys;
+        let keys = vec![k.conv(conversation, "mem"), k.conv(conversation, "meta")];
+        let r = self.inner.scripts.group.run(&self.inner.pool, keys, args).await?;
+        membership_change(conversation, r)
+    }
+
+    pub(super) async fn index(&self, conversation: &str, users: &[String], add: bool) -> EngineResult<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let pipe = self.inner.pool.next().pipeline();
+        for u in users {
+            let key = self.inner.keys.user_convs(u);
+            if add {
+                let _: () = pipe.sadd(key, conversation).await.map_err(err)?;
+            } else {
+                let _: () = pipe.srem(key, conversation).await.map_err(err)?;
+            }
+        }
+        let _: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
+        Ok(())
+    }
+}
+
+fn membership_change(conversation: &str, r: fred::types::Value) -> EngineResult<Option<MembershipChange>> {
+    let parts: Vec<fred::types::Value> = r.convert().map_err(err)?;
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let [title, last, added, removed, members]: [fred::types::Value; 5] =
+        parts.try_into().map_err(|_| EngineError::Internal("group script returned a wrong shape".into()))?;
+    let mut added: Vec<String> = added.convert().map_err(err)?;
+    let mut removed: Vec<String> = removed.convert().map_err(err)?;
+    let mut members: Vec<String> = members.convert().map_err(err)?;
+    added.sort();
+    removed.sort();
+    members.sort();
+    Ok(Some(MembershipChange {
+        conversation: ConversationObject {
+            id: conversation.to_string(),
+            title: title.convert().map_err(err)?,
+            members,
+            last_seq: last.convert().map_err(err)?,
+        },
+        added,
+        removed,
+    }))
+}

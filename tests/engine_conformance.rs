@@ -1,0 +1,577 @@
+//! The engine contracts (`src/engine/mod.rs`: `MessageStore`, `Groups`,
+//! `Broker`, `Presence`), run in process on both engines: every contract is
+//! an `async fn(Arc<dyn Engine>, Arc<Hub>)`, and [`conformance!`] makes one
+//! test of it per engine. No WebSocket and no server process: the engine is
+//! built as the app builds it ([`app::engine`]) and observed through a
+//! [`Hub`] with registered connections, as sessions are.
+//!
+//! The Valkey tests start their own `valkey-server` (or `redis-server`, see
+//! `tests/common/valkey.rs`) each, and give each engine its own key prefix
+//! too, so two engines never share keys even on a shared server.
+
+#[allow(dead_code)]
+#[path = "common/valkey.rs"]
+mod valkey_server;
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use crm_chat::{
+    app,
+    config::{Config, Secret},
+    engine::{Engine, Group, MembershipChange, NewMessage, Page, ReceiptOutcome, ReceiptRow, Route},
+    hub::{Conn, Event, EventKind, Hub, Topic},
+    ids,
+    node::message_frame,
+    protocol::{self, ConversationObject, Text, UserRef},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// How long a published event may take to arrive (Valkey pub/sub).
+const ARRIVAL: Duration = Duration::from_secs(5);
+
+// ---- harness ----
+
+fn config() -> Config {
+    let mut cfg = Config::default();
+    // Contracts append in bursts; the send bucket is not under test here.
+    cfg.limits.send_per_s = 1000.0;
+    cfg.limits.send_burst = 1000;
+    cfg.server.node_id = Some("conformance".into());
+    cfg
+}
+
+/// Runs a contract on the embedded engine.
+async fn on_memory<F, Fut>(contract: F)
+where
+    F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let hub = Hub::new();
+    let engine = app::engine(&config(), hub.clone()).await.expect("embedded engine");
+    assert_eq!(engine.name(), "memory");
+    contract(engine, hub).await;
+}
+
+/// Runs a contract on the Valkey engine, against a server of its own.
+async fn on_valkey<F, Fut>(contract: F)
+where
+    F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let server = valkey_server::Valkey::start().await;
+    let mut cfg = config();
+    cfg.valkey.url = Some(Secret::new(server.url()));
+    cfg.valkey.pool_size = 2;
+    cfg.valkey.key_prefix = format!("conf{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let hub = Hub::new();
+    let engine = app::engine(&cfg, hub.clone()).await.expect("valkey engine");
+    assert_eq!(engine.name(), "valkey");
+    assert!(engine.ready().await, "valkey engine ready");
+    // What the app does at start: the node's presence lease.
+    engine.maintain().await.expect("first maintenance");
+    contract(engine.clone(), hub).await;
+    engine.shutdown().await;
+    drop(server);
+}
+
+/// One test per contract and engine: `memory::<contract>` and `valkey::<contract>`.
+macro_rules! conformance {
+    ($($contract:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $contract() {
+                    super::on_memory(super::$contract).await
+                }
+            )*
+        }
+        mod valkey {
+            $(
+                #[tokio::test]
+                async fn $contract() {
+                    super::on_valkey(super::$contract).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    append_assigns_gap_free_seqs,
+    repeat_returns_first_seq_and_publishes_nothing,
+    published_message_is_the_stored_frame,
+    require_member_refuses_non_members,
+    history_pages_before_and_after,
+    epoch_is_present_and_stable,
+    receipts_are_range_checked_and_monotonic,
+    counters_count_unread_messages_of_others,
+    user_conversations_lists_groups_and_direct_with_messages,
+    put_and_update_group_report_changes,
+    groups_answer_in_order,
+    open_conversations_count_known_members,
+    publish_reaches_subscribed_local_connections,
+    presence_counts_connections,
+);
+
+/// A local connection as a session would hold it.
+struct Client {
+    conn: Arc<Conn>,
+    rx: mpsc::Receiver<Text>,
+}
+
+static NEXT_CONN: AtomicUsize = AtomicUsize::new(1);
+
+impl Client {
+    /// Registers a connection of `user` and subscribes it to `convs`, on the
+    /// hub and then on the engine (what `Node::open_session` does).
+    async fn join(e: &Arc<dyn Engine>, hub: &Hub, user: &str, convs: &[&str]) -> Client {
+        let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed) as u64;
+        let (conn, rx) = Conn::new(id, user.into(), 1024, 1 << 24);
+        hub.register(&conn);
+        hub.subscribe(&conn, convs.iter().map(|c| Arc::from(*c)));
+        let mut topics = vec![Topic::User(user.into())];
+        topics.extend(convs.iter().map(|c| Topic::Conv((*c).into())));
+        e.subscribe(&topics).await.expect("subscribe");
+        Client { conn, rx }
+    }
+
+    /// The next frame, as text.
+    async fn next_text(&mut self) -> String {
+        let t = tokio::time::timeout(ARRIVAL, self.rx.recv())
+            .await
+            .expect("a frame within the arrival time")
+            .expect("connection open");
+        self.conn.taken(t.len());
+        t.as_str().to_string()
+    }
+
+    async fn next(&mut self) -> Value {
+        serde_json::from_str(&self.next_text().await).expect("frames are JSON")
+    }
+
+    /// Nothing is queued right now.
+    fn idle(&mut self) -> bool {
+        self.rx.try_recv().is_err()
+    }
+}
+
+fn conv_route(conv: &str) -> Route {
+    vec![Topic::Conv(conv.into())]
+}
+
+fn new_message(conv: &str, sender: &str, client_msg_id: &str, body: &str) -> NewMessage {
+    NewMessage {
+        conversation: conv.into(),
+        sender: UserRef { id: sender.into(), name: format!("{sender} (name)") },
+        body: body.into(),
+        client_msg_id: client_msg_id.into(),
+        ts_ms: protocol::now_ms(),
+        participants: None,
+        require_member: false,
+    }
+}
+
+/// Appends to an open-style conversation and returns the seq.
+async fn send(e: &Arc<dyn Engine>, conv: &str, sender: &str, client_msg_id: &str) -> u64 {
+    let a = e
+        .append(new_message(conv, sender, client_msg_id, &format!("body of {client_msg_id}")), &conv_route(conv))
+        .await
+        .expect("append")
+        .expect("stored");
+    assert!(!a.duplicate);
+    a.seq
+}
+
+async fn send_direct(e: &Arc<dyn Engine>, a: &str, b: &str, sender: &str, client_msg_id: &str) -> u64 {
+    let conv = ids::dm_id(a, b);
+    let mut m = new_message(&conv, sender, client_msg_id, "direct");
+    m.participants = Some([a.to_string(), b.to_string()]);
+    let route = vec![Topic::User(a.into()), Topic::User(b.into())];
+    e.append(m, &route).await.expect("append").expect("stored").seq
+}
+
+fn users(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn seqs(page: &crm_chat::engine::MessagePage) -> Vec<u64> {
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+fn typing(n: u32) -> Event {
+    Event::new(EventKind::Typing, Text::from(json!({"type": "typing", "n": n}).to_string()))
+}
+
+// ---- MessageStore ----
+
+async fn append_assigns_gap_free_seqs(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    assert_eq!(e.last_seq("general").await.unwrap(), 0, "a conversation never written");
+    for expected in 1..=5 {
+        assert_eq!(send(&e, "general", "alice", &format!("m{expected}")).await, expected);
+    }
+    assert_eq!(e.last_seq("general").await.unwrap(), 5);
+    // Seqs are per conversation.
+    assert_eq!(send(&e, "other", "alice", "m1").await, 1);
+    assert_eq!(e.last_seq("other").await.unwrap(), 1);
+    assert_eq!(e.last_seq("general").await.unwrap(), 5);
+}
+
+async fn repeat_returns_first_seq_and_publishes_nothing(e: Arc<dyn Engine>, hub: Arc<Hub>) {
+    let mut bob = Client::join(&e, &hub, "bob", &["general"]).await;
+    let first = e.append(new_message("general", "alice", "same", "first"), &conv_route("general")).await;
+    let first = first.unwrap().unwrap();
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    assert_eq!(bob.next().await["seq"], 1);
+
+    // Same sender and client_msg_id, another body: the first seq, not stored again.
+    let again = e.append(new_message("general", "alice", "same", "second"), &conv_route("general")).await;
+    let again = again.unwrap().unwrap();
+    assert_eq!((again.seq, again.ts_ms, again.duplicate), (1, first.ts_ms, true));
+    assert_eq!(e.last_seq("general").await.unwrap(), 1);
+    let page = e.history("general", Page::After(0, 10)).await.unwrap();
+    assert_eq!(&*page.messages[0].body, "first");
+
+    // Another sender may use the same client_msg_id.
+    assert_eq!(send(&e, "general", "carol", "same").await, 2);
+    // The repeat published nothing: the next frame is seq 2 (pub/sub keeps
+    // a channel's order, so a published repeat would have come first).
+    assert_eq!(bob.next().await["seq"], 2);
+    assert!(bob.idle());
+}
+
+async fn published_message_is_the_stored_frame(e: Arc<dyn Engine>, hub: Arc<Hub>) {
+    let mut bob = Client::join(&e, &hub, "bob", &["deal"]).await;
+    let bodies = ["plain", "quotes \" and \\ backslash", "ctl \u{0}\u{1f}\t\n", "émoji 🎉👩‍👩‍👧 日本語"];
+    for (i, body) in bodies.iter().enumerate() {
+        let mut m = new_message("deal", "zoë", &format!("id-\"{i}\"-🎉"), body);
+        m.sender.name = "Zoë \"Z\" \\ 🎉".into();
+        e.append(m, &conv_route("deal")).await.unwrap().unwrap();
+    }
+    let page = e.history("deal", Page::After(0, 10)).await.unwrap();
+    assert_eq!(seqs(&page), vec![1, 2, 3, 4]);
+    for (stored, body) in page.messages.iter().zip(bodies) {
+        assert_eq!(&*stored.body, body);
+        assert_eq!(&*stored.sender_name, "Zoë \"Z\" \\ 🎉");
+        // Live frames are, byte for byte, the protocol's rendering of what
+        // history returns, in seq order.
+        let live = bob.next_text().await;
+        assert_eq!(live, protocol::render(&message_frame("deal", stored)).as_str());
+    }
+}
+
+async fn require_member_refuses_non_members(e: Arc<dyn Engine>, hub: Arc<Hub>) {
+    let mut alice = Client::join(&e, &hub, "alice", &["team"]).await;
+    let member_send = |sender: &str, cmid: &str| {
+        let mut m = new_message("team", sender, cmid, "hi");
+        m.require_member = true;
+        m
+    };
+    // No such group: nothing is created.
+    assert!(e.append(member_send("alice", "a0"), &conv_route("team")).await.unwrap().is_none());
+    assert_eq!(e.last_seq("team").await.unwrap(), 0);
+
+    e.put_group("team", "Team", users(&["alice", "bob"])).await.unwrap();
+    assert!(e.append(member_send("carol", "c1"), &conv_route("team")).await.unwrap().is_none());
+    assert_eq!(e.last_seq("team").await.unwrap(), 0, "a refused send stores nothing");
+    let a = e.append(member_send("alice", "a1"), &conv_route("team")).await.unwrap().unwrap();
+    assert_eq!(a.seq, 1);
+    // The refused send published nothing either.
+    let f = alice.next().await;
+    assert_eq!((f["seq"].as_u64(), f["sender"]["id"].as_str()), (Some(1), Some("alice")));
+
+    // Removed: refused from then on.
+    e.update_group("team", vec![], users(&["alice"])).await.unwrap().unwrap();
+    assert!(e.append(member_send("alice", "a2"), &conv_route("team")).await.unwrap().is_none());
+    assert_eq!(e.last_seq("team").await.unwrap(), 1);
+}
+
+async fn history_pages_before_and_after(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    let empty = e.history("general", Page::Before(None, 10)).await.unwrap();
+    assert!(empty.messages.is_empty() && !empty.has_more);
+    for i in 1..=5 {
+        send(&e, "general", if i % 2 == 0 { "bob" } else { "alice" }, &format!("m{i}")).await;
+    }
+    let page = |p| {
+        let e = e.clone();
+        async move {
+            let got = e.history("general", p).await.unwrap();
+            (seqs(&got), got.has_more)
+        }
+    };
+    // Newest first pages (ascending within a page).
+    assert_eq!(page(Page::Before(None, 2)).await, (vec![4, 5], true));
+    assert_eq!(page(Page::Before(Some(4), 2)).await, (vec![2, 3], true));
+    assert_eq!(page(Page::Before(Some(2), 2)).await, (vec![1], false));
+    assert_eq!(page(Page::Before(Some(1), 2)).await, (vec![], false));
+    assert_eq!(page(Page::Before(None, 5)).await, (vec![1, 2, 3, 4, 5], false));
+    assert_eq!(page(Page::Before(Some(99), 10)).await, (vec![1, 2, 3, 4, 5], false));
+    // Forward pages.
+    assert_eq!(page(Page::After(0, 2)).await, (vec![1, 2], true));
+    assert_eq!(page(Page::After(2, 2)).await, (vec![3, 4], true));
+    assert_eq!(page(Page::After(3, 2)).await, (vec![4, 5], false));
+    assert_eq!(page(Page::After(5, 2)).await, (vec![], false));
+    assert_eq!(page(Page::After(0, 10)).await, (vec![1, 2, 3, 4, 5], false));
+
+    let all = e.history("general", Page::After(0, 10)).await.unwrap();
+    let m = &all.messages[1];
+    assert_eq!(
+        (&*m.sender_id, &*m.sender_name, &*m.body, &*m.client_msg_id),
+        ("bob", "bob (name)", "body of m2", "m2")
+    );
+    assert!(m.ts_ms > 0);
+}
+
+async fn epoch_is_present_and_stable(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    send(&e, "general", "alice", "m1").await;
+    let first = e.history("general", Page::After(0, 10)).await.unwrap().epoch;
+    assert_eq!(first.len(), 16, "16 hex digits: {first:?}");
+    assert!(first.chars().all(|c| c.is_ascii_hexdigit()));
+    send(&e, "general", "bob", "m2").await;
+    for page in [Page::Before(None, 1), Page::After(1, 1), Page::After(0, 10)] {
+        assert_eq!(e.history("general", page).await.unwrap().epoch, first);
+    }
+    let counters = e.counters("alice", &["general".to_string()]).await.unwrap();
+    assert_eq!(counters[0].epoch, first, "welcome and history agree");
+}
+
+async fn receipts_are_range_checked_and_monotonic(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    assert_eq!(e.set_receipt("general", "bob", 1, false).await.unwrap(), ReceiptOutcome::OutOfRange { last_seq: 0 });
+    assert!(e.receipts("general").await.unwrap().is_empty());
+    for i in 1..=3 {
+        send(&e, "general", "alice", &format!("m{i}")).await;
+    }
+    let row = |user: &str, d, r| ReceiptRow { user: user.into(), delivered_seq: d, read_seq: r };
+    let set = |user: &'static str, seq: i64, read: bool| {
+        let e = e.clone();
+        async move { e.set_receipt("general", user, seq, read).await.unwrap() }
+    };
+    assert_eq!(set("bob", 0, false).await, ReceiptOutcome::OutOfRange { last_seq: 3 });
+    assert_eq!(set("bob", -1, true).await, ReceiptOutcome::OutOfRange { last_seq: 3 });
+    assert_eq!(set("bob", 4, true).await, ReceiptOutcome::OutOfRange { last_seq: 3 });
+    assert_eq!(set("bob", 2, false).await, ReceiptOutcome::Changed(row("bob", 2, 0)));
+    assert_eq!(set("bob", 2, false).await, ReceiptOutcome::Unchanged);
+    assert_eq!(set("bob", 1, false).await, ReceiptOutcome::Unchanged, "marks only rise");
+    assert_eq!(set("bob", 1, true).await, ReceiptOutcome::Changed(row("bob", 2, 1)));
+    assert_eq!(set("bob", 3, true).await, ReceiptOutcome::Changed(row("bob", 3, 3)), "read implies delivered");
+    assert_eq!(set("bob", 2, true).await, ReceiptOutcome::Unchanged);
+    assert_eq!(set("carol", 1, false).await, ReceiptOutcome::Changed(row("carol", 1, 0)));
+    assert_eq!(set("abe", 3, true).await, ReceiptOutcome::Changed(row("abe", 3, 3)));
+    assert_eq!(e.receipts("general").await.unwrap(), vec![row("abe", 3, 3), row("bob", 3, 3), row("carol", 1, 0)]);
+}
+
+async fn counters_count_unread_messages_of_others(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    for (i, sender) in ["alice", "bob", "bob", "alice", "bob"].iter().enumerate() {
+        send(&e, "general", sender, &format!("m{i}")).await;
+    }
+    let ids = ["general".to_string(), "nothing-here".to_string()];
+    let c = e.counters("alice", &ids).await.unwrap();
+    assert_eq!(c.len(), 2);
+    assert_eq!((c[0].last_seq, c[0].read_seq, c[0].unread), (5, 0, 3), "bob's 2, 3 and 5");
+    assert_eq!((c[1].last_seq, c[1].read_seq, c[1].unread), (0, 0, 0));
+    e.set_receipt("general", "alice", 3, true).await.unwrap();
+    let c = e.counters("alice", &ids[..1]).await.unwrap();
+    assert_eq!((c[0].last_seq, c[0].read_seq, c[0].unread), (5, 3, 1), "bob's 5");
+    // Delivered is not read.
+    e.set_receipt("general", "bob", 5, false).await.unwrap();
+    let c = e.counters("bob", &ids[..1]).await.unwrap();
+    assert_eq!((c[0].read_seq, c[0].unread), (0, 2), "alice's 1 and 4");
+    assert!(e.counters("alice", &[]).await.unwrap().is_empty());
+}
+
+async fn user_conversations_lists_groups_and_direct_with_messages(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    assert!(e.user_conversations("alice").await.unwrap().is_empty());
+    e.put_group("team", "Team", users(&["alice", "bob"])).await.unwrap();
+    e.put_group("board", "Board", users(&["alice"])).await.unwrap();
+    send_direct(&e, "alice", "carol", "carol", "d1").await;
+    // Open conversations are not listed (the node lists them from config).
+    e.join_open("general", "alice").await.unwrap();
+    send(&e, "general", "alice", "g1").await;
+    let dm = ids::dm_id("alice", "carol");
+    let mut want = vec!["board".to_string(), "team".to_string(), dm.clone()];
+    want.sort();
+    assert_eq!(e.user_conversations("alice").await.unwrap(), want);
+    assert_eq!(e.user_conversations("carol").await.unwrap(), vec![dm.clone()]);
+    assert_eq!(e.user_conversations("bob").await.unwrap(), vec!["team".to_string()]);
+    // Removal unlists the group.
+    e.update_group("team", vec![], users(&["alice"])).await.unwrap();
+    let mut want = vec!["board".to_string(), dm];
+    want.sort();
+    assert_eq!(e.user_conversations("alice").await.unwrap(), want);
+}
+
+async fn put_and_update_group_report_changes(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    assert!(!e.is_member("team", "alice").await.unwrap(), "no group, no members");
+    assert_eq!(e.update_group("team", users(&["alice"]), vec![]).await.unwrap(), None, "update needs a group");
+    assert!(e.group("team").await.unwrap().is_none(), "a refused update creates nothing");
+
+    let object = |members: &[&str], last_seq| ConversationObject {
+        id: "team".into(),
+        title: "Team".into(),
+        members: users(members),
+        last_seq,
+    };
+    let change = |members: &[&str], last_seq, added: &[&str], removed: &[&str]| MembershipChange {
+        conversation: object(members, last_seq),
+        added: users(added),
+        removed: users(removed),
+    };
+    // Duplicates and order do not matter: members are sorted and unique.
+    let c = e.put_group("team", "Team", users(&["bob", "alice", "bob"])).await.unwrap();
+    assert_eq!(c, change(&["alice", "bob"], 0, &["alice", "bob"], &[]));
+    assert!(e.is_member("team", "alice").await.unwrap());
+    assert!(!e.is_member("team", "carol").await.unwrap());
+
+    let mut m = new_message("team", "alice", "t1", "hi");
+    m.require_member = true;
+    e.append(m, &conv_route("team")).await.unwrap().unwrap();
+
+    // Replace: against the members just before.
+    let c = e.put_group("team", "Team", users(&["carol", "bob"])).await.unwrap();
+    assert_eq!(c, change(&["bob", "carol"], 1, &["carol"], &["alice"]));
+    assert!(!e.is_member("team", "alice").await.unwrap());
+
+    // Update: only real changes are reported; a removal of a non-member
+    // and an addition of a member are none, nor is a remove-and-add.
+    let c = e.update_group("team", users(&["dave", "bob", "carol"]), users(&["carol", "erin"])).await.unwrap();
+    assert_eq!(c, Some(change(&["bob", "carol", "dave"], 1, &["dave"], &[])));
+    let c = e.update_group("team", users(&["zed"]), users(&["bob", "dave"])).await.unwrap();
+    assert_eq!(c, Some(change(&["carol", "zed"], 1, &["zed"], &["bob", "dave"])));
+    assert_eq!(e.group("team").await.unwrap(), Some(Group { title: "Team".into(), members: users(&["carol", "zed"]) }));
+    assert_eq!(e.member_count("team", false).await.unwrap(), 2);
+
+    // A new title, and an empty group still exists.
+    let c = e.put_group("team", "Renamed", vec![]).await.unwrap();
+    assert_eq!((c.conversation.title.as_str(), c.removed, c.added), ("Renamed", users(&["carol", "zed"]), vec![]));
+    assert_eq!(e.group("team").await.unwrap(), Some(Group { title: "Renamed".into(), members: vec![] }));
+    assert!(e.update_group("team", vec![], vec![]).await.unwrap().is_some());
+}
+
+async fn groups_answer_in_order(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    e.put_group("a", "A", users(&["u2", "u1"])).await.unwrap();
+    e.put_group("c", "C", users(&["u3"])).await.unwrap();
+    // A conversation with messages but no group is no group.
+    send(&e, "b", "u1", "m1").await;
+    let ask = users(&["c", "b", "a", "missing", "a"]);
+    let got = e.groups(&ask).await.unwrap();
+    let a = Group { title: "A".into(), members: users(&["u1", "u2"]) };
+    let c = Group { title: "C".into(), members: users(&["u3"]) };
+    assert_eq!(got, vec![Some(c), None, Some(a.clone()), None, Some(a.clone())]);
+    assert_eq!(e.group("a").await.unwrap(), Some(a));
+    assert!(e.groups(&[]).await.unwrap().is_empty());
+}
+
+async fn open_conversations_count_known_members(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    assert!(e.open_members("general").await.unwrap().is_empty());
+    assert_eq!(e.member_count("general", true).await.unwrap(), 0);
+    assert_eq!(e.join_open("general", "bob").await.unwrap(), 1);
+    assert_eq!(e.join_open("general", "bob").await.unwrap(), 1, "joining again changes nothing");
+    assert_eq!(e.join_open("general", "alice").await.unwrap(), 2);
+    assert_eq!(e.join_open("random", "alice").await.unwrap(), 1);
+    assert_eq!(e.open_members("general").await.unwrap(), users(&["alice", "bob"]));
+    assert_eq!(e.member_count("general", true).await.unwrap(), 2);
+    assert_eq!(e.member_count("random", true).await.unwrap(), 1);
+    // Open members are not group members.
+    assert_eq!(e.member_count("general", false).await.unwrap(), 0);
+    assert!(!e.is_member("general", "bob").await.unwrap());
+    assert_eq!(e.member_count("nowhere", false).await.unwrap(), 0);
+}
+
+// ---- Broker ----
+
+async fn publish_reaches_subscribed_local_connections(e: Arc<dyn Engine>, hub: Arc<Hub>) {
+    let mut alice = Client::join(&e, &hub, "alice", &["general"]).await;
+    let mut bob = Client::join(&e, &hub, "bob", &["general"]).await;
+    let mut carol = Client::join(&e, &hub, "carol", &[]).await;
+
+    e.publish(&conv_route("general"), typing(1)).await.unwrap();
+    assert_eq!(alice.next().await["n"], 1);
+    assert_eq!(bob.next().await["n"], 1);
+
+    // A user topic reaches that user's connections only.
+    e.publish(&vec![Topic::User("carol".into())], typing(2)).await.unwrap();
+    assert_eq!(carol.next().await["n"], 2);
+
+    // An excluded user hears nothing; events of one topic keep their order.
+    e.publish(&conv_route("general"), typing(3).excluding("alice")).await.unwrap();
+    e.publish(&conv_route("general"), typing(4)).await.unwrap();
+    assert_eq!(bob.next().await["n"], 3);
+    assert_eq!(bob.next().await["n"], 4);
+    assert_eq!(alice.next().await["n"], 4);
+
+    // Several events, several routes, in order per topic.
+    let events = vec![
+        (conv_route("general"), typing(5)),
+        (vec![Topic::User("carol".into()), Topic::User("alice".into())], typing(6)),
+        (conv_route("general"), typing(7)),
+    ];
+    e.publish_all(events).await.unwrap();
+    assert_eq!(bob.next().await["n"], 5);
+    assert_eq!(bob.next().await["n"], 7);
+    assert_eq!(carol.next().await["n"], 6);
+    // alice follows both topics: all three, 5 before 7 (one topic's order).
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(alice.next().await["n"].as_u64().unwrap());
+    }
+    let at = |n| got.iter().position(|g| *g == n).expect("delivered");
+    assert!(at(5) < at(7) && at(6) < 3, "{got:?}");
+    e.publish_all(vec![]).await.unwrap();
+
+    // A topic nobody here follows reaches nobody here.
+    e.publish(&conv_route("elsewhere"), typing(8)).await.unwrap();
+    e.publish(&conv_route("general"), typing(9)).await.unwrap();
+    assert_eq!(bob.next().await["n"], 9);
+    assert_eq!(alice.next().await["n"], 9);
+    assert!(bob.idle() && carol.idle() && alice.idle());
+
+    // After unsubscribing locally, the engine may drop the channel, and the
+    // connection that left hears nothing more.
+    hub.unsubscribe(&bob.conn, &[Arc::from("general")]);
+    e.topics_changed();
+    e.publish(&conv_route("general"), typing(10)).await.unwrap();
+    e.publish(&vec![Topic::User("bob".into())], typing(11)).await.unwrap();
+    // Once alice has 10, its dispatch is over: bob was not among its recipients.
+    assert_eq!(alice.next().await["n"], 10);
+    assert_eq!(bob.next().await["n"], 11);
+    assert!(bob.idle());
+
+    // Typing gate: the first event of a user in a conversation may go out.
+    assert!(e.typing_gate("alice", "general", Duration::from_secs(1)).await.unwrap());
+}
+
+// ---- Presence ----
+
+async fn presence_counts_connections(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    assert!(e.online(None).await.unwrap().is_empty());
+    assert_eq!(e.connection_count("alice").await.unwrap(), 0);
+
+    assert!(e.presence_up("alice").await.unwrap(), "offline -> online");
+    assert!(!e.presence_up("alice").await.unwrap(), "a second connection");
+    assert!(e.presence_up("bob").await.unwrap());
+    assert_eq!(e.connection_count("alice").await.unwrap(), 2);
+    assert_eq!(e.connection_count("bob").await.unwrap(), 1);
+    assert_eq!(e.online(None).await.unwrap(), users(&["alice", "bob"]));
+    assert_eq!(e.online(Some(&users(&["carol", "bob"]))).await.unwrap(), users(&["bob"]));
+    assert!(e.online(Some(&[])).await.unwrap().is_empty());
+
+    assert!(!e.presence_down("alice").await.unwrap(), "one connection left");
+    assert_eq!(e.connection_count("alice").await.unwrap(), 1);
+    assert_eq!(e.online(Some(&users(&["alice"]))).await.unwrap(), users(&["alice"]));
+    assert!(e.presence_down("alice").await.unwrap(), "the last one closed");
+    assert_eq!(e.connection_count("alice").await.unwrap(), 0);
+    assert_eq!(e.online(None).await.unwrap(), users(&["bob"]));
+
+    // Online again after going offline.
+    assert!(e.presence_up("alice").await.unwrap());
+    assert!(e.presence_down("bob").await.unwrap());
+    assert_eq!(e.online(None).await.unwrap(), users(&["alice"]));
+}
