@@ -29,7 +29,7 @@ use crm_chat::{
     hub::{Conn, Event, EventKind, Hub, Topic},
     ids,
     node::message_frame,
-    protocol::{self, ConversationObject, Text, UserRef},
+    protocol::{self, ConversationObject, Outgoing, Text, UserRef},
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -125,7 +125,7 @@ conformance!(
 /// A local connection as a session would hold it.
 struct Client {
     conn: Arc<Conn>,
-    rx: mpsc::Receiver<Text>,
+    rx: mpsc::Receiver<Outgoing>,
 }
 
 static NEXT_CONN: AtomicUsize = AtomicUsize::new(1);
@@ -151,7 +151,7 @@ impl Client {
             .expect("a frame within the arrival time")
             .expect("connection open");
         self.conn.taken(t.len());
-        t.as_str().to_string()
+        t.to_text().to_string()
     }
 
     async fn next(&mut self) -> Value {
