@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     metrics,
     protocol::{
-        Outgoing, PresenceBatch, PresenceState, ReceiptBatch, ReceiptState, Text, close, render, render_cuttable,
+        Outgoing, PresenceBatch, PresenceState, ReceiptBatch, ReceiptState, ServerFrame, Text, close, kind, render,
+        render_cuttable,
     },
 };
 
@@ -61,12 +62,12 @@ pub enum EventKind {
 impl EventKind {
     pub fn frame_type(&self) -> &'static str {
         match self {
-            EventKind::Message => "message",
-            EventKind::Receipt => "receipt",
-            EventKind::Typing => "typing",
-            EventKind::Presence => "presence",
-            EventKind::Membership { .. } => "conversation",
-            EventKind::Disconnect => "error",
+            EventKind::Message => kind::MESSAGE,
+            EventKind::Receipt => kind::RECEIPT,
+            EventKind::Typing => kind::TYPING,
+            EventKind::Presence => kind::PRESENCE,
+            EventKind::Membership { .. } => kind::CONVERSATION,
+            EventKind::Disconnect => kind::ERROR,
         }
     }
 }
@@ -404,25 +405,25 @@ impl Hub {
                 None => continue,
             };
             if !b.receipts.is_empty() {
-                let frame = render(&ReceiptBatch {
-                    ty: "receipt",
+                let frame = render(&ServerFrame::ReceiptBatch(ReceiptBatch {
                     conversation: &conv,
                     receipts: b
                         .receipts
                         .iter()
                         .map(|(u, (d, r))| ReceiptState { user: u, delivered_seq: *d, read_seq: *r })
                         .collect(),
-                });
-                self.push_all(&conns, "receipt", |_| Some(frame.clone().into()));
+                }));
+                self.push_all(&conns, kind::RECEIPT, |_| Some(frame.clone().into()));
             }
             if !b.presence.is_empty() {
                 // One rendering for everyone; a connection whose user is in
                 // the batch gets it with that entry cut out (no copy).
                 let changes: Vec<PresenceState> =
                     b.presence.iter().map(|(u, online)| PresenceState { user: u, online: *online }).collect();
-                let empty = render(&PresenceBatch { ty: "presence", conversation: &conv, changes: Vec::new() });
+                let empty =
+                    render(&ServerFrame::PresenceBatch(PresenceBatch { conversation: &conv, changes: Vec::new() }));
                 let (all, cuts) = render_cuttable(empty, &changes);
-                self.push_all(&conns, "presence", |c| match changes.binary_search_by(|p| p.user.cmp(&*c.user)) {
+                self.push_all(&conns, kind::PRESENCE, |c| match changes.binary_search_by(|p| p.user.cmp(&*c.user)) {
                     Ok(_) if changes.len() == 1 => None,
                     Ok(i) => Some(Outgoing::cut(&all, cuts[i].clone())),
                     Err(_) => Some(all.clone().into()),
@@ -540,17 +541,20 @@ mod tests {
         }
         let topic = Topic::Conv("general".into());
         let presence = |user: &str, online: bool| {
-            let f = render(&crate::protocol::PresenceChange { ty: "presence", conversation: "general", user, online });
+            let f = render(&crate::protocol::ServerFrame::PresenceChange(crate::protocol::PresenceChange {
+                conversation: "general",
+                user,
+                online,
+            }));
             Event::new(EventKind::Presence, f).excluding(user).batched(true)
         };
         let receipt = |user: &str, d: u64, r: u64| {
-            let f = render(&crate::protocol::Receipt {
-                ty: "receipt",
+            let f = render(&crate::protocol::ServerFrame::Receipt(crate::protocol::Receipt {
                 conversation: "general",
                 user,
                 delivered_seq: d,
                 read_seq: r,
-            });
+            }));
             Event::new(EventKind::Receipt, f).batched(true)
         };
         for e in [presence("carol", true), presence("carol", false), presence("alice", true), presence("dave", true)] {

@@ -29,7 +29,7 @@ use crate::{
     metrics,
     protocol::{
         self, ConversationEntry, ConversationEvent, ConversationObject, HistoryPage, MessageFrame, PresenceChange,
-        PresenceReply, ReceiptState, SenderRef, Text, UserRef,
+        PresenceReply, ReceiptState, SenderRef, ServerFrame, Text, UserRef,
     },
 };
 
@@ -344,13 +344,12 @@ impl Node {
                 return Err(ChatError::bad_request(format!("seq must be between 1 and {last_seq}")));
             }
         };
-        let frame = protocol::render(&protocol::Receipt {
-            ty: "receipt",
+        let frame = protocol::render(&protocol::ServerFrame::Receipt(protocol::Receipt {
             conversation,
             user,
             delivered_seq: row.delivered_seq,
             read_seq: row.read_seq,
-        });
+        }));
         let batch = self.batched(kind, conversation).await?;
         self.engine.publish(&kind.route(conversation), Event::new(EventKind::Receipt, frame).batched(batch)).await?;
         Ok(())
@@ -365,11 +364,10 @@ impl Node {
         {
             return Ok(());
         }
-        let frame = protocol::render(&protocol::Typing {
-            ty: "typing",
+        let frame = protocol::render(&protocol::ServerFrame::Typing(protocol::Typing {
             conversation,
             user: SenderRef { id: &user.id, name: &user.name },
-        });
+        }));
         let route: Route = match kind {
             // Only the other participant's topic.
             Kind::Direct(a, b) => vec![Topic::User(if a == user.id { b } else { a }.into())],
@@ -429,8 +427,7 @@ impl Node {
             .iter()
             .map(|m| serde_json::to_string(&message_frame(conversation, m)).expect("message frames serialise"))
             .collect();
-        let head = protocol::render(&HistoryPage {
-            ty: "history",
+        let head = protocol::render(&ServerFrame::History(HistoryPage {
             id,
             conversation,
             epoch: &got.epoch,
@@ -438,7 +435,7 @@ impl Node {
             messages: Vec::new(),
             receipts: receipts.clone(),
             has_more: true,
-        });
+        }));
         // What the messages may take: the budget less the rest of the reply
         // and a comma per message. The newest page keeps its newest messages,
         // a forward page its oldest; one message always fits (validated).
@@ -465,8 +462,7 @@ impl Node {
             .iter()
             .map(|m| serde_json::value::RawValue::from_string(m.clone()).expect("rendered JSON is valid"))
             .collect::<Vec<_>>();
-        Ok(protocol::render(&HistoryPage {
-            ty: "history",
+        Ok(protocol::render(&ServerFrame::History(HistoryPage {
             id,
             conversation,
             epoch: &got.epoch,
@@ -474,7 +470,7 @@ impl Node {
             messages: messages.iter().map(|m| &**m).collect(),
             receipts,
             has_more: got.has_more || cut,
-        }))
+        })))
     }
 
     pub async fn presence(&self, user: &str, id: Option<&Value>, conversation: &str) -> Result<Text, ChatError> {
@@ -487,7 +483,7 @@ impl Node {
                 self.engine.online(Some(&members)).await?
             }
         };
-        Ok(protocol::render(&PresenceReply { ty: "presence", id, conversation, online: &online }))
+        Ok(protocol::render(&ServerFrame::PresenceReply(PresenceReply { id, conversation, online: &online })))
     }
 
     /// Conversation ids of a user: open ones first, then groups and direct
@@ -653,14 +649,16 @@ impl Node {
             if n > limit {
                 continue;
             }
-            let frame = protocol::render(&PresenceChange { ty: "presence", conversation: conv, user, online });
+            let frame =
+                protocol::render(&ServerFrame::PresenceChange(PresenceChange { conversation: conv, user, online }));
             let event =
                 Event::new(EventKind::Presence, frame).excluding(user).batched(n > self.cfg.limits.batch_members);
             events.push((vec![Topic::Conv(conv.clone())], event));
         }
         for other in dm_partners {
             let id = ids::dm_id(user, other);
-            let frame = protocol::render(&PresenceChange { ty: "presence", conversation: &id, user, online });
+            let frame =
+                protocol::render(&ServerFrame::PresenceChange(PresenceChange { conversation: &id, user, online }));
             events.push((vec![Topic::User(other.as_str().into())], Event::new(EventKind::Presence, frame)));
         }
         self.engine.publish_all(events).await?;
@@ -726,8 +724,10 @@ impl Node {
             if users.is_empty() {
                 continue;
             }
-            let frame =
-                protocol::render(&ConversationEvent { ty: "conversation", conversation: &change.conversation, member });
+            let frame = protocol::render(&ServerFrame::Conversation(ConversationEvent {
+                conversation: &change.conversation,
+                member,
+            }));
             for u in users {
                 let event = Event::new(EventKind::Membership { conversation: conv.clone(), member }, frame.clone());
                 self.engine.publish(&vec![Topic::User(u.as_str().into())], event).await?;
@@ -820,7 +820,6 @@ impl Node {
 
 pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMessage) -> MessageFrame<'a> {
     MessageFrame {
-        ty: "message",
         conversation,
         seq: m.seq,
         ts: m.ts_ms,

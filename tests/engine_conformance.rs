@@ -264,7 +264,7 @@ async fn published_message_is_the_stored_frame(e: Arc<dyn Engine>, hub: Arc<Hub>
         // Live frames are, byte for byte, the protocol's rendering of what
         // history returns, in seq order.
         let live = bob.next_text().await;
-        assert_eq!(live, protocol::render(&message_frame("deal", stored)).as_str());
+        assert_eq!(live, protocol::render(&protocol::ServerFrame::Message(message_frame("deal", stored))).as_str());
     }
 }
 

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     error::EngineResult,
     hub::{Event, EventKind, Hub, Topic, now_us},
-    protocol::{ConversationObject, MessageFrame, SenderRef, render},
+    protocol::{ConversationObject, MessageFrame, SenderRef, ServerFrame, render},
 };
 
 #[derive(Default)]
@@ -157,15 +157,14 @@ impl MessageStore for MemoryEngine {
                 body: msg.body.as_str().into(),
                 client_msg_id: cmid.clone(),
             };
-            let frame = render(&MessageFrame {
-                ty: "message",
+            let frame = render(&ServerFrame::Message(MessageFrame {
                 conversation: &msg.conversation,
                 seq,
                 ts: msg.ts_ms,
                 sender: SenderRef { id: &msg.sender.id, name: &msg.sender.name },
                 body: &msg.body,
                 client_msg_id: &msg.client_msg_id,
-            });
+            }));
             c.last_seq = seq;
             c.messages.push_back(stored);
             c.idempotency.insert((sender, cmid), seq);

@@ -47,7 +47,7 @@ use crate::{
     hub::Conn,
     metrics,
     node::Node,
-    protocol::{self, Ack, Command, Inbound, Outgoing, Refreshed, Text, UserRef, Welcome, close},
+    protocol::{self, Ack, Command, Inbound, Outgoing, Refreshed, ServerFrame, Text, UserRef, Welcome, close, kind},
 };
 use writer::Writer;
 
@@ -172,7 +172,7 @@ where
     let limits = &node.cfg.limits;
     if node.hub.user_connections(&user.id) >= limits.connections_per_user {
         let f = protocol::error(hello_id.as_ref(), &too_many_connections(limits.connections_per_user));
-        Box::pin(write_direct(&mut ws, f, "error", write_timeout)).await;
+        Box::pin(write_direct(&mut ws, f, kind::ERROR, write_timeout)).await;
         return Box::pin(finish(&mut ws, End::Close(close::POLICY), None, write_timeout)).await;
     }
     let (conn, mut rx) =
@@ -184,23 +184,23 @@ where
             Err(e) => {
                 node.close_session(&conn, false, &[]).await;
                 let code = if e.code == ErrorCode::Internal { close::INTERNAL } else { close::TRY_LATER };
-                Box::pin(write_direct(&mut ws, protocol::error(hello_id.as_ref(), &e), "error", write_timeout)).await;
+                Box::pin(write_direct(&mut ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout))
+                    .await;
                 return Box::pin(finish(&mut ws, End::Close(code), None, write_timeout)).await;
             }
         };
-        let welcome = protocol::render(&Welcome {
-            ty: "welcome",
+        let welcome = protocol::render(&ServerFrame::Welcome(Welcome {
             id: hello_id.as_ref(),
             user: &user,
             heartbeat_s: node.cfg.server.heartbeat_s,
             max_body_chars: node.cfg.limits.max_body_chars,
             exp: token.exp,
             conversations: &opened.entries,
-        });
+        }));
         metrics::connection_opened();
         tracing::debug!(conversations = opened.entries.len(), "connected");
         let mut out = Writer::default();
-        let end = if Box::pin(write_direct(&mut ws, welcome, "welcome", write_timeout)).await {
+        let end = if Box::pin(write_direct(&mut ws, welcome, kind::WELCOME, write_timeout)).await {
             if opened.came_online {
                 let convs = node.hub.subscriptions(&conn);
                 if let Err(e) = Box::pin(node.announce_presence(&user.id, true, &convs, &opened.dm_partners)).await {
@@ -301,7 +301,7 @@ where
         }
     };
     let f = protocol::error_code(id.as_ref(), ErrorCode::Unauthorized, &message);
-    write_direct(ws, f, "error", write_timeout).await;
+    write_direct(ws, f, kind::ERROR, write_timeout).await;
     Err(End::Close(close::UNAUTHORIZED))
 }
 
@@ -348,7 +348,7 @@ impl Session<'_> {
                     return End::Close(self.conn.closer.code().unwrap_or(close::NORMAL));
                 }
                 _ = &mut expiry => {
-                    self.reply("error", protocol::error_code(None, ErrorCode::Unauthorized, "token expired"));
+                    self.reply(kind::ERROR, protocol::error_code(None, ErrorCode::Unauthorized, "token expired"));
                     self.conn.closer.close(close::UNAUTHORIZED);
                     expiry.as_mut().reset(never());
                 }
@@ -402,7 +402,7 @@ impl Session<'_> {
                         Message::Binary(_) => {
                             metrics::frame_in("binary");
                             let f = protocol::error_code(None, ErrorCode::BadRequest, "binary frames are not accepted");
-                            self.reply("error", f);
+                            self.reply(kind::ERROR, f);
                             if self.strikes.bad_frame() {
                                 self.conn.closer.close(close::POLICY);
                             }
@@ -430,7 +430,7 @@ impl Session<'_> {
             Err(e) => {
                 metrics::frame_in("invalid");
                 let id = if e.replies { e.id.as_ref() } else { None };
-                self.reply("error", protocol::error_code(id, ErrorCode::BadRequest, &e.message));
+                self.reply(kind::ERROR, protocol::error_code(id, ErrorCode::BadRequest, &e.message));
                 if self.strikes.bad_frame() {
                     self.conn.closer.close(close::POLICY);
                 }
@@ -450,7 +450,7 @@ impl Session<'_> {
                 let replies =
                     !matches!(inbound.cmd, Command::Delivered { .. } | Command::Read { .. } | Command::Typing { .. });
                 let id = if replies { inbound.id.as_ref() } else { None };
-                self.reply("error", protocol::error(id, &e));
+                self.reply(kind::ERROR, protocol::error(id, &e));
                 let close_with = match e.code {
                     ErrorCode::BadRequest | ErrorCode::TooLarge => self.strikes.bad_frame().then_some(close::POLICY),
                     ErrorCode::RateLimited => self.strikes.limited().then_some(close::POLICY),
@@ -486,7 +486,7 @@ impl Session<'_> {
                 if v.user.id != user.id {
                     return Err(ChatError::unauthorized("refresh token names another user"));
                 }
-                self.reply("refreshed", protocol::render(&Refreshed { ty: "refreshed", id, exp: v.exp }));
+                self.reply(kind::REFRESHED, protocol::render(&ServerFrame::Refreshed(Refreshed { id, exp: v.exp })));
                 return Ok(Some(v.exp));
             }
             Command::Send { conversation, client_msg_id, body } => {
@@ -500,26 +500,26 @@ impl Session<'_> {
                 }
                 self.strikes.rate = 0;
                 let a = node.store_message(user, conversation, client_msg_id.clone(), body.clone()).await?;
-                let ack = Ack { ty: "ack", id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
-                self.reply("ack", protocol::render(&ack));
+                let ack = Ack { id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
+                self.reply(kind::ACK, protocol::render(&ServerFrame::Ack(ack)));
             }
             Command::Delivered { conversation, seq } => node.receipt(&user.id, conversation, *seq, false).await?,
             Command::Read { conversation, seq } => node.receipt(&user.id, conversation, *seq, true).await?,
             Command::Typing { conversation } => node.typing(user, conversation).await?,
             Command::History { conversation, before, limit } => {
                 let f = node.history(&user.id, id, conversation, Page::Before(*before, *limit), None).await?;
-                self.reply("history", f);
+                self.reply(kind::HISTORY, f);
             }
             Command::Sync { conversation, after, limit, epoch } => {
                 let page = Page::After(*after, *limit);
                 let f = node.history(&user.id, id, conversation, page, epoch.as_deref()).await?;
-                self.reply("history", f);
+                self.reply(kind::HISTORY, f);
             }
             Command::Presence { conversation } => {
                 let f = node.presence(&user.id, id, conversation).await?;
-                self.reply("presence", f);
+                self.reply(kind::PRESENCE, f);
             }
-            Command::Ping => self.reply("pong", protocol::pong(id)),
+            Command::Ping => self.reply(kind::PONG, protocol::pong(id)),
         }
         Ok(None)
     }
@@ -768,7 +768,7 @@ mod tests {
         let (mut c, task) = start(&node, 4096, Some(verified(&node, "alice", 3600))).await;
         assert!(c.next().await.unwrap().unwrap().to_text().unwrap().contains("welcome"));
         let t0 = Instant::now();
-        let big = protocol::render(&json!({"type":"message","body":"x".repeat(2000)}));
+        let big = Text::from(json!({"type":"message","body":"x".repeat(2000)}).to_string());
         for _ in 0..50 {
             node.hub.dispatch(&Topic::User("alice".into()), &Event::new(EventKind::Message, big.clone()));
         }

@@ -10,7 +10,7 @@ use crate::{
     error::{EngineError, EngineResult},
     hub::{Event, EventKind},
     node::message_frame,
-    protocol::{self, MessageFrame, Text},
+    protocol::{self, MessageFrame, ServerFrame, Text},
     telemetry,
 };
 
@@ -107,8 +107,8 @@ pub(super) fn message_template(conversation: &str, m: &StoredMessage) -> EngineR
     const A: u64 = u64::MAX;
     const B: u64 = u64::MAX - 1;
     let digits = A.to_string();
-    let a = protocol::render(&MessageFrame { seq: A, ..message_frame(conversation, m) });
-    let b = protocol::render(&MessageFrame { seq: B, ..message_frame(conversation, m) });
+    let a = protocol::render(&ServerFrame::Message(MessageFrame { seq: A, ..message_frame(conversation, m) }));
+    let b = protocol::render(&ServerFrame::Message(MessageFrame { seq: B, ..message_frame(conversation, m) }));
     let (a, b) = (a.as_str(), b.as_str());
     let split = a.bytes().zip(b.bytes()).position(|(x, y)| x != y).and_then(|last| {
         let start = (last + 1).checked_sub(digits.len())?;
@@ -192,7 +192,7 @@ mod tests {
         for (conv, m) in &cases {
             let (head, tail) = message_template(conv, m).unwrap();
             let joined = format!("{head}{}{tail}", m.seq);
-            let rendered = protocol::render(&message_frame(conv, m));
+            let rendered = protocol::render(&ServerFrame::Message(message_frame(conv, m)));
             assert_eq!(joined.as_bytes(), rendered.as_str().as_bytes(), "{conv}");
             // The seq is ignored: the same halves for another one.
             let other = StoredMessage { seq: 3, ..m.clone() };
