@@ -35,6 +35,10 @@ use crate::{
     },
 };
 
+mod batch;
+
+use batch::Batch;
+
 /// Where an event is published.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Topic {
@@ -210,23 +214,6 @@ pub struct Hub {
     batches: Mutex<HashMap<Arc<str>, Batch>>,
 }
 
-/// The latest state per user of one conversation since the last flush.
-#[derive(Default)]
-struct Batch {
-    presence: BTreeMap<Arc<str>, bool>,
-    receipts: BTreeMap<Arc<str>, (u64, u64)>,
-}
-
-/// The fields of a single-change presence or receipt frame (v1 form), read
-/// back when the change joins a batch.
-#[derive(Deserialize)]
-struct Change {
-    user: Arc<str>,
-    online: Option<bool>,
-    delivered_seq: Option<u64>,
-    read_seq: Option<u64>,
-}
-
 impl Hub {
     pub fn new() -> Arc<Hub> {
         Arc::new(Hub::default())
@@ -370,83 +357,6 @@ impl Hub {
         n
     }
 
-    /// Adds a batchable change to its conversation's batch (dropped when no
-    /// local connection follows the conversation).
-    fn collect(&self, conv: &Arc<str>, event: &Event) {
-        if !self.convs.read().contains_key(conv) {
-            return;
-        }
-        let Ok(c) = serde_json::from_str::<Change>(event.frame.as_str()) else {
-            tracing::warn!("unreadable batchable frame");
-            return;
-        };
-        let mut batches = self.batches.lock();
-        let b = batches.entry(conv.clone()).or_default();
-        match (event.kind.clone(), c.online, c.delivered_seq, c.read_seq) {
-            (EventKind::Presence, Some(online), ..) => {
-                b.presence.insert(c.user, online);
-            }
-            (EventKind::Receipt, _, Some(d), Some(r)) => {
-                let e = b.receipts.entry(c.user).or_default();
-                *e = (e.0.max(d), e.1.max(r));
-            }
-            _ => {}
-        }
-    }
-
-    /// Pushes every pending batch: one presence and one receipt frame per
-    /// conversation to each subscribed connection, carrying the latest state
-    /// per user. A connection does not hear its own user's presence.
-    pub fn flush_batches(&self) {
-        let batches = std::mem::take(&mut *self.batches.lock());
-        for (conv, b) in batches {
-            let conns: Vec<Arc<Conn>> = match self.convs.read().get(&conv) {
-                Some(set) => set.values().cloned().collect(),
-                None => continue,
-            };
-            if !b.receipts.is_empty() {
-                let frame = render(&ServerFrame::ReceiptBatch(ReceiptBatch {
-                    conversation: &conv,
-                    receipts: b
-                        .receipts
-                        .iter()
-                        .map(|(u, (d, r))| ReceiptState { user: u, delivered_seq: *d, read_seq: *r })
-                        .collect(),
-                }));
-                self.push_all(&conns, kind::RECEIPT, |_| Some(frame.clone().into()));
-            }
-            if !b.presence.is_empty() {
-                // One rendering for everyone; a connection whose user is in
-                // the batch gets it with that entry cut out (no copy).
-                let changes: Vec<PresenceState> =
-                    b.presence.iter().map(|(u, online)| PresenceState { user: u, online: *online }).collect();
-                let empty =
-                    render(&ServerFrame::PresenceBatch(PresenceBatch { conversation: &conv, changes: Vec::new() }));
-                let (all, cuts) = render_cuttable(empty, &changes);
-                self.push_all(&conns, kind::PRESENCE, |c| match changes.binary_search_by(|p| p.user.cmp(&*c.user)) {
-                    Ok(_) if changes.len() == 1 => None,
-                    Ok(i) => Some(Outgoing::cut(&all, cuts[i].clone())),
-                    Err(_) => Some(all.clone().into()),
-                });
-            }
-        }
-    }
-
-    fn push_all(&self, conns: &[Arc<Conn>], ty: &'static str, mut frame: impl FnMut(&Conn) -> Option<Outgoing>) {
-        let mut n = 0u64;
-        for c in conns {
-            if let Some(f) = frame(c)
-                && c.push(f)
-            {
-                n += 1;
-            }
-        }
-        if n > 0 {
-            metrics::deliveries(n);
-            metrics::frames_out(ty, n);
-        }
-    }
-
     fn apply_membership(&self, user: &str, conv: &Arc<str>, member: bool) {
         let conns: Vec<Arc<Conn>> = match self.users.read().get(user) {
             Some(set) => set.values().cloned().collect(),
@@ -467,156 +377,4 @@ impl Hub {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(s: &str) -> Text {
-        Text::from(s.to_string())
-    }
-
-    #[test]
-    fn conv_fanout_excludes_and_counts() {
-        let hub = Hub::new();
-        let (a, mut ra) = Conn::new(1, "alice".into(), 8, 1 << 20);
-        let (b, mut rb) = Conn::new(2, "bob".into(), 8, 1 << 20);
-        hub.register(&a);
-        hub.register(&b);
-        hub.subscribe(&a, ["g".into()]);
-        hub.subscribe(&b, ["g".into()]);
-        let topic = Topic::Conv("g".into());
-        assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Message, frame("m"))), 2);
-        assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Typing, frame("t")).excluding("alice")), 1);
-        assert_eq!(ra.try_recv().unwrap().to_text(), "m");
-        assert!(ra.try_recv().is_err());
-        assert_eq!(rb.try_recv().unwrap().to_text(), "m");
-        assert_eq!(rb.try_recv().unwrap().to_text(), "t");
-        assert_eq!(hub.unregister(&a), 0);
-        assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Message, frame("m2"))), 1);
-        assert!(hub.wants(&topic));
-        hub.unregister(&b);
-        assert!(!hub.wants(&topic));
-        assert!(hub.topics().is_empty());
-    }
-
-    #[test]
-    fn full_queue_closes_1013_without_blocking_others() {
-        let hub = Hub::new();
-        let (slow, _rs) = Conn::new(1, "slow".into(), 8, 1 << 20);
-        let (fast, mut rf) = Conn::new(2, "fast".into(), 64, 1 << 20);
-        for c in [&slow, &fast] {
-            hub.register(c);
-            hub.subscribe(c, ["g".into()]);
-        }
-        for _ in 0..20 {
-            hub.dispatch(&Topic::Conv("g".into()), &Event::new(EventKind::Message, frame("m")));
-        }
-        assert_eq!(slow.closer.code(), Some(1013));
-        let mut got = 0;
-        while rf.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, 20);
-    }
-
-    #[test]
-    fn byte_budget_closes_1013_and_frees_on_take() {
-        let (c, mut rx) = Conn::new(1, "u".into(), 64, 100);
-        assert!(c.push(frame(&"a".repeat(60))));
-        // 60 + 60 > 100: refused, and the connection is a slow consumer.
-        assert!(!c.push(frame(&"b".repeat(60))));
-        assert_eq!(c.closer.code(), Some(1013));
-        let f = rx.try_recv().unwrap();
-        c.taken(f.len());
-        assert_eq!(c.queued_bytes.load(Ordering::Acquire), 0);
-    }
-
-    #[test]
-    fn batches_carry_the_latest_state_per_user_once_per_flush() {
-        let hub = Hub::new();
-        let (a, mut ra) = Conn::new(1, "alice".into(), 64, 1 << 20);
-        let (b, mut rb) = Conn::new(2, "bob".into(), 64, 1 << 20);
-        for c in [&a, &b] {
-            hub.register(c);
-            hub.subscribe(c, ["general".into()]);
-        }
-        let topic = Topic::Conv("general".into());
-        let presence = |user: &str, online: bool| {
-            let f = render(&crate::protocol::ServerFrame::PresenceChange(crate::protocol::PresenceChange {
-                conversation: "general",
-                user,
-                online,
-            }));
-            Event::new(EventKind::Presence, f).excluding(user).batched(true)
-        };
-        let receipt = |user: &str, d: u64, r: u64| {
-            let f = render(&crate::protocol::ServerFrame::Receipt(crate::protocol::Receipt {
-                conversation: "general",
-                user,
-                delivered_seq: d,
-                read_seq: r,
-            }));
-            Event::new(EventKind::Receipt, f).batched(true)
-        };
-        for e in [presence("carol", true), presence("carol", false), presence("alice", true), presence("dave", true)] {
-            assert_eq!(hub.dispatch(&topic, &e), 0, "collected, not sent");
-        }
-        hub.dispatch(&topic, &receipt("carol", 3, 1));
-        hub.dispatch(&topic, &receipt("carol", 5, 2));
-        assert!(ra.try_recv().is_err(), "nothing before the flush");
-        hub.flush_batches();
-        let all = |rx: &mut mpsc::Receiver<Outgoing>| -> Vec<serde_json::Value> {
-            std::iter::from_fn(|| rx.try_recv().ok()).map(|f| serde_json::from_str(&f.to_text()).unwrap()).collect()
-        };
-        let got_b = all(&mut rb);
-        assert_eq!(got_b.len(), 2, "one receipt and one presence frame: {got_b:?}");
-        assert_eq!(got_b[0]["receipts"], serde_json::json!([{"user":"carol","delivered_seq":5,"read_seq":2}]));
-        assert_eq!(
-            got_b[1]["changes"],
-            serde_json::json!([
-                {"user":"alice","online":true},{"user":"carol","online":false},{"user":"dave","online":true}
-            ])
-        );
-        // Alice does not hear her own presence.
-        let got_a = all(&mut ra);
-        assert_eq!(
-            got_a[1]["changes"],
-            serde_json::json!([{"user":"carol","online":false},{"user":"dave","online":true}])
-        );
-        hub.flush_batches();
-        assert!(rb.try_recv().is_err(), "a flush with nothing new sends nothing");
-        // A conversation nobody here follows collects nothing.
-        hub.dispatch(&Topic::Conv("elsewhere".into()), &presence("x", true));
-        assert!(hub.batches.lock().is_empty());
-    }
-
-    #[test]
-    fn disconnect_closes_every_connection_of_the_user_4001() {
-        let hub = Hub::new();
-        let (a1, mut r1) = Conn::new(1, "alice".into(), 8, 1 << 20);
-        let (a2, _r2) = Conn::new(2, "alice".into(), 8, 1 << 20);
-        let (b, _rb) = Conn::new(3, "bob".into(), 8, 1 << 20);
-        for c in [&a1, &a2, &b] {
-            hub.register(c);
-        }
-        hub.dispatch(&Topic::User("alice".into()), &Event::new(EventKind::Disconnect, frame("bye")));
-        assert_eq!((a1.closer.code(), a2.closer.code(), b.closer.code()), (Some(4001), Some(4001), None));
-        assert_eq!(r1.try_recv().unwrap().to_text(), "bye");
-    }
-
-    #[test]
-    fn membership_event_moves_subscriptions() {
-        let hub = Hub::new();
-        let (c, mut rx) = Conn::new(1, "carol".into(), 8, 1 << 20);
-        hub.register(&c);
-        let conv: Arc<str> = "deal".into();
-        let user = Topic::User("carol".into());
-        let join = Event::new(EventKind::Membership { conversation: conv.clone(), member: true }, frame("joined"));
-        hub.dispatch(&user, &join);
-        assert_eq!(hub.dispatch(&Topic::Conv(conv.clone()), &Event::new(EventKind::Message, frame("m"))), 1);
-        let leave = Event::new(EventKind::Membership { conversation: conv.clone(), member: false }, frame("left"));
-        hub.dispatch(&user, &leave);
-        assert_eq!(hub.dispatch(&Topic::Conv(conv), &Event::new(EventKind::Message, frame("m"))), 0);
-        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|f| f.to_text().to_string()).collect();
-        assert_eq!(got, ["joined", "m", "left"]);
-    }
-}
+mod tests;

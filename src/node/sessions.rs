@@ -1,0 +1,155 @@
+//! A session's place in the cluster: open (subscribe, read membership,
+//! verify), close, presence announcements and forced disconnects.
+
+use std::{collections::HashSet, sync::Arc};
+
+use super::*;
+
+impl Node {
+    /// Opens a session. The connect-time ordering rule, which makes
+    /// membership exact under races and faults, lives here and nowhere else:
+    ///
+    /// 1. **Subscribe the user topic**: the connection is registered and the
+    ///    user's topic subscribed, so membership events (added, removed)
+    ///    reach it from now on. Open conversations are joined (fresh member
+    ///    counts).
+    /// 2. **Read membership**: the user's conversations are read from the
+    ///    per-user index, and the candidate groups (and open conversations)
+    ///    are **subscribed** before anything is verified, so a message sent
+    ///    from here on arrives live.
+    /// 3. **Verify against the group's member set**: each group's own member
+    ///    set decides (the per-user index alone grants nothing); counters for
+    ///    `welcome` are read in the same pass.
+    /// 4. **Unsubscribe stale**: groups the user is not in are unsubscribed.
+    /// 5. Presence is counted up here, but **announced after `welcome`** by
+    ///    the caller ([`OpenSession::came_online`]): `welcome` is the
+    ///    session's first frame, and the others hear the user came online
+    ///    only once it is written.
+    ///
+    /// A removal after (3) arrives as an event on the user's topic (1); one
+    /// before it is seen by (3).
+    pub async fn open_session(&self, conn: &Arc<Conn>, user: &UserRef) -> Result<OpenSession, ChatError> {
+        self.hub.register(conn);
+        let user_topic = Topic::User(conn.user.clone());
+        self.engine.subscribe(std::slice::from_ref(&user_topic)).await?;
+        for c in &self.cfg.chat.open_conversations {
+            // The exact count, fresh: whether this user's presence goes out
+            // (and batched or not) is decided from it.
+            let n = self.engine.join_open(c, &user.id).await?;
+            self.remember_member_count(c, n);
+        }
+        let ids = self.conversation_ids(&user.id).await?;
+        let convs: Vec<Arc<str>> = ids
+            .iter()
+            .filter(|id| matches!(self.classify(id), Ok(Kind::Open | Kind::Group)))
+            .map(|id| Arc::from(id.as_str()))
+            .collect();
+        self.hub.subscribe(conn, convs.iter().cloned());
+        let topics: Vec<Topic> = convs.into_iter().map(Topic::Conv).collect();
+        self.engine.subscribe(&topics).await?;
+        let entries = self.entries(&user.id, &ids).await?;
+        let listed: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let stale: Vec<Arc<str>> = topics
+            .iter()
+            .filter_map(|t| match t {
+                Topic::Conv(c) if !listed.contains(&**c) && !self.open.contains(&**c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        if !stale.is_empty() {
+            self.hub.unsubscribe(conn, &stale);
+            self.engine.topics_changed();
+        }
+        let dm_partners = entries
+            .iter()
+            .filter_map(|e| match self.classify(&e.id) {
+                Ok(Kind::Direct(a, b)) => Some(if a == user.id { b } else { a }.to_string()),
+                _ => None,
+            })
+            .collect();
+        let came_online = self.engine.presence_up(&user.id).await?;
+        Ok(OpenSession { entries, came_online, dm_partners })
+    }
+
+    /// Undoes [`Node::open_session`]: unregisters the connection and, when
+    /// `counted` and it was the user's last connection anywhere, announces
+    /// the user offline.
+    pub async fn close_session(&self, conn: &Conn, counted: bool, dm_partners: &[String]) {
+        let convs = self.hub.subscriptions(conn);
+        self.hub.unregister(conn);
+        self.engine.topics_changed();
+        if !counted {
+            return;
+        }
+        match self.engine.presence_down(&conn.user).await {
+            Ok(true) => {
+                if let Err(e) = self.announce_presence(&conn.user, false, &convs, dm_partners).await {
+                    tracing::debug!(error = %e, "presence announcement failed");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "presence update failed"),
+        }
+    }
+
+    /// Pushes a user's presence change to the other members of `convs` (open
+    /// and group conversations) and to `dm_partners`, in one engine round
+    /// trip where the engine can, whatever their number. Conversations with
+    /// more than `limits.presence_max_members` members get nothing; those with
+    /// more than `limits.batch_members` get it batched.
+    pub async fn announce_presence(
+        &self,
+        user: &str,
+        online: bool,
+        convs: &[Arc<str>],
+        dm_partners: &[String],
+    ) -> Result<(), ChatError> {
+        let limit = self.cfg.limits.presence_max_members;
+        let mut events = Vec::with_capacity(convs.len() + dm_partners.len());
+        for conv in convs {
+            let open = self.open.contains(&**conv);
+            let n = self.member_count(conv, open).await?;
+            if n > limit {
+                continue;
+            }
+            let frame =
+                protocol::render(&ServerFrame::PresenceChange(PresenceChange { conversation: conv, user, online }));
+            let event =
+                Event::new(EventKind::Presence, frame).excluding(user).batched(n > self.cfg.limits.batch_members);
+            events.push((vec![Topic::Conv(conv.clone())], event));
+        }
+        for other in dm_partners {
+            let id = ids::dm_id(user, other);
+            let frame =
+                protocol::render(&ServerFrame::PresenceChange(PresenceChange { conversation: &id, user, online }));
+            events.push((vec![Topic::User(other.as_str().into())], Event::new(EventKind::Presence, frame)));
+        }
+        self.engine.publish_all(events).await?;
+        Ok(())
+    }
+
+    /// A user whose node stopped answering went offline: tell their
+    /// conversations (read from storage, as no session of theirs is here).
+    pub async fn announce_offline(&self, user: &str) -> Result<(), ChatError> {
+        let entries = self.conversations_for(user).await?;
+        let mut convs = Vec::new();
+        let mut partners = Vec::new();
+        for e in &entries {
+            match self.classify(&e.id)? {
+                Kind::Direct(a, b) => partners.push(if a == user { b } else { a }.to_string()),
+                _ => convs.push(Arc::from(e.id.as_str())),
+            }
+        }
+        self.announce_presence(user, false, &convs, &partners).await
+    }
+
+    /// Closes every connection of `user` on every node with 4001 (the service
+    /// API's `disconnect`). Returns how many were open across the cluster
+    /// just before (as the engine counts them).
+    pub async fn disconnect_user(&self, user: &str) -> Result<usize, ChatError> {
+        let n = self.engine.connection_count(user).await?;
+        let frame = protocol::error_code(None, crate::error::ErrorCode::Unauthorized, "signed out by the platform");
+        self.engine.publish(&vec![Topic::User(user.into())], Event::new(EventKind::Disconnect, frame)).await?;
+        Ok(n)
+    }
+}
