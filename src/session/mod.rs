@@ -21,7 +21,15 @@
 //! and discarding until the client's close frame or 2 s, then ends the TCP
 //! connection, so the code reaches the client instead of a reset.
 
+mod budget;
+mod closing;
+mod hello;
 mod writer;
+
+use budget::{Bucket, Strikes};
+use closing::read_error;
+pub use closing::{End, finish};
+use hello::authenticate;
 
 use std::{sync::Arc, time::Duration};
 
@@ -65,88 +73,6 @@ impl Transport for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 const WRITE_BATCH: usize = 128;
 /// Bytes written per flush at most.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
-/// How long the server waits for the client's close frame after its own.
-const LINGER: Duration = Duration::from_secs(2);
-
-/// How a session's run ended, and so how it closes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Close with this code: the socket is healthy, replies queued before
-    /// the decision go out first (except after 1013).
-    Close(u16),
-    /// The client broke the WebSocket protocol (1002, 1007, 1009): the read
-    /// side is unusable, so after the close frame the rest is discarded raw.
-    Violation(u16),
-    /// A write made no progress within `limits.write_timeout_s`.
-    Stalled,
-    /// The client closed (its close frame was answered) or the connection
-    /// is gone.
-    Gone,
-}
-
-/// Maps a read error to how the session ends.
-fn read_error(e: &tungstenite::Error) -> End {
-    use tungstenite::Error as E;
-    match e {
-        E::Capacity(_) => End::Violation(close::TOO_BIG),
-        E::Utf8(_) => End::Violation(close::INVALID_DATA),
-        E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
-        E::Protocol(_) => End::Violation(close::PROTOCOL_ERROR),
-        _ => End::Gone,
-    }
-}
-
-fn close_message(code: u16) -> Message {
-    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: close::reason(code).into() }))
-}
-
-/// Counts bad and rate-limited frames; past `limits.max_bad_frames` of
-/// either the connection is closed with 4008.
-struct Strikes {
-    bad: u32,
-    rate: u32,
-    max: u32,
-}
-
-impl Strikes {
-    /// Records a bad frame; true when the connection must close.
-    fn bad_frame(&mut self) -> bool {
-        self.bad += 1;
-        self.bad > self.max
-    }
-    /// Records a rate-limited frame; true when the connection must close.
-    fn limited(&mut self) -> bool {
-        self.rate += 1;
-        self.rate > self.max
-    }
-}
-
-/// A per-connection token bucket (`history`, `sync` and `presence`).
-struct Bucket {
-    tokens: f64,
-    burst: f64,
-    per_s: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(per_s: f64, burst: u32) -> Self {
-        Bucket { tokens: f64::from(burst), burst: f64::from(burst), per_s, at: Instant::now() }
-    }
-
-    /// Takes a token, or says in how many milliseconds one is there.
-    fn take(&mut self) -> Result<(), u64> {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_s).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err((((1.0 - self.tokens) / self.per_s) * 1000.0).ceil().max(1.0) as u64)
-        }
-    }
-}
 
 /// A session from the upgraded socket to the closed TCP connection.
 /// `pre_auth`: the token given at upgrade, already verified.
@@ -248,61 +174,6 @@ where
         ws.get_ref().reset();
     }
     ok
-}
-
-/// Phase 1: wait for a valid `hello`. Anything else before it (another
-/// frame type, junk, binary, invalid UTF-8) is `unauthorized` and 4001.
-async fn authenticate<S>(
-    node: &Node,
-    ws: &mut WebSocketStream<S>,
-    write_timeout: Duration,
-) -> Result<(Verified, Option<Value>), End>
-where
-    S: Transport,
-{
-    let deadline = Instant::now() + Duration::from_secs(node.cfg.auth.hello_timeout_s);
-    let refuse = |id: Option<Value>, message: String| (id, message);
-    let (id, message) = loop {
-        let msg = match timeout_at(deadline, ws.next()).await {
-            Err(_) => return Err(End::Close(close::UNAUTHORIZED)),
-            Ok(None) => return Err(End::Gone),
-            Ok(Some(Err(tungstenite::Error::Utf8(_)))) => {
-                metrics::frame_in("invalid");
-                break refuse(None, "frames are UTF-8 text; authenticate with hello first".into());
-            }
-            Ok(Some(Err(e))) => return Err(read_error(&e)),
-            Ok(Some(Ok(m))) => m,
-        };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
-                metrics::frame_in("binary");
-                break refuse(None, "binary frames are not accepted; authenticate with hello first".into());
-            }
-            Message::Close(_) => return Err(End::Gone),
-            _ => continue,
-        };
-        match protocol::parse(&text) {
-            Ok(Inbound { id, cmd: Command::Hello { token } }) => {
-                metrics::frame_in("hello");
-                match node.auth.verify_token(&token) {
-                    Ok(v) => return Ok((v, id)),
-                    Err(e) => break refuse(id, e.to_string()),
-                }
-            }
-            Ok(Inbound { id, cmd }) => {
-                metrics::frame_in(cmd.kind());
-                break refuse(id, "authenticate with hello first".into());
-            }
-            Err(e) => {
-                metrics::frame_in("invalid");
-                break refuse(e.id, format!("{}; authenticate with hello first", e.message));
-            }
-        }
-    };
-    let f = protocol::error_code(id.as_ref(), ErrorCode::Unauthorized, &message);
-    write_direct(ws, f, kind::ERROR, write_timeout).await;
-    Err(End::Close(close::UNAUTHORIZED))
 }
 
 /// Phase 3: the state of an authenticated, open session.
@@ -557,107 +428,6 @@ where
         return false;
     }
     out.write_to(ws.get_mut()).await.is_ok()
-}
-
-/// Ends a session: the close frame (after the replies queued before the
-/// decision, unless the client is too slow for them), the lingering read,
-/// then the end of the TCP connection.
-pub async fn finish<S>(
-    ws: &mut WebSocketStream<S>,
-    end: End,
-    queued: Option<(&mut Writer, &Conn, &mut mpsc::Receiver<Outgoing>)>,
-    write_timeout: Duration,
-) where
-    S: Transport,
-{
-    let linger_until = |from: Instant| from + LINGER;
-    match end {
-        End::Gone => {
-            // The client's close frame was answered by the WebSocket layer;
-            // make sure the answer left.
-            let _ = timeout(Duration::from_secs(1), ws.flush()).await;
-        }
-        End::Stalled => {
-            metrics::close(close::TRY_LATER);
-            let whole = queued.as_ref().is_none_or(|(out, ..)| !out.mid_frame());
-            if !whole
-                || !matches!(
-                    timeout(Duration::from_secs(1), ws.send(close_message(close::TRY_LATER))).await,
-                    Ok(Ok(()))
-                )
-            {
-                // The peer does not read (perhaps inside a frame): drop the connection.
-                ws.get_ref().reset();
-                return;
-            }
-        }
-        End::Close(code) => {
-            if code != close::NORMAL {
-                metrics::close(code);
-            }
-            let sent = timeout(write_timeout, async {
-                if let Some((out, conn, rx)) = queued {
-                    if code == close::TRY_LATER {
-                        // A slow consumer's backlog is dropped; a frame cut
-                        // short is finished, so the close frame can follow.
-                        out.keep_current();
-                    } else {
-                        // Replies queued before the decision (the error that
-                        // explains a 4008, say) go out first.
-                        while let Ok(f) = rx.try_recv() {
-                            conn.taken(f.len());
-                            out.push(f);
-                        }
-                    }
-                    ws.flush().await.map_err(|_| ())?;
-                    out.write_to(ws.get_mut()).await.map_err(|_| ())?;
-                }
-                ws.send(close_message(code)).await.map_err(|_| ())
-            })
-            .await;
-            if !matches!(sent, Ok(Ok(()))) {
-                // The close frame cannot be written (the peer stopped reading,
-                // perhaps inside a frame): drop the connection.
-                ws.get_ref().reset();
-                return;
-            }
-            let deadline = linger_until(Instant::now());
-            // Read (and drop) until the client's close frame.
-            loop {
-                match timeout_at(deadline, ws.next()).await {
-                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => break,
-                    Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(_))) => {
-                        drain_raw(ws.get_mut(), deadline).await;
-                        break;
-                    }
-                }
-            }
-        }
-        End::Violation(code) => {
-            metrics::close(code);
-            let deadline = linger_until(Instant::now());
-            let _ = timeout(LINGER, ws.send(close_message(code))).await;
-            drain_raw(ws.get_mut(), deadline).await;
-        }
-    }
-    let _ = timeout(Duration::from_secs(1), ws.get_mut().shutdown()).await;
-}
-
-/// Reads and discards raw bytes until the peer closes or `deadline`, so
-/// closing the socket does not reset a connection the client still writes to.
-async fn drain_raw<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) {
-    // On the heap: this runs once per connection, at its end.
-    let mut buf = vec![0u8; 4096];
-    let _ = timeout_at(deadline, async {
-        loop {
-            match io.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 #[cfg(test)]
