@@ -4,16 +4,32 @@
 //! own account of it).
 //!
 //! # Layout
-//! - [`config`]: figment layering (defaults, TOML, `CHAT_*`), validation, secrets.
-//! - [`protocol`]: client frames in, server frames out.
+//! Each behaviour of PROTOCOL.md has one home; `docs/protocol.md` says where.
+//! - [`config`]: figment layering (defaults, TOML, `CHAT_*`), secrets
+//!   (`mod.rs`: the settings table); `validate.rs`: every value the code
+//!   accepts, nothing that could panic later (a property test walks the space).
+//! - [`protocol`]: the wire format, spelled once. `inbound.rs`: client frames
+//!   parsed and validated for shape; `frames.rs`: every server frame as one
+//!   tagged [`protocol::ServerFrame`] (its `kind()` labels metrics);
+//!   `mod.rs`: the byte types frames travel in ([`protocol::Text`],
+//!   [`protocol::Outgoing`]), close codes, timestamps.
 //! - [`auth`]: HS256 tokens with the algorithm pinned.
-//! - [`node`]: the transport-agnostic core (membership, send, receipts,
-//!   presence), and the only holder of the engine: the transport reaches
-//!   storage through [`node::Node`]'s methods.
+//! - [`node`]: the transport-agnostic core and the only holder of the engine
+//!   (the transport reaches storage through [`node::Node`]'s methods).
+//!   `mod.rs`: membership rules, send, receipts, typing; `sessions.rs`: the
+//!   connect-time ordering rule, presence announcements, disconnects;
+//!   `reads.rs`: history/sync pages bounded in bytes, presence queries, the
+//!   conversation list; `groups.rs`: the service API's group operations and
+//!   the engine door.
 //! - [`hub`]: local fan-out with bounded per-connection queues (frames and
-//!   bytes), batching of presence and receipts in large conversations.
+//!   bytes); `batch.rs`: batching of presence and receipts in large
+//!   conversations.
 //! - [`session`]: one WebSocket session from the upgraded socket to the closed
-//!   TCP connection (authentication, timers, budgets, RFC 6455 closing).
+//!   TCP connection, generic over the byte stream and unit-tested under a
+//!   paused clock. `mod.rs`: phases and the run loop (timers, queue);
+//!   `hello.rs`: authentication; `budget.rs`: strikes and the request bucket;
+//!   `writer.rs`: frames written from their shared bytes; `closing.rs`: RFC
+//!   6455 closing.
 //! - [`engine`]: the storage and fan-out boundary, four narrow traits with
 //!   their contracts ([`engine::MessageStore`], [`engine::Groups`],
 //!   [`engine::Broker`], [`engine::Presence`]) summed up by [`engine::Engine`];
@@ -26,6 +42,9 @@
 //!   health.
 //! - [`app`]: wiring, listener, drain on SIGTERM.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+//!
+//! Files over ~450 lines: `config/mod.rs` (474: the settings table, each
+//! field with its documented default).
 
 pub mod app;
 pub mod auth;
