@@ -29,14 +29,14 @@ pub enum Outgoing {
     Whole(Text),
     /// The bytes before and after the cut (boxed: keeps the queue's slots
     /// as small as a [`Text`]).
-    Cut(Box<[bytes::Bytes; 2]>),
+    Cut(Box<[tungstenite::Bytes; 2]>),
 }
 
 impl Outgoing {
     /// `frame` without the bytes in `cut`, which must cover whole JSON
     /// elements and the comma that separates them from their neighbour.
     pub fn cut(frame: &Text, cut: std::ops::Range<usize>) -> Outgoing {
-        let b: &bytes::Bytes = frame.as_ref();
+        let b: &tungstenite::Bytes = frame.as_ref();
         Outgoing::Cut(Box::new([b.slice(..cut.start), b.slice(cut.end..)]))
     }
 
