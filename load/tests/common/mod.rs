@@ -33,10 +33,10 @@ pub const LOAD_BIN: &str = env!("CARGO_BIN_EXE_crm-chat-load");
 /// the load tool, so build the server first with `cargo build -p crm-chat`).
 /// Nothing is built here: a missing binary fails the test and says why.
 pub fn server_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("CRM_CHAT_SERVER_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = std::path::Path::new(LOAD_BIN).with_file_name(format!("crm-chat{}", std::env::consts::EXE_SUFFIX));
+    let p = match std::env::var_os("CRM_CHAT_SERVER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::path::Path::new(LOAD_BIN).with_file_name(format!("crm-chat{}", std::env::consts::EXE_SUFFIX)),
+    };
     assert!(
         p.is_file(),
         "no server binary at {}: build it first (`cargo build -p crm-chat`; `cargo test --workspace` does), \
