@@ -23,7 +23,9 @@
 #   planner  `cargo chef prepare`: reduces the workspace to a recipe.json that
 #            changes only when dependencies (Cargo.toml / Cargo.lock) change.
 #   builder  `cargo chef cook`: compiles the dependencies alone (the cached layer),
-#            then copies the sources and builds the `crm-chat` binary.
+#            then copies the sources and builds the `crm-chat` binary. The
+#            workspace's other member, the load tool in load/, is copied too
+#            (cargo reads every member's manifest) but never built.
 #   runtime  distroless cc (glibc, libgcc, CA certificates, tzdata; no shell, no
 #            package manager) of the TARGET platform, running as uid/gid 65532.
 #            It only copies the binary, so no RUN executes on the target platform.

