@@ -414,19 +414,12 @@ async fn receive(
 
 /// Prints the deliveries so far to stderr every second until `stop`.
 fn delivered_progress(shared: Arc<FanShared>, stop: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => eprintln!(
-                    "delivered {} (acked seq {})",
-                    shared.delivered.load(Ordering::Relaxed),
-                    shared.max_acked_seq.load(Ordering::Relaxed)
-                ),
-            }
-        }
+    crate::every_second(stop, move || {
+        format!(
+            "delivered {} (acked seq {})",
+            shared.delivered.load(Ordering::Relaxed),
+            shared.max_acked_seq.load(Ordering::Relaxed)
+        )
     })
 }
 

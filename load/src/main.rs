@@ -213,18 +213,26 @@ where
     handles
 }
 
-/// Prints `label: <count>` to stderr every second until cancelled.
+/// Prints `label: <count>/<total>` to stderr every second until cancelled.
 pub fn progress(label: &'static str, count: Arc<AtomicUsize>, total: usize, stop: CancellationToken) {
+    every_second(stop, move || format!("{label}: {}/{total}", count.load(Ordering::Relaxed)));
+}
+
+/// Prints `line()` to stderr every second until `stop`.
+pub fn every_second(
+    stop: CancellationToken,
+    line: impl Fn() -> String + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => eprintln!("{label}: {}/{total}", count.load(Ordering::Relaxed)),
+                _ = tick.tick() => eprintln!("{}", line()),
             }
         }
-    });
+    })
 }
 
 // ---------------------------------------------------------------- main

@@ -181,6 +181,15 @@ struct PairSide {
     rx: WsRx,
 }
 
+/// What became of the next ping.
+enum Next {
+    /// The run's time is up: drain instead.
+    Drain,
+    /// Sent at (µs since the epoch, and on the monotonic clock).
+    Sent(u64, Instant),
+    Failed,
+}
+
 /// One pair's conversation and schedule.
 struct Pair {
     i: usize,
@@ -203,6 +212,20 @@ impl Pair {
             self.cmid(side, n),
             now_us()
         )
+    }
+
+    /// Sends ping `n + 1` from side a, unless the run's time is up.
+    async fn next_ping(&self, a: &mut PairSide, n: &mut u64, st: &mut PairStats) -> Next {
+        if Instant::now() >= self.until {
+            return Next::Drain;
+        }
+        *n += 1;
+        let at = (now_us(), Instant::now());
+        if a.tx.send(Message::text(self.frame('a', *n))).await.is_err() {
+            bump(&mut st.errors, "send_failed");
+            return Next::Failed;
+        }
+        Next::Sent(at.0, at.1)
     }
 
     /// Ping-pong until `until`, then a short drain so every message reached
@@ -249,17 +272,10 @@ impl Pair {
                         break;
                     }
                     st.timeouts += 1;
-                    if Instant::now() >= self.until {
-                        drain_until = Some(Instant::now() + Duration::from_secs(2));
-                        continue;
-                    }
-                    n += 1;
-                    ping_at = now_us();
-                    waiting = Some('a');
-                    since = Instant::now();
-                    if a.tx.send(Message::text(self.frame('a', n))).await.is_err() {
-                        bump(&mut st.errors, "send_failed");
-                        break;
+                    match self.next_ping(&mut a, &mut n, &mut st).await {
+                        Next::Drain => drain_until = Some(Instant::now() + Duration::from_secs(2)),
+                        Next::Sent(at, mono) => (ping_at, waiting, since) = (at, Some('a'), mono),
+                        Next::Failed => break,
                     }
                     continue;
                 }
@@ -307,18 +323,13 @@ impl Pair {
                         // a got the reply: one round trip.
                         st.rtt.record_us(now.saturating_sub(ping_at));
                         st.round_trips += 1;
-                        if Instant::now() >= self.until {
-                            waiting = None;
-                            drain_until = Some(Instant::now() + Duration::from_secs(2));
-                            continue;
-                        }
-                        n += 1;
-                        ping_at = now_us();
-                        waiting = Some('a');
-                        since = Instant::now();
-                        if a.tx.send(Message::text(self.frame('a', n))).await.is_err() {
-                            bump(&mut st.errors, "send_failed");
-                            break;
+                        match self.next_ping(&mut a, &mut n, &mut st).await {
+                            Next::Drain => {
+                                waiting = None;
+                                drain_until = Some(Instant::now() + Duration::from_secs(2));
+                            }
+                            Next::Sent(at, mono) => (ping_at, waiting, since) = (at, Some('a'), mono),
+                            Next::Failed => break,
                         }
                     }
                 }

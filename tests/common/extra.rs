@@ -5,16 +5,15 @@
 //! from a reset; process memory and metrics readers; locally signed tokens.
 //! Nothing here changes the behaviour of the existing helpers.
 
-use std::{io::ErrorKind, net::SocketAddr, process::Stdio, time::Duration};
+use std::{io::ErrorKind, net::SocketAddr, time::Duration};
 
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    process::Command,
 };
 
-use super::{API_KEY, JWT_SECRET, Server, TIMEOUT, display_name};
+use super::{JWT_SECRET, Server, TIMEOUT, display_name};
 
 /// A node started by [`launch`]: the server and, when asked for, the address
 /// of its internal listener (`server.internal_listen`).
@@ -52,78 +51,9 @@ pub enum Launch {
 /// (set `CHAT_SERVER__INTERNAL_LISTEN` in `env`). Never panics when the
 /// process fails to start: returns its exit code and stderr instead.
 pub async fn launch(env: &[(&str, &str)], prefix: &[&str], internal: bool) -> Launch {
-    let bin = env!("CARGO_BIN_EXE_crm-chat");
-    let mut cmd = match prefix.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("CHAT_SERVER__LISTEN", "127.0.0.1:0")
-        .env("CHAT_AUTH__API_KEY", API_KEY)
-        .env("CHAT_AUTH__JWT_SECRET", JWT_SECRET)
-        .env("CHAT_LOG__LEVEL", "crm_chat=debug,warn")
-        .env("CHAT_SERVER__DRAIN_S", "1")
-        .env("CHAT_SERVER__SHUTDOWN_DELAY_S", "0");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = cmd.spawn().expect("spawn crm-chat");
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
-    let stderr_task = {
-        let tail = tail.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                let mut t = tail.lock().unwrap();
-                if t.len() >= 200 {
-                    t.pop_front();
-                }
-                t.push_back(l);
-            }
-        })
-    };
-    let mut lines = BufReader::new(stdout).lines();
-    let (mut public, mut private) = (None, None);
-    let _ = tokio::time::timeout(TIMEOUT, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.strip_prefix("crm-chat listening on http://") {
-                public = rest.trim().parse::<SocketAddr>().ok();
-            } else if let Some(rest) = line.strip_prefix("crm-chat internal listening on http://") {
-                private = rest.trim().parse::<SocketAddr>().ok();
-            }
-            if public.is_some() && (!internal || private.is_some()) {
-                return;
-            }
-        }
-    })
-    .await;
-    match public {
-        Some(addr) if !internal || private.is_some() => {
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            let server =
-                Server { child: Some(child), addr, internal: private, http: reqwest::Client::new(), stderr_tail: tail };
-            Launch::Up(Box::new(Node { server, internal: private }))
-        }
-        _ => {
-            let code = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
-                Ok(Ok(status)) => status.code(),
-                _ => {
-                    let _ = child.start_kill();
-                    None
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(2), stderr_task).await;
-            let stderr = tail.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n");
-            Launch::Exited { code, stderr }
-        }
+    match Server::launch(env, prefix, internal).await {
+        Ok(server) => Launch::Up(Box::new(Node { internal: server.internal, server })),
+        Err(e) => Launch::Exited { code: e.code, stderr: e.stderr },
     }
 }
 

@@ -3,23 +3,19 @@
 #![allow(dead_code)]
 
 pub mod extra;
+pub mod process;
 pub mod valkey;
 
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    process::Stdio,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    net::TcpStream,
-    process::{Child, Command},
-};
+use tokio::{net::TcpStream, process::Child};
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
     tungstenite::{
@@ -30,9 +26,7 @@ use tokio_tungstenite::{
     },
 };
 
-pub const TIMEOUT: Duration = Duration::from_secs(10);
-pub const API_KEY: &str = "test-api-key-0123456789-0123456789";
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-0123456789";
+pub use process::{API_KEY, JWT_SECRET, TIMEOUT};
 
 /// One `crm-chat` process.
 pub struct Server {
@@ -41,66 +35,30 @@ pub struct Server {
     /// The internal listener, when `server.internal_listen` is set.
     pub internal: Option<SocketAddr>,
     pub http: reqwest::Client,
-    stderr_tail: std::sync::Arc<std::sync::Mutex<VecDeque<String>>>,
+    stderr_tail: process::StderrTail,
 }
 
 impl Server {
     /// Starts the binary with test defaults overridden by `env`.
     pub async fn start(env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crm-chat"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CHAT_SERVER__LISTEN", "127.0.0.1:0")
-            .env("CHAT_AUTH__API_KEY", API_KEY)
-            .env("CHAT_AUTH__JWT_SECRET", JWT_SECRET)
-            .env("CHAT_LOG__LEVEL", "crm_chat=debug,warn")
-            .env("CHAT_SERVER__DRAIN_S", "1")
-            .env("CHAT_SERVER__SHUTDOWN_DELAY_S", "0");
-        for (k, v) in env {
-            cmd.env(k, v);
+        match Server::launch(env, &[], false).await {
+            Ok(s) => s,
+            Err(e) => panic!("crm-chat did not start (exit {:?}); stderr:\n{}", e.code, e.stderr),
         }
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn crm-chat");
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let tail = std::sync::Arc::new(std::sync::Mutex::new(VecDeque::new()));
-        {
-            let tail = tail.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    let mut t = tail.lock().unwrap();
-                    if t.len() >= 200 {
-                        t.pop_front();
-                    }
-                    t.push_back(l);
-                }
-            });
-        }
-        let mut lines = BufReader::new(stdout).lines();
-        let mut internal = None;
-        let addr = tokio::time::timeout(TIMEOUT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                // The internal listener's line comes first when there is one.
-                if let Some(rest) = line.strip_prefix("crm-chat internal listening on http://") {
-                    internal = Some(rest.parse::<SocketAddr>().unwrap());
-                }
-                if let Some(rest) = line.strip_prefix("crm-chat listening on http://") {
-                    return Some(rest.parse::<SocketAddr>().unwrap());
-                }
-            }
-            None
+    }
+
+    /// [`process::spawn`] of this package's binary: never panics when the
+    /// process fails to start.
+    pub async fn launch(env: &[(&str, &str)], prefix: &[&str], wait_internal: bool) -> Result<Server, process::Exited> {
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_crm-chat"));
+        let p = process::spawn(bin, prefix, env, wait_internal).await?;
+        Ok(Server {
+            child: Some(p.child),
+            addr: p.addr,
+            internal: p.internal,
+            http: reqwest::Client::new(),
+            stderr_tail: p.stderr_tail,
         })
-        .await
-        .ok()
-        .flatten();
-        let Some(addr) = addr else {
-            let status = child.try_wait().ok().flatten();
-            let tail: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
-            panic!("crm-chat did not start (exit {status:?}); stderr:\n{}", tail.join("\n"));
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Server { child: Some(child), addr, internal, http: reqwest::Client::new(), stderr_tail: tail }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -3,26 +3,16 @@
 //! harness, `tests/common/valkey.rs`). Nothing is mocked.
 #![allow(dead_code)]
 
+#[path = "../../../tests/common/process.rs"]
+pub mod process;
 #[path = "../../../tests/common/valkey.rs"]
 pub mod valkey;
 
-use std::{
-    collections::VecDeque,
-    net::SocketAddr,
-    path::PathBuf,
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
+use tokio::process::Child;
 
-pub const TIMEOUT: Duration = Duration::from_secs(10);
-pub const API_KEY: &str = "test-api-key-0123456789-0123456789";
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789-0123456789";
+pub use process::{API_KEY, JWT_SECRET};
 
 /// The load tool under test.
 pub const LOAD_BIN: &str = env!("CARGO_BIN_EXE_crm-chat-load");
@@ -50,61 +40,16 @@ pub fn server_binary() -> PathBuf {
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_tail: process::StderrTail,
 }
 
 impl Server {
     /// Starts the server with test defaults overridden by `env`.
     pub async fn start(env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(server_binary());
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CHAT_SERVER__LISTEN", "127.0.0.1:0")
-            .env("CHAT_AUTH__API_KEY", API_KEY)
-            .env("CHAT_AUTH__JWT_SECRET", JWT_SECRET)
-            .env("CHAT_LOG__LEVEL", "crm_chat=debug,warn")
-            .env("CHAT_SERVER__DRAIN_S", "1")
-            .env("CHAT_SERVER__SHUTDOWN_DELAY_S", "0");
-        for (k, v) in env {
-            cmd.env(k, v);
+        match process::spawn(&server_binary(), &[], env, false).await {
+            Ok(p) => Server { child: Some(p.child), addr: p.addr, stderr_tail: p.stderr_tail },
+            Err(e) => panic!("crm-chat did not start (exit {:?}); stderr:\n{}", e.code, e.stderr),
         }
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn crm-chat");
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        {
-            let tail = tail.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    let mut t = tail.lock().unwrap();
-                    if t.len() >= 200 {
-                        t.pop_front();
-                    }
-                    t.push_back(l);
-                }
-            });
-        }
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(TIMEOUT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(rest) = line.strip_prefix("crm-chat listening on http://") {
-                    return Some(rest.parse::<SocketAddr>().unwrap());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some(addr) = addr else {
-            let status = child.try_wait().ok().flatten();
-            let tail: Vec<String> = tail.lock().unwrap().iter().cloned().collect();
-            panic!("crm-chat did not start (exit {status:?}); stderr:\n{}", tail.join("\n"));
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Server { child: Some(child), addr, stderr_tail: tail }
     }
 
     pub fn url(&self, path: &str) -> String {
