@@ -1,6 +1,7 @@
 //! The session over an in-memory pipe, under tokio's paused clock: the
 //! timers (hello timeout, idle close, write deadline, token expiry) run in
-//! virtual time, so these take milliseconds.
+//! virtual time, so these take milliseconds. Also strikes (4008) and the
+//! typing throttle across a user's connections.
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -154,4 +155,64 @@ fn the_session_future_stays_small() {
     let fut = super::run(node, ws, None);
     let size = std::mem::size_of_val(&fut);
     assert!(size <= 2560, "the session future is {size} bytes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_frames_past_the_limit_close_4008_after_their_errors() {
+    let node = node(|c| c.limits.max_bad_frames = 3);
+    let (mut c, task) = start(&node, 1 << 16, Some(verified(&node, "alice", 600))).await;
+    for _ in 0..4 {
+        c.send(Message::Text("not json".into())).await.unwrap();
+    }
+    let (frames, code) = until_close(&mut c).await;
+    assert_eq!(frames[0]["type"], "welcome");
+    let errors: Vec<&Value> = frames.iter().filter(|f| f["type"] == "error").collect();
+    assert_eq!(errors.len(), 4, "every bad frame is answered, the last one too: {frames:?}");
+    assert!(errors.iter().all(|e| e["code"] == "bad_request"));
+    assert_eq!(code, Some(4008));
+    drop(c);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn typing_goes_out_once_per_user_and_conversation_whatever_the_connections() {
+    let node = node(|_| {});
+    let (mut bob, bob_task) = start(&node, 1 << 16, Some(verified(&node, "bob", 600))).await;
+    let (mut a1, a1_task) = start(&node, 1 << 16, Some(verified(&node, "alice", 600))).await;
+    let (mut a2, a2_task) = start(&node, 1 << 16, Some(verified(&node, "alice", 600))).await;
+    for c in [&mut bob, &mut a1, &mut a2] {
+        let Some(Ok(Message::Text(t))) = c.next().await else { panic!("no welcome") };
+        assert!(t.contains("\"welcome\""));
+    }
+    for _ in 0..5 {
+        for c in [&mut a1, &mut a2] {
+            c.send(Message::Text(json!({"type": "typing", "conversation": "general"}).to_string().into()))
+                .await
+                .unwrap();
+        }
+    }
+    // A ping as a barrier: bob's session has handled everything sent before
+    // its pong (the typing fan-out is queued synchronously by the node).
+    a2.send(Message::Text(json!({"type": "ping", "id": 1}).to_string().into())).await.unwrap();
+    loop {
+        let Some(Ok(Message::Text(t))) = a2.next().await else { panic!("a2 closed") };
+        if t.contains("\"pong\"") {
+            break;
+        }
+    }
+    let mut typing = 0;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), bob.next()).await {
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "typing" {
+                assert_eq!(v["user"]["id"], "alice");
+                typing += 1;
+            }
+        }
+    }
+    assert_eq!(typing, 1, "ten typing frames from two connections within a second");
+    for (c, t) in [(bob, bob_task), (a1, a1_task), (a2, a2_task)] {
+        drop(c);
+        t.await.unwrap();
+    }
 }
