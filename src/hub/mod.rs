@@ -18,7 +18,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU16, AtomicUsize, Ordering},
+        atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering},
     },
 };
 
@@ -147,6 +147,9 @@ pub struct Conn {
     pub closer: Closer,
     /// Conversation topics this connection is subscribed to.
     subs: Mutex<HashSet<Arc<str>>>,
+    /// Membership events that added this connection's user to a group:
+    /// lets the connect-time check see an addition that raced it.
+    joins: AtomicU32,
 }
 
 impl Conn {
@@ -162,6 +165,7 @@ impl Conn {
             max_bytes,
             closer: Closer::default(),
             subs: Mutex::default(),
+            joins: AtomicU32::new(0),
         });
         (conn, rx)
     }
@@ -188,6 +192,12 @@ impl Conn {
                 false
             }
         }
+    }
+
+    /// How many membership events added this user to a group while the
+    /// connection was registered.
+    pub fn joins(&self) -> u32 {
+        self.joins.load(Ordering::Acquire)
     }
 
     /// The writer took a frame of `len` bytes off the queue.
@@ -365,6 +375,7 @@ impl Hub {
         if member {
             for c in &conns {
                 self.subscribe(c, [conv.clone()]);
+                c.joins.fetch_add(1, Ordering::AcqRel);
             }
         } else {
             let mut map = self.convs.write();

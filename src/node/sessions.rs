@@ -27,7 +27,9 @@ impl Node {
     ///    only once it is written.
     ///
     /// A removal after (3) arrives as an event on the user's topic (1); one
-    /// before it is seen by (3).
+    /// before it is seen by (3). An addition whose event lands between (3)
+    /// and (4) would be undone by (4): [`Conn::joins`] tells, and the group's
+    /// member set decides again (see `drop_stale`).
     pub async fn open_session(&self, conn: &Arc<Conn>, user: &UserRef) -> Result<OpenSession, ChatError> {
         self.hub.register(conn);
         let user_topic = Topic::User(conn.user.clone());
@@ -38,6 +40,7 @@ impl Node {
             let n = self.engine.join_open(c, &user.id).await?;
             self.remember_member_count(c, n);
         }
+        let joins = conn.joins();
         let ids = self.conversation_ids(&user.id).await?;
         let convs: Vec<Arc<str>> = ids
             .iter()
@@ -57,8 +60,7 @@ impl Node {
             })
             .collect();
         if !stale.is_empty() {
-            self.hub.unsubscribe(conn, &stale);
-            self.engine.topics_changed();
+            self.drop_stale(conn, stale, joins).await?;
         }
         let dm_partners = entries
             .iter()
@@ -151,5 +153,83 @@ impl Node {
         let frame = protocol::error_code(None, crate::error::ErrorCode::Unauthorized, "signed out by the platform");
         self.engine.publish(&vec![Topic::User(user.into())], Event::new(EventKind::Disconnect, frame)).await?;
         Ok(n)
+    }
+
+    /// Step 4 of [`Node::open_session`]: unsubscribes `stale` groups, unless
+    /// a membership event added the user to one since `joins` was read, in
+    /// which case that group's member set decides (bounded re-checks; the
+    /// event itself re-subscribes when it lands after the last one).
+    async fn drop_stale(&self, conn: &Arc<Conn>, mut stale: Vec<Arc<str>>, mut joins: u32) -> Result<(), ChatError> {
+        for _ in 0..3 {
+            if conn.joins() == joins || stale.is_empty() {
+                break;
+            }
+            joins = conn.joins();
+            let mut still = Vec::with_capacity(stale.len());
+            for c in stale {
+                if !self.engine.is_member(&c, &conn.user).await? {
+                    still.push(c);
+                }
+            }
+            stale = still;
+        }
+        if stale.is_empty() {
+            return Ok(());
+        }
+        self.hub.unsubscribe(conn, &stale);
+        self.engine.topics_changed();
+        if conn.joins() != joins {
+            // An addition landed between the last check and the unsubscribe.
+            let mut back = Vec::new();
+            for c in stale {
+                if self.engine.is_member(&c, &conn.user).await? {
+                    back.push(c);
+                }
+            }
+            if !back.is_empty() {
+                self.hub.subscribe(conn, back.iter().cloned());
+                let topics: Vec<Topic> = back.into_iter().map(Topic::Conv).collect();
+                self.engine.subscribe(&topics).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, engine::memory::MemoryEngine};
+
+    /// A node with group `race` (bob only) and alice's connection subscribed
+    /// to it, as a candidate read from the per-user index would be.
+    async fn setup() -> (Arc<Node>, Arc<Conn>, tokio::sync::mpsc::Receiver<crate::protocol::Outgoing>) {
+        let hub = Hub::new();
+        let node = Node::new(Arc::new(Config::default()), Arc::new(MemoryEngine::new(hub.clone(), 100)), hub);
+        node.put_group("race", "Race", vec!["bob".into()]).await.unwrap();
+        let (conn, rx) = Conn::new(1, "alice".into(), 64, 1 << 20);
+        node.hub.register(&conn);
+        node.hub.subscribe(&conn, [Arc::from("race")]);
+        (node, conn, rx)
+    }
+
+    #[tokio::test]
+    async fn a_group_the_user_is_not_in_is_dropped() {
+        let (node, conn, _rx) = setup().await;
+        node.drop_stale(&conn, vec!["race".into()], conn.joins()).await.unwrap();
+        assert!(node.hub.subscriptions(&conn).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_addition_that_lands_after_the_membership_read_is_kept() {
+        let (node, conn, _rx) = setup().await;
+        let joins = conn.joins();
+        // The membership read said "not a member"; then the service API adds
+        // alice and its event reaches the connection before step 4.
+        let change = node.update_group("race", vec!["alice".into()], vec![]).await.unwrap().unwrap();
+        node.announce_membership(&change).await.unwrap();
+        assert_ne!(conn.joins(), joins);
+        node.drop_stale(&conn, vec!["race".into()], joins).await.unwrap();
+        assert_eq!(node.hub.subscriptions(&conn), vec![Arc::<str>::from("race")]);
     }
 }

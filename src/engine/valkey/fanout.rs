@@ -70,8 +70,17 @@ pub(super) async fn receive(inner: Arc<Inner>) {
                 let n = span.in_scope(|| inner.hub.dispatch(&topic, &event));
                 span.record("recipients", n);
                 drop(span);
-                if let Some((_, false)) = joined {
-                    inner.clone().reconcile();
+                match joined {
+                    // Again now that the hub wants it: an unsubscribe that
+                    // decided before the dispatch (a connection closing, a
+                    // connect dropping a stale group) may have run meanwhile.
+                    Some((conv, true)) => {
+                        if let Err(e) = inner.subscribe(&[Topic::Conv(conv.clone())]).await {
+                            tracing::warn!(error = %e, conversation = %conv, "subscribe after join failed");
+                        }
+                    }
+                    Some((_, false)) => inner.clone().reconcile(),
+                    None => {}
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
