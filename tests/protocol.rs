@@ -233,6 +233,10 @@ async fn unicode_round_trips_byte_exact(engine: Engine) {
     let (s, v) = chat.api(Method::GET, "/api/v1/conversations/dm:alice:bob/messages?after=0", None).await;
     assert_eq!(s, 200);
     assert_eq!(v["messages"][0]["body"], bodies[0].as_str());
+    // A stored message is the `message` frame as it went out live, type included.
+    for m in page["messages"].as_array().unwrap().iter().chain(v["messages"].as_array().unwrap()) {
+        assert_eq!((&m["type"], &m["conversation"]), (&json!("message"), &json!("dm:alice:bob")), "{m}");
+    }
 }
 
 async fn receipts_are_monotonic_and_broadcast(engine: Engine) {

@@ -52,7 +52,7 @@ impl Node {
         let rendered: Vec<String> = got
             .messages
             .iter()
-            .map(|m| serde_json::to_string(&message_frame(conversation, m)).expect("message frames serialise"))
+            .map(|m| protocol::render(&ServerFrame::Message(message_frame(conversation, m))).to_string())
             .collect();
         let head = protocol::render(&ServerFrame::History(HistoryPage {
             id,

@@ -23,7 +23,7 @@ use crate::{
     error::ChatError,
     ids,
     node::{Kind, Node, message_frame},
-    protocol::{self, MAX_PAGE, UserRef},
+    protocol::{self, MAX_PAGE, ServerFrame, UserRef},
 };
 
 /// `Json` whose rejections use the API's error shape.
@@ -228,7 +228,7 @@ pub async fn get_messages(
         (after, None) => Page::After(after.unwrap_or(0), limit),
     };
     let page = node.history_page(&id, page).await?;
-    let messages: Vec<_> = page.messages.iter().map(|m| message_frame(&id, m)).collect();
+    let messages: Vec<_> = page.messages.iter().map(|m| ServerFrame::Message(message_frame(&id, m))).collect();
     Ok(Json(json!({"messages": messages, "has_more": page.has_more})).into_response())
 }
 
