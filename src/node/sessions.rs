@@ -165,13 +165,7 @@ impl Node {
                 break;
             }
             joins = conn.joins();
-            let mut still = Vec::with_capacity(stale.len());
-            for c in stale {
-                if !self.engine.is_member(&c, &conn.user).await? {
-                    still.push(c);
-                }
-            }
-            stale = still;
+            stale = self.split_members(&conn.user, stale).await?.1;
         }
         if stale.is_empty() {
             return Ok(());
@@ -180,12 +174,7 @@ impl Node {
         self.engine.topics_changed();
         if conn.joins() != joins {
             // An addition landed between the last check and the unsubscribe.
-            let mut back = Vec::new();
-            for c in stale {
-                if self.engine.is_member(&c, &conn.user).await? {
-                    back.push(c);
-                }
-            }
+            let (back, _) = self.split_members(&conn.user, stale).await?;
             if !back.is_empty() {
                 self.hub.subscribe(conn, back.iter().cloned());
                 let topics: Vec<Topic> = back.into_iter().map(Topic::Conv).collect();
@@ -193,6 +182,21 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// `groups` split into those `user` is a member of and the rest, by the
+    /// groups' own member sets (one engine round trip).
+    async fn split_members(
+        &self,
+        user: &str,
+        groups: Vec<Arc<str>>,
+    ) -> Result<(Vec<Arc<str>>, Vec<Arc<str>>), ChatError> {
+        let ids: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let found = self.engine.groups(&ids).await?;
+        let (members, rest): (Vec<_>, Vec<_>) = groups.into_iter().zip(found).partition(|(_, g)| {
+            g.as_ref().is_some_and(|g| g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok())
+        });
+        Ok((members.into_iter().map(|(g, _)| g).collect(), rest.into_iter().map(|(g, _)| g).collect()))
     }
 }
 

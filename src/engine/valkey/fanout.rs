@@ -62,10 +62,8 @@ pub(super) async fn receive(inner: Arc<Inner>) {
                 };
                 // A local user joined a group: subscribe to it before they hear
                 // of it, so nothing sent after the event can be missed.
-                if let Some((conv, true)) = &joined
-                    && let Err(e) = inner.subscribe(&[Topic::Conv(conv.clone())]).await
-                {
-                    tracing::warn!(error = %e, conversation = %conv, "subscribe after join failed");
+                if let Some((conv, true)) = &joined {
+                    subscribe_joined(&inner, conv).await;
                 }
                 let n = span.in_scope(|| inner.hub.dispatch(&topic, &event));
                 span.record("recipients", n);
@@ -74,11 +72,7 @@ pub(super) async fn receive(inner: Arc<Inner>) {
                     // Again now that the hub wants it: an unsubscribe that
                     // decided before the dispatch (a connection closing, a
                     // connect dropping a stale group) may have run meanwhile.
-                    Some((conv, true)) => {
-                        if let Err(e) = inner.subscribe(&[Topic::Conv(conv.clone())]).await {
-                            tracing::warn!(error = %e, conversation = %conv, "subscribe after join failed");
-                        }
-                    }
+                    Some((conv, true)) => subscribe_joined(&inner, &conv).await,
                     Some((_, false)) => inner.clone().reconcile(),
                     None => {}
                 }
@@ -90,6 +84,14 @@ pub(super) async fn receive(inner: Arc<Inner>) {
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// Subscribes this node to a group a local user joined (logged on failure:
+/// the user's clients see the gap by seq and sync).
+async fn subscribe_joined(inner: &Inner, conv: &Arc<str>) {
+    if let Err(e) = inner.subscribe(&[Topic::Conv(conv.clone())]).await {
+        tracing::warn!(error = %e, conversation = %conv, "subscribe after join failed");
     }
 }
 
