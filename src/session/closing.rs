@@ -75,7 +75,9 @@ pub async fn finish<S>(
             if code != close::NORMAL {
                 metrics::close(code);
             }
-            let sent = timeout(write_timeout, async {
+            // Each step is bounded by progress, not in total: a slow reader
+            // that keeps reading gets its close frame.
+            let sent: io::Result<()> = async {
                 if let Some((out, conn, rx)) = queued {
                     if code == close::TRY_LATER {
                         // A slow consumer's backlog is dropped; a frame cut
@@ -89,13 +91,13 @@ pub async fn finish<S>(
                             out.push(f);
                         }
                     }
-                    ws.flush().await.map_err(|_| ())?;
-                    out.write_to(ws.get_mut()).await.map_err(|_| ())?;
+                    stalled(write_timeout, ws.flush()).await?;
+                    out.write_to(ws.get_mut(), write_timeout).await?;
                 }
-                ws.send(close_message(code)).await.map_err(|_| ())
-            })
+                stalled(write_timeout, ws.send(close_message(code))).await
+            }
             .await;
-            if !matches!(sent, Ok(Ok(()))) {
+            if sent.is_err() {
                 // The close frame cannot be written (the peer stopped reading,
                 // perhaps inside a frame): drop the connection.
                 ws.get_ref().reset();

@@ -31,7 +31,7 @@ use closing::read_error;
 pub use closing::{End, finish};
 use hello::authenticate;
 
-use std::{sync::Arc, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -57,7 +57,7 @@ use crate::{
     node::Node,
     protocol::{self, Ack, Command, Inbound, Outgoing, Refreshed, ServerFrame, Text, UserRef, Welcome, close, kind},
 };
-use writer::Writer;
+use writer::{Writer, stalled};
 
 /// The byte stream under a session.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
@@ -162,14 +162,12 @@ where
     metrics::frames_out(ty, 1);
     let mut w = Writer::default();
     w.push(frame);
-    let ok = matches!(
-        timeout(within, async {
-            ws.flush().await.map_err(|_| ())?;
-            w.write_to(ws.get_mut()).await.map_err(|_| ())
-        })
-        .await,
-        Ok(Ok(()))
-    );
+    let ok = async {
+        stalled(within, ws.flush()).await?;
+        w.write_to(ws.get_mut(), within).await
+    }
+    .await
+    .is_ok();
     if !ok {
         ws.get_ref().reset();
     }
@@ -230,13 +228,13 @@ impl Session<'_> {
                     let written = tokio::select! {
                         biased;
                         _ = self.conn.closer.closed() => None,
-                        r = timeout(write_timeout, write_batch(ws, out, rx, self.conn, frame)) => Some(r),
+                        r = write_batch(ws, out, rx, self.conn, frame, write_timeout) => Some(r),
                     };
                     match written {
                         None => return End::Close(self.conn.closer.code().unwrap_or(close::NORMAL)),
-                        Some(Ok(true)) => {}
-                        Some(Ok(false)) => return End::Gone,
-                        Some(Err(_)) => return End::Stalled,
+                        Some(Ok(())) => {}
+                        Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return End::Stalled,
+                        Some(Err(_)) => return End::Gone,
                     }
                 }
                 _ = ping.tick() => {
@@ -404,7 +402,8 @@ async fn write_batch<S>(
     rx: &mut mpsc::Receiver<Outgoing>,
     conn: &Conn,
     first: Outgoing,
-) -> bool
+    stall: Duration,
+) -> io::Result<()>
 where
     S: Transport,
 {
@@ -424,10 +423,8 @@ where
         n += 1;
     }
     // A control frame the WebSocket layer holds (a pong) goes first, whole.
-    if ws.flush().await.is_err() {
-        return false;
-    }
-    out.write_to(ws.get_mut()).await.is_ok()
+    stalled(stall, ws.flush()).await?;
+    out.write_to(ws.get_mut(), stall).await
 }
 
 #[cfg(test)]

@@ -13,9 +13,12 @@
 //! two system calls (a close decided meanwhile, a deadline) knows whether it
 //! stopped inside a frame: the close frame may only follow a whole frame.
 
-use std::{collections::VecDeque, io, io::IoSlice};
+use std::{collections::VecDeque, io, io::IoSlice, time::Duration};
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    time::timeout,
+};
 
 use crate::protocol::Outgoing;
 
@@ -85,8 +88,12 @@ impl Writer {
     }
 
     /// Writes every frame and flushes. Cancel-safe between system calls:
-    /// what was written stays accounted for.
-    pub async fn write_to<S: AsyncWrite + Unpin>(&mut self, io: &mut S) -> io::Result<()> {
+    /// what was written stays accounted for. A system call that accepts no
+    /// byte within `stall` fails with [`io::ErrorKind::TimedOut`]: the bound
+    /// is on progress (PROTOCOL v1.1: "a socket write that makes no progress
+    /// for `limits.write_timeout_s`"), so a slow reader that keeps reading is
+    /// never cut off in the middle of a long backlog.
+    pub async fn write_to<S: AsyncWrite + Unpin>(&mut self, io: &mut S, stall: Duration) -> io::Result<()> {
         while !self.frames.is_empty() {
             let n = {
                 let mut slices = Vec::with_capacity(3 * self.frames.len().min(SLICES_FRAMES));
@@ -102,14 +109,14 @@ impl Writer {
                         skip = 0;
                     }
                 }
-                io.write_vectored(&slices).await?
+                stalled(stall, io.write_vectored(&slices)).await?
             };
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             self.advance(n);
         }
-        io.flush().await
+        stalled(stall, io.flush()).await
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -125,6 +132,20 @@ impl Writer {
                 n = 0;
             }
         }
+    }
+}
+
+/// Runs one socket operation, failing with [`io::ErrorKind::TimedOut`] when
+/// it makes no progress within `stall`.
+/// (Errors of the operation itself come back as [`io::ErrorKind::Other`].)
+pub(super) async fn stalled<T, E>(stall: Duration, op: impl Future<Output = Result<T, E>>) -> io::Result<T>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match timeout(stall, op).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(io::Error::other(e)),
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
 }
 
@@ -149,7 +170,7 @@ mod tests {
         for b in &bodies {
             w.push(Text::from(b.clone()));
         }
-        w.write_to(&mut server).await.unwrap();
+        w.write_to(&mut server, Duration::from_secs(5)).await.unwrap();
         assert!(w.is_empty() && !w.mid_frame());
         let mut c = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
         for b in &bodies {
@@ -174,7 +195,7 @@ mod tests {
                 }
             }
         });
-        w.write_to(&mut server).await.unwrap();
+        w.write_to(&mut server, Duration::from_secs(5)).await.unwrap();
         drop(server);
         let got = reader.await.unwrap();
         assert_eq!(got, [&[0x81, 12][..], b"hello, world", &[0x81, 5], b"again"].concat());
@@ -193,9 +214,42 @@ mod tests {
             client.read_to_end(&mut all).await.unwrap();
             all
         });
-        w.write_to(&mut server).await.unwrap();
+        w.write_to(&mut server, Duration::from_secs(5)).await.unwrap();
         drop(server);
         assert_eq!(reader.await.unwrap(), [&[0x81, 5][..], b"[1,3]", &[0x81, 7], b"[1,2,3]"].concat());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stall_bound_is_on_progress_not_on_the_whole_write() {
+        // A reader that takes 16 bytes every 300 ms: the whole write takes far
+        // longer than the 1 s bound, but no single step waits that long.
+        let (mut server, mut client) = tokio::io::duplex(16);
+        let mut w = Writer::default();
+        w.push(Text::from("x".repeat(400)));
+        let slow = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 16];
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                match client.read(&mut buf).await.unwrap() {
+                    0 => return all.len(),
+                    n => all.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        let started = tokio::time::Instant::now();
+        w.write_to(&mut server, Duration::from_secs(1)).await.unwrap();
+        assert!(started.elapsed() > Duration::from_secs(5), "the write was slow on purpose");
+        drop(server);
+        assert_eq!(slow.await.unwrap(), 404, "header (4 bytes) and payload");
+
+        // A reader that stops: the write ends after the bound, mid-frame.
+        let (mut server, _client) = tokio::io::duplex(16);
+        let mut w = Writer::default();
+        w.push(Text::from("x".repeat(400)));
+        let err = w.write_to(&mut server, Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(w.mid_frame());
     }
 
     #[test]
