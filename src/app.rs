@@ -43,7 +43,8 @@ pub async fn build(cfg: Config) -> anyhow::Result<Arc<Node>> {
     let cfg = Arc::new(cfg);
     let hub = Hub::new();
     let engine = engine(&cfg, hub.clone()).await?;
-    Ok(Node::new(cfg, engine, hub))
+    let webhooks = crate::webhooks::Webhooks::new(&cfg.webhooks, engine.outbox())?;
+    Ok(Node::with_webhooks(cfg, engine, hub, webhooks))
 }
 
 /// The listeners of a node: public (`server.listen`) and, when
@@ -104,6 +105,7 @@ pub async fn serve(node: Arc<Node>, listeners: Listeners, shutdown: impl Future<
             }
         })
     };
+    let webhooks = node.spawn_webhooks();
     let maintenance = node.maintenance_interval().map(|every| {
         let node = node.clone();
         tokio::spawn(async move {
@@ -137,6 +139,11 @@ pub async fn serve(node: Arc<Node>, listeners: Listeners, shutdown: impl Future<
     batches.abort();
     if let Some(m) = maintenance {
         m.abort();
+    }
+    // Unfinished deliveries: on Valkey another node (or this one, restarted)
+    // claims them; in process they are lost, as documented.
+    for t in webhooks {
+        t.abort();
     }
     node.shutdown_engine().await;
     stop_http.cancel();

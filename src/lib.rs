@@ -20,7 +20,8 @@
 //!   connect-time ordering rule, presence announcements, disconnects;
 //!   `reads.rs`: history/sync pages bounded in bytes, presence queries, the
 //!   conversation list; `groups.rs`: the service API's group operations and
-//!   the engine door.
+//!   the engine door; `webhooks.rs`: which action makes which webhook event,
+//!   and the `message.unread` check.
 //! - [`hub`]: local fan-out with bounded per-connection queues (frames and
 //!   bytes); `batch.rs`: batching of presence and receipts in large
 //!   conversations.
@@ -40,6 +41,10 @@
 //! - [`transport`]: the public and internal routers, the accept loop
 //!   (header timeout, connection caps), the WebSocket upgrade, service API,
 //!   health.
+//! - [`webhooks`]: signed webhooks to the CRM backend: the hand-off queue,
+//!   the [`webhooks::Outbox`] contract (in process here, a Valkey stream with
+//!   a consumer group in `engine/valkey/outbox.rs`), delivery with backoff,
+//!   Standard Webhooks signatures.
 //! - [`app`]: wiring, listener, drain on SIGTERM.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
 //!
@@ -59,3 +64,4 @@ pub mod protocol;
 pub mod session;
 pub mod telemetry;
 pub mod transport;
+pub mod webhooks;

@@ -15,6 +15,12 @@ pub fn install(node_id: &str) -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .add_global_label("node", node_id)
+                // From an event to its delivery: retries stretch it to hours.
+                .set_buckets_for_metric(
+                    Matcher::Full("chat_webhook_delivery_seconds".into()),
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0, 86400.0],
+                )
+                .expect("static buckets are valid")
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
                     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
@@ -86,6 +92,15 @@ fn describe() {
     describe_counter!("chat_valkey_errors_total", "Valkey script calls that failed, by script");
     describe_counter!("chat_pubsub_reconnects_total", "Reconnects of this node's pub/sub connection");
     describe_counter!("chat_pubsub_resent_total", "Messages re-sent to local clients after missed pub/sub traffic");
+    describe_counter!("chat_webhooks_queued_total", "Webhook events queued for delivery, by type");
+    describe_counter!("chat_webhooks_delivered_total", "Webhook events delivered (2xx) by this node");
+    describe_counter!("chat_webhooks_retried_total", "Webhook delivery attempts that failed and will be retried");
+    describe_counter!(
+        "chat_webhooks_dropped_total",
+        "Webhook events given up, by reason (expired: older than webhooks.max_age_s; outbox_full: oldest \
+         dropped past webhooks.outbox_max; queue_full: the node's hand-off queue was full)"
+    );
+    describe_histogram!("chat_webhook_delivery_seconds", "From a webhook event to its delivery (2xx)");
 }
 
 /// Frame types counted by [`frame_in`] / [`frame_out`].
@@ -189,4 +204,18 @@ pub fn pubsub_reconnect() {
 }
 pub fn pubsub_resent(n: u64) {
     counter!("chat_pubsub_resent_total").increment(n);
+}
+
+pub fn webhook_queued(ty: &'static str) {
+    counter!("chat_webhooks_queued_total", "type" => ty).increment(1);
+}
+pub fn webhook_delivered(latency_s: f64) {
+    counter!("chat_webhooks_delivered_total").increment(1);
+    histogram!("chat_webhook_delivery_seconds").record(latency_s);
+}
+pub fn webhook_retried() {
+    counter!("chat_webhooks_retried_total").increment(1);
+}
+pub fn webhook_dropped(reason: &'static str, n: u64) {
+    counter!("chat_webhooks_dropped_total", "reason" => reason).increment(n);
 }

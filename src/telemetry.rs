@@ -158,3 +158,23 @@ pub fn join_remote(span: &tracing::Span, traceparent: &str) {
     let cx = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(cx);
 }
+
+/// Links `span` to the span named by a `traceparent` (a cause in another
+/// trace: the message whose webhook `span` delivers).
+pub fn link_remote(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
+/// The W3C `traceparent` of `span`, when it is traced.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    METER.get()?;
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.remove("traceparent")
+}

@@ -175,6 +175,7 @@ impl Config {
         if v.key_prefix.is_empty() || v.key_prefix.contains(['{', '}', ' ']) {
             return Err(err("valkey.key_prefix", "non-empty, without braces or spaces"));
         }
+        self.validate_webhooks()?;
         if !(0.0..=1.0).contains(&self.otel.sample_ratio) {
             return Err(err("otel.sample_ratio", "must be between 0.0 and 1.0"));
         }
@@ -182,6 +183,52 @@ impl Config {
             && tracing_subscriber::EnvFilter::try_new(lvl).is_err()
         {
             return Err(err("log.level", format!("'{lvl}' is not a tracing filter")));
+        }
+        Ok(())
+    }
+
+    fn validate_webhooks(&mut self) -> Result<(), ConfigError> {
+        use crate::webhooks::EventType;
+        let w = &mut self.webhooks;
+        if w.events.is_empty() {
+            w.events = EventType::ALL.iter().filter(|t| !t.is_presence()).map(|t| t.as_str().to_string()).collect();
+        }
+        for e in &w.events {
+            if EventType::parse(e).is_none() {
+                let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+                return Err(err("webhooks.events", format!("unknown event '{e}' (known: {})", known.join(", "))));
+            }
+        }
+        let Some(url) = &w.url else { return Ok(()) };
+        let parsed = reqwest::Url::parse(url.expose()).map_err(|e| err("webhooks.url", format!("not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(err("webhooks.url", "must be an http:// or https:// URL with a host"));
+        }
+        match &w.secret {
+            None => return Err(err("webhooks.secret", "required with webhooks.url (at least 32 bytes)")),
+            Some(s) => match crate::webhooks::signing_key(s.expose()) {
+                Ok(k) if k.len() >= 32 => {}
+                Ok(_) => return Err(err("webhooks.secret", "must be at least 32 bytes (e.g. `openssl rand -hex 32`)")),
+                Err(why) => return Err(err("webhooks.secret", why)),
+            },
+        }
+        if w.timeout_ms == 0 || w.timeout_ms > 60_000 {
+            return Err(err("webhooks.timeout_ms", "must be between 1 and 60000"));
+        }
+        if w.max_age_s == 0 {
+            return Err(err("webhooks.max_age_s", "must be at least 1"));
+        }
+        if w.unread_after_s == 0 {
+            return Err(err("webhooks.unread_after_s", "must be at least 1"));
+        }
+        if w.max_backoff_s == 0 {
+            return Err(err("webhooks.max_backoff_s", "must be at least 1"));
+        }
+        if w.outbox_max == 0 {
+            return Err(err("webhooks.outbox_max", "must be at least 1"));
+        }
+        if w.concurrency == 0 || w.concurrency > 1024 {
+            return Err(err("webhooks.concurrency", "must be between 1 and 1024"));
         }
         Ok(())
     }

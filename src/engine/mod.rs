@@ -337,6 +337,12 @@ pub trait Engine: MessageStore + Groups + Broker + Presence {
         None
     }
 
+    /// The webhook outbox shared by every node of the cluster; `None`: each
+    /// node keeps one in process memory (see [`crate::webhooks`]).
+    fn outbox(&self) -> Option<Arc<dyn crate::webhooks::Outbox>> {
+        None
+    }
+
     /// Stops background work (leases, subscriptions) before exit.
     async fn shutdown(&self);
 }

@@ -90,7 +90,9 @@ impl Node {
         title: &str,
         members: Vec<String>,
     ) -> Result<MembershipChange, ChatError> {
-        Ok(self.engine.put_group(conversation, title, members).await?)
+        let change = self.engine.put_group(conversation, title, members).await?;
+        self.on_conversation(&change.conversation);
+        Ok(change)
     }
 
     /// Adds and removes members of a group; `None` when it does not exist.
@@ -100,7 +102,11 @@ impl Node {
         add: Vec<String>,
         remove: Vec<String>,
     ) -> Result<Option<MembershipChange>, ChatError> {
-        Ok(self.engine.update_group(conversation, add, remove).await?)
+        let change = self.engine.update_group(conversation, add, remove).await?;
+        if let Some(c) = &change {
+            self.on_conversation(&c.conversation);
+        }
+        Ok(change)
     }
 
     /// Whether a group conversation exists.

@@ -15,6 +15,7 @@ use std::{
 mod groups;
 mod reads;
 mod sessions;
+mod webhooks;
 
 use parking_lot::Mutex;
 
@@ -77,6 +78,8 @@ pub struct Node {
     typing_seen: Mutex<HashMap<UserConversation, Instant>>,
     /// conversation -> (member count, when read): decides batching.
     member_counts: Mutex<HashMap<Arc<str>, (usize, Instant)>>,
+    /// Webhooks to the CRM backend, when `webhooks.url` is set.
+    webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 /// A (user, conversation) pair.
@@ -126,6 +129,16 @@ fn title_case(id: &str) -> String {
 
 impl Node {
     pub fn new(cfg: Arc<Config>, engine: Arc<dyn Engine>, hub: Arc<Hub>) -> Arc<Node> {
+        Self::with_webhooks(cfg, engine, hub, None)
+    }
+
+    /// A node that sends `webhooks` (see [`crate::webhooks::Webhooks::new`]).
+    pub fn with_webhooks(
+        cfg: Arc<Config>,
+        engine: Arc<dyn Engine>,
+        hub: Arc<Hub>,
+        webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    ) -> Arc<Node> {
         let l = &cfg.limits;
         let quota = quota(l.send_per_s, l.send_burst);
         Arc::new(Node {
@@ -142,6 +155,7 @@ impl Node {
             cfg,
             engine,
             hub,
+            webhooks,
         })
     }
 
@@ -313,6 +327,8 @@ impl Node {
             _ => None,
         };
         let route = kind.route(conversation);
+        // Kept for the webhook only when it is sent.
+        let hook = self.wants_created().then(|| (body.clone(), client_msg_id.clone()));
         let msg = NewMessage {
             conversation: conversation.to_string(),
             sender: sender.clone(),
@@ -330,6 +346,18 @@ impl Node {
         span.record("seq", appended.seq);
         if !appended.duplicate {
             metrics::message_stored();
+            let (body, client_msg_id) = hook.as_ref().map_or(("", ""), |(b, c)| (b.as_str(), c.as_str()));
+            self.on_stored(
+                &MessageFrame {
+                    conversation,
+                    seq: appended.seq,
+                    ts: appended.ts_ms,
+                    sender: SenderRef { id: &sender.id, name: &sender.name },
+                    body,
+                    client_msg_id,
+                },
+                kind,
+            );
         }
         tracing::debug!(user = %sender.id, conversation, seq = appended.seq, duplicate = appended.duplicate, "message stored");
         Ok(appended)
@@ -356,6 +384,10 @@ impl Node {
         }));
         let batch = self.batched(kind, conversation).await?;
         self.engine.publish(&kind.route(conversation), Event::new(EventKind::Receipt, frame).batched(batch)).await?;
+        // A read mark that rose (a `read` at or below it changes nothing).
+        if read && row.read_seq == seq as u64 {
+            self.on_read(conversation, user, row.read_seq);
+        }
         Ok(())
     }
 

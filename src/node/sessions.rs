@@ -70,6 +70,9 @@ impl Node {
             })
             .collect();
         let came_online = self.engine.presence_up(&user.id).await?;
+        if came_online {
+            self.on_presence(&user.id, true);
+        }
         Ok(OpenSession { entries, came_online, dm_partners })
     }
 
@@ -85,6 +88,7 @@ impl Node {
         }
         match self.engine.presence_down(&conn.user).await {
             Ok(true) => {
+                self.on_presence(&conn.user, false);
                 if let Err(e) = self.announce_presence(&conn.user, false, &convs, dm_partners).await {
                     tracing::debug!(error = %e, "presence announcement failed");
                 }
@@ -133,6 +137,7 @@ impl Node {
     /// A user whose node stopped answering went offline: tell their
     /// conversations (read from storage, as no session of theirs is here).
     pub async fn announce_offline(&self, user: &str) -> Result<(), ChatError> {
+        self.on_presence(user, false);
         let entries = self.conversations_for(user).await?;
         let mut convs = Vec::new();
         let mut partners = Vec::new();

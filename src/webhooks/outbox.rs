@@ -1,0 +1,272 @@
+//! Where events wait for delivery: the [`Outbox`] contract and the embedded
+//! engine's in-process outbox. The Valkey engine's (a stream with a consumer
+//! group, shared by every node) is in `engine/valkey/outbox.rs`.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeSet, BinaryHeap, HashMap, VecDeque},
+    sync::Arc,
+};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineResult;
+
+/// One event on its way to the receiver. `body` is fixed when the event is
+/// made: every attempt sends the same bytes under the same `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// `webhook-id`: the receiver deduplicates by it.
+    pub id: String,
+    /// When the event happened (ms since the epoch): its age decides when it
+    /// is given up, and delivery latency is measured from it.
+    pub created_ms: i64,
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// The JSON body: `{"type","timestamp","data"}`.
+    pub body: String,
+    /// The W3C `traceparent` of the action that made the event, so the
+    /// delivery span links to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
+}
+
+/// An event this node took for delivery. `handle` is the outbox's own
+/// reference to it (the stream entry id on Valkey).
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub envelope: Envelope,
+    pub handle: String,
+}
+
+/// Events waiting for delivery, and the `message.unread` schedule.
+///
+/// # Contract
+/// - [`push`](Outbox::push) keeps at most `max` events waiting (ready and
+///   scheduled for retry together); past it the oldest are dropped, and
+///   their number is returned.
+/// - An event is handed out by [`take`](Outbox::take) to one node at a time.
+///   It is handed out again only after [`retry`](Outbox::retry) comes due,
+///   or — on an outbox shared by several nodes — when the node that took it
+///   left it unfinished for `claim_idle` (the node died): at least once,
+///   never lost while the outbox's storage lasts.
+/// - [`done`](Outbox::done) forgets an event for good.
+/// - The unread schedule keeps one due time per conversation, the earliest
+///   asked for; [`due_unread`](Outbox::due_unread) hands each due
+///   conversation to one node and forgets it.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Queues events. Returns how many older events were dropped to stay
+    /// within `max`.
+    async fn push(&self, events: &[Envelope], max: usize) -> EngineResult<u64>;
+
+    /// Up to `max` events for this node to deliver now: due retries, events
+    /// left unfinished by a dead node (taken more than `claim_idle_ms` ago),
+    /// then new ones.
+    async fn take(&self, max: usize, claim_idle_ms: u64) -> EngineResult<Vec<Claimed>>;
+
+    /// Delivered, or given up.
+    async fn done(&self, event: &Claimed) -> EngineResult<()>;
+
+    /// Failed: hand it out again at `due_ms` (its `attempt` already raised).
+    async fn retry(&self, event: &Claimed, due_ms: i64) -> EngineResult<()>;
+
+    /// Asks for a `message.unread` check of `conversation` at `due_ms` (or
+    /// earlier, if one is due earlier already).
+    async fn schedule_unread(&self, conversation: &str, due_ms: i64) -> EngineResult<()>;
+
+    /// Conversations whose check is due at `now_ms`, at most `max`; each is
+    /// handed to one node and leaves the schedule.
+    async fn due_unread(&self, now_ms: i64, max: usize) -> EngineResult<Vec<String>>;
+
+    /// Per member of `conversation`: the last seq they were notified about and when (ms).
+    async fn unread_notified(&self, conversation: &str) -> EngineResult<HashMap<String, (u64, i64)>>;
+
+    /// Records that `user` was notified about `conversation` up to `seq` at `at_ms`.
+    async fn set_unread_notified(&self, conversation: &str, user: &str, seq: u64, at_ms: i64) -> EngineResult<()>;
+}
+
+/// The embedded engine's outbox: in process memory, so events not delivered
+/// yet are lost when the process stops (the README says so).
+#[derive(Default)]
+pub struct MemoryOutbox {
+    inner: Mutex<MemoryState>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    ready: VecDeque<Envelope>,
+    /// (due ms, sequence number) -> event; the sequence keeps equal due times apart.
+    retries: BinaryHeap<Reverse<(i64, u64)>>,
+    waiting: HashMap<u64, Envelope>,
+    next: u64,
+    /// Unread checks: (due, conversation), and conversation -> due.
+    unread: BTreeSet<(i64, Arc<str>)>,
+    unread_due: HashMap<Arc<str>, i64>,
+    notified: HashMap<String, HashMap<String, (u64, i64)>>,
+}
+
+impl MemoryState {
+    fn len(&self) -> usize {
+        self.ready.len() + self.waiting.len()
+    }
+
+    /// Drops the oldest events (by creation) until at most `max` wait.
+    fn trim(&mut self, max: usize) -> u64 {
+        let mut dropped = 0;
+        while self.len() > max {
+            // The oldest ready event, or the oldest waiting for a retry.
+            let oldest_retry = self.waiting.iter().min_by_key(|(_, e)| e.created_ms).map(|(k, e)| (*k, e.created_ms));
+            match (self.ready.front().map(|e| e.created_ms), oldest_retry) {
+                (Some(r), Some((k, w))) if w < r => {
+                    self.waiting.remove(&k);
+                }
+                (Some(_), _) => {
+                    self.ready.pop_front();
+                }
+                (None, Some((k, _))) => {
+                    self.waiting.remove(&k);
+                }
+                (None, None) => break,
+            }
+            dropped += 1;
+        }
+        dropped
+    }
+}
+
+#[async_trait]
+impl Outbox for MemoryOutbox {
+    async fn push(&self, events: &[Envelope], max: usize) -> EngineResult<u64> {
+        let mut s = self.inner.lock();
+        s.ready.extend(events.iter().cloned());
+        Ok(s.trim(max))
+    }
+
+    async fn take(&self, max: usize, _claim_idle_ms: u64) -> EngineResult<Vec<Claimed>> {
+        let now = crate::protocol::now_ms();
+        let mut s = self.inner.lock();
+        let mut out = Vec::new();
+        while out.len() < max {
+            match s.retries.peek() {
+                Some(Reverse((due, _))) if *due <= now => {}
+                _ => break,
+            }
+            let Some(Reverse((_, k))) = s.retries.pop() else { break };
+            // Gone when it was trimmed meanwhile.
+            if let Some(e) = s.waiting.remove(&k) {
+                out.push(Claimed { envelope: e, handle: String::new() });
+            }
+        }
+        while out.len() < max {
+            let Some(e) = s.ready.pop_front() else { break };
+            out.push(Claimed { envelope: e, handle: String::new() });
+        }
+        Ok(out)
+    }
+
+    async fn done(&self, _event: &Claimed) -> EngineResult<()> {
+        Ok(())
+    }
+
+    async fn retry(&self, event: &Claimed, due_ms: i64) -> EngineResult<()> {
+        let mut s = self.inner.lock();
+        let k = s.next;
+        s.next += 1;
+        s.waiting.insert(k, event.envelope.clone());
+        s.retries.push(Reverse((due_ms, k)));
+        Ok(())
+    }
+
+    async fn schedule_unread(&self, conversation: &str, due_ms: i64) -> EngineResult<()> {
+        let mut s = self.inner.lock();
+        let key: Arc<str> = conversation.into();
+        match s.unread_due.get(&key) {
+            Some(&d) if d <= due_ms => {}
+            Some(&d) => {
+                s.unread.remove(&(d, key.clone()));
+                s.unread.insert((due_ms, key.clone()));
+                s.unread_due.insert(key, due_ms);
+            }
+            None => {
+                s.unread.insert((due_ms, key.clone()));
+                s.unread_due.insert(key, due_ms);
+            }
+        }
+        Ok(())
+    }
+
+    async fn due_unread(&self, now_ms: i64, max: usize) -> EngineResult<Vec<String>> {
+        let mut s = self.inner.lock();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((due, c)) = s.unread.first().cloned() else { break };
+            if due > now_ms {
+                break;
+            }
+            s.unread.pop_first();
+            s.unread_due.remove(&c);
+            out.push(c.to_string());
+        }
+        Ok(out)
+    }
+
+    async fn unread_notified(&self, conversation: &str) -> EngineResult<HashMap<String, (u64, i64)>> {
+        Ok(self.inner.lock().notified.get(conversation).cloned().unwrap_or_default())
+    }
+
+    async fn set_unread_notified(&self, conversation: &str, user: &str, seq: u64, at_ms: i64) -> EngineResult<()> {
+        self.inner.lock().notified.entry(conversation.to_string()).or_default().insert(user.to_string(), (seq, at_ms));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(id: &str, created_ms: i64) -> Envelope {
+        Envelope { id: id.into(), created_ms, attempt: 0, body: "{}".into(), trace: None }
+    }
+
+    #[tokio::test]
+    async fn the_oldest_events_are_dropped_past_the_bound() {
+        let o = MemoryOutbox::default();
+        assert_eq!(o.push(&[env("a", 1), env("b", 2)], 3).await.unwrap(), 0);
+        let a = o.take(1, 0).await.unwrap().remove(0);
+        assert_eq!(a.envelope.id, "a");
+        // "a" waits for a retry far away: it still counts toward the bound.
+        o.retry(&a, i64::MAX).await.unwrap();
+        assert_eq!(o.push(&[env("c", 3), env("d", 4)], 3).await.unwrap(), 1, "a, the oldest, goes");
+        let ids: Vec<String> = o.take(10, 0).await.unwrap().into_iter().map(|c| c.envelope.id).collect();
+        assert_eq!(ids, ["b", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn a_retry_comes_back_when_due_and_not_before() {
+        let o = MemoryOutbox::default();
+        o.push(&[env("a", 1)], 10).await.unwrap();
+        let a = o.take(1, 0).await.unwrap().remove(0);
+        assert!(o.take(1, 0).await.unwrap().is_empty(), "taken: not handed out twice");
+        o.retry(&a, crate::protocol::now_ms() + 60_000).await.unwrap();
+        assert!(o.take(1, 0).await.unwrap().is_empty(), "not due yet");
+        let b = o.take(1, 0).await.unwrap();
+        assert!(b.is_empty());
+        o.retry(&a, 0).await.unwrap();
+        assert_eq!(o.take(5, 0).await.unwrap().len(), 1, "the due copy comes back");
+    }
+
+    #[tokio::test]
+    async fn the_unread_schedule_keeps_the_earliest_time_per_conversation() {
+        let o = MemoryOutbox::default();
+        o.schedule_unread("c", 200).await.unwrap();
+        o.schedule_unread("c", 300).await.unwrap();
+        o.schedule_unread("d", 100).await.unwrap();
+        o.schedule_unread("c", 150).await.unwrap();
+        assert!(o.due_unread(99, 10).await.unwrap().is_empty());
+        assert_eq!(o.due_unread(160, 10).await.unwrap(), ["d", "c"]);
+        assert!(o.due_unread(1000, 10).await.unwrap().is_empty(), "each is handed out once");
+    }
+}
