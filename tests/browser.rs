@@ -167,7 +167,7 @@ impl Chromedriver {
             port,
             url: format!("http://127.0.0.1:{port}"),
             chrome,
-            http: reqwest::Client::new(),
+            http: common::http_client(),
             sessions: Arc::default(),
             profiles: Mutex::default(),
         };

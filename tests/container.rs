@@ -362,7 +362,7 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
     let t0 = Instant::now();
     let base = base_url();
     let internal = internal_url();
-    let http = reqwest::Client::new();
+    let http = common::http_client();
 
     // The stack is up: nginx answers and a replica is ready.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -24,7 +24,7 @@ fn token(claims: serde_json::Value) -> String {
 }
 
 async fn status(url: &str, headers: &[(&str, String)]) -> u16 {
-    let mut req = reqwest::Client::new().get(url);
+    let mut req = common::http_client().get(url);
     for (k, v) in headers {
         req = req.header(*k, v);
     }

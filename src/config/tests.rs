@@ -156,3 +156,32 @@ fn secrets_are_redacted() {
         Ok(())
     });
 }
+
+#[test]
+fn webhooks_need_a_long_secret_and_known_events() {
+    Jail::expect_with(|jail| {
+        let c = Config::load(None).unwrap();
+        assert!(c.webhooks.url.is_none());
+        assert!(c.webhooks.events.contains(&"message.unread".to_string()), "{:?}", c.webhooks.events);
+        assert!(!c.webhooks.events.iter().any(|e| e.starts_with("user.")), "presence is off by default");
+        jail.set_env("CHAT_WEBHOOKS__URL", "https://crm.example/hooks/chat");
+        assert_eq!(Config::load(None).unwrap_err().key, "webhooks.secret");
+        jail.set_env("CHAT_WEBHOOKS__SECRET", "short");
+        assert!(Config::load(None).unwrap_err().problem.contains("32 bytes"));
+        // whsec_ + base64 of 24 bytes: too short a key once decoded.
+        jail.set_env("CHAT_WEBHOOKS__SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        assert!(Config::load(None).unwrap_err().problem.contains("32 bytes"));
+        jail.set_env("CHAT_WEBHOOKS__SECRET", "s".repeat(32));
+        jail.set_env("CHAT_WEBHOOKS__EVENTS", "message.created, user.online");
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.webhooks.events, ["message.created", "user.online"]);
+        jail.set_env("CHAT_WEBHOOKS__EVENTS", "[\"message.read\"]");
+        assert_eq!(Config::load(None).unwrap().webhooks.events, ["message.read"]);
+        jail.set_env("CHAT_WEBHOOKS__EVENTS", "message.deleted");
+        assert_eq!(Config::load(None).unwrap_err().key, "webhooks.events");
+        jail.set_env("CHAT_WEBHOOKS__EVENTS", "message.read");
+        jail.set_env("CHAT_WEBHOOKS__URL", "ftp://crm.example/");
+        assert_eq!(Config::load(None).unwrap_err().key, "webhooks.url");
+        Ok(())
+    });
+}

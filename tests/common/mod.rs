@@ -28,6 +28,13 @@ use tokio_tungstenite::{
 
 pub use process::{API_KEY, JWT_SECRET, TIMEOUT};
 
+/// An HTTP client for the tests (the server's reqwest brings rustls without
+/// a default crypto provider: ring, as in the server).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// One `crm-chat` process.
 pub struct Server {
     child: Option<Child>,
@@ -56,7 +63,7 @@ impl Server {
             child: Some(p.child),
             addr: p.addr,
             internal: p.internal,
-            http: reqwest::Client::new(),
+            http: http_client(),
             stderr_tail: p.stderr_tail,
         })
     }

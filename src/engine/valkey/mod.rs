@@ -14,6 +14,10 @@
 //! - `<p>:{u:<user>}:convs` set: the user's groups and direct conversations
 //! - `<p>:{presence}:nodes` / `<p>:{presence}:n:<node>`: node leases and
 //!   per-node connection counts
+//! - `<p>:{wh}:out` stream (consumer group `delivery`), `<p>:{wh}:retry`,
+//!   `<p>:{wh}:retry:age` sorted sets and `<p>:{wh}:retry:e` hash: the
+//!   webhook outbox; `<p>:{wh}:unread` sorted set and
+//!   `<p>:{wh}:unread:n:<id>` hashes: the `message.unread` schedule
 //!
 //! # Fan-out
 //! Channels `<p>:{c:<id>}:ev` (open and group conversations) and
@@ -43,13 +47,15 @@
 //! - `store.rs` ([`MessageStore`](super::MessageStore)), `groups.rs`
 //!   ([`Groups`](super::Groups)), `fanout.rs` ([`Broker`](super::Broker),
 //!   receive loop, missed-traffic recovery), `presence.rs`
-//!   ([`Presence`](super::Presence), leases, sweep).
+//!   ([`Presence`](super::Presence), leases, sweep), `outbox.rs` (the
+//!   webhook [`Outbox`](crate::webhooks::Outbox)).
 //! - `scripts.rs` and `lua/`: the atomic scripts.
 
 mod errors;
 mod fanout;
 mod groups;
 mod keys;
+mod outbox;
 mod payload;
 mod presence;
 mod scripts;
@@ -246,6 +252,10 @@ impl Engine for ValkeyEngine {
 
     fn maintenance_interval(&self) -> Option<Duration> {
         Some((self.inner.lease / 3).max(Duration::from_millis(500)))
+    }
+
+    fn outbox(&self) -> Option<Arc<dyn crate::webhooks::Outbox>> {
+        Some(Arc::new(outbox::ValkeyOutbox::new(self.inner.clone())))
     }
 
     async fn shutdown(&self) {

@@ -31,6 +31,8 @@ pub struct Scripts {
     pub group: Lua,
     pub presence: Lua,
     pub sweep: Lua,
+    pub outbox: Lua,
+    pub unread: Lua,
 }
 
 impl Scripts {
@@ -41,6 +43,8 @@ impl Scripts {
             group: Lua::new("group", include_str!("lua/group.lua")),
             presence: Lua::new("presence", include_str!("lua/presence.lua")),
             sweep: Lua::new("sweep", include_str!("lua/sweep.lua")),
+            outbox: Lua::new("outbox", include_str!("lua/outbox.lua")),
+            unread: Lua::new("unread", include_str!("lua/unread.lua")),
         }
     }
 }

@@ -1,0 +1,518 @@
+//! Webhooks (PROTOCOL v1.1, *Webhooks*) against a real HTTP receiver on
+//! loopback, on the embedded engine and on two nodes sharing a real Valkey:
+//! every event type once per action, signed (checked by an implementation
+//! written here from the Standard Webhooks text, and by the reference Python
+//! library when `CRM_CHAT_WEBHOOK_PYTHON` names a Python that has it, as
+//! `.ci/run` arranges), nothing lost while the receiver is down or when the
+//! node that queued the events is killed, each event delivered by one node,
+//! and the outbox's bounds.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use common::{Chat, Engine, unique};
+use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+/// 40 bytes: a plain secret is used as its bytes.
+const SECRET: &str = "test-webhook-secret-0123456789-abcdefghij";
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    id: String,
+    timestamp: String,
+    signature: String,
+    body: String,
+    json: Value,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    seen: Mutex<Vec<Seen>>,
+    /// Answer 503 (connections already open when it went down).
+    down: AtomicBool,
+    /// Answer nothing for a long time (then 503): attempts time out.
+    hang: AtomicBool,
+}
+
+/// A real HTTP receiver on 127.0.0.1 that records every request. `down()`
+/// stops listening (connections are refused), `up()` listens again on the
+/// same port.
+struct Receiver {
+    addr: SocketAddr,
+    state: Arc<ReceiverState>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn record(State(s): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if s.hang.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if s.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let body = String::from_utf8(body.to_vec()).expect("utf-8 body");
+    let json = serde_json::from_str(&body).expect("JSON body");
+    s.seen.lock().push(Seen {
+        id: h("webhook-id"),
+        timestamp: h("webhook-timestamp"),
+        signature: h("webhook-signature"),
+        body,
+        json,
+    });
+    StatusCode::NO_CONTENT
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut r = Receiver { addr, state: Arc::default(), task: None };
+        r.serve(listener);
+        r
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let app = axum::Router::new().route("/hook", post(record)).with_state(self.state.clone());
+        self.task = Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }));
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn down(&mut self) {
+        self.state.down.store(true, Ordering::SeqCst);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("the receiver's port again");
+        self.serve(listener);
+        self.state.down.store(false, Ordering::SeqCst);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().clone()
+    }
+
+    fn of_type(&self, ty: &str) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.json["type"] == ty).collect()
+    }
+
+    /// Waits until `pred` holds for what was received, or panics after `within`.
+    async fn wait_for(&self, what: &str, within: Duration, pred: impl Fn(&[Seen]) -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let seen = self.seen();
+            if pred(&seen) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let types: Vec<String> = seen.iter().map(|s| s.json["type"].to_string()).collect();
+                panic!("webhooks: {what} not within {within:?}; received {} events: {types:?}", seen.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The signature check, written from the Standard Webhooks text: HMAC-SHA256
+/// over `id.timestamp.body`, base64, after `v1,`; the timestamp recent.
+fn verify(s: &Seen) -> Result<(), String> {
+    let ts: i64 = s.timestamp.parse().map_err(|_| format!("webhook-timestamp '{}' not a number", s.timestamp))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    if (now - ts).abs() > 300 {
+        return Err(format!("webhook-timestamp {ts} is {}s off", now - ts));
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{}.{}.{}", s.id, s.timestamp, s.body).as_bytes());
+    let expected = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+    if s.signature.split(' ').any(|sig| sig == expected) {
+        Ok(())
+    } else {
+        Err(format!("signature {} != {expected}", s.signature))
+    }
+}
+
+/// The reference library's verdict on every request (none when it is not installed).
+fn verify_with_reference_library(seen: &[Seen]) {
+    let Ok(python) = std::env::var("CRM_CHAT_WEBHOOK_PYTHON") else {
+        eprintln!("CRM_CHAT_WEBHOOK_PYTHON unset: signatures checked by the in-test implementation only");
+        return;
+    };
+    let items: Vec<Value> = seen
+        .iter()
+        .map(|s| json!({"id": s.id, "timestamp": s.timestamp, "signature": s.signature, "body": s.body}))
+        .collect();
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook
+wh = Webhook(sys.argv[1].encode())
+items = json.load(sys.stdin)
+for it in items:
+    wh.verify(it["body"], {"webhook-id": it["id"], "webhook-timestamp": it["timestamp"], "webhook-signature": it["signature"]})
+print(len(items))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script, SECRET])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the reference verifier");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(serde_json::to_string(&items).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the standard-webhooks library refused a signature: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), seen.len().to_string());
+}
+
+fn hook_env<'a>(receiver: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("CHAT_WEBHOOKS__URL", receiver),
+        ("CHAT_WEBHOOKS__SECRET", SECRET),
+        ("CHAT_WEBHOOKS__TIMEOUT_MS", "1000"),
+        ("CHAT_WEBHOOKS__MAX_BACKOFF_S", "2"),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+/// Generates one test per engine: embedded, and two nodes on one Valkey.
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Engine::Memory).await
+                }
+            )*
+        }
+        mod valkey_two_nodes {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Engine::Valkey { nodes: 2 }).await
+                }
+            )*
+        }
+    };
+}
+
+both_engines!(every_event_type_arrives_once_per_action_signed, the_receiver_down_for_30_s_loses_nothing);
+
+async fn every_event_type_arrives_once_per_action_signed(engine: Engine) {
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = engine
+        .start(&hook_env(&url, &[("CHAT_WEBHOOKS__PRESENCE", "true"), ("CHAT_WEBHOOKS__UNREAD_AFTER_S", "2")]))
+        .await;
+    let deal = unique("deal");
+    let (alice_id, bob_id, carol_id) = (unique("alice"), unique("bob"), unique("carol"));
+    chat.put_group(&deal, &[&alice_id, &bob_id, &carol_id]).await;
+    let mut alice = chat.client(&alice_id).await;
+    let mut bob = chat.client(&bob_id).await;
+    let ack = alice.say(&deal, "Hello, deal room").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let seq = ack["seq"].as_u64().unwrap();
+    bob.expect("the message", |v| v["type"] == "message" && v["conversation"] == deal).await;
+    bob.send(json!({"type":"read","conversation":deal,"seq":seq})).await;
+    bob.barrier().await;
+    // A read at the same mark again changes nothing and sends nothing.
+    bob.send(json!({"type":"read","conversation":deal,"seq":seq})).await;
+    bob.barrier().await;
+    // Carol never connects: after 2 s she has not delivered it.
+    receiver
+        .wait_for("message.unread for carol", Duration::from_secs(20), |s| {
+            s.iter().any(|e| e.json["type"] == "message.unread")
+        })
+        .await;
+    alice.close().await;
+    receiver
+        .wait_for("user.offline", Duration::from_secs(10), |s| s.iter().any(|e| e.json["type"] == "user.offline"))
+        .await;
+    // A second window passes: no second notice for the same message.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let seen = receiver.seen();
+    let mut ids = HashMap::new();
+    for s in &seen {
+        *ids.entry(s.id.clone()).or_insert(0) += 1;
+        verify(s).unwrap_or_else(|e| panic!("{e}: {}", s.body));
+        assert!(s.id.starts_with("msg_"), "{}", s.id);
+        assert!(s.json["timestamp"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')), "{}", s.body);
+    }
+    assert!(ids.values().all(|n| *n == 1), "every webhook-id once (receiver always answered 2xx): {ids:?}");
+    verify_with_reference_library(&seen);
+
+    let updated = receiver.of_type("conversation.updated");
+    assert_eq!(updated.len(), 1, "one PUT, one conversation.updated: {updated:?}");
+    assert_eq!(updated[0].json["data"]["id"], deal);
+    assert_eq!(updated[0].json["data"]["members"], json!([&alice_id, &bob_id, &carol_id]));
+
+    let created = receiver.of_type("message.created");
+    assert_eq!(created.len(), 1, "{created:?}");
+    let d = &created[0].json["data"];
+    assert_eq!((d["conversation"].as_str(), d["seq"].as_u64()), (Some(deal.as_str()), Some(seq)));
+    assert_eq!(d["body"], "Hello, deal room");
+    assert_eq!(d["sender"]["id"], alice_id.as_str());
+    assert_eq!(d["ts"], ack["ts"], "the stored message's ts");
+    assert!(d["client_msg_id"].as_str().is_some_and(|c| !c.is_empty()));
+
+    let read = receiver.of_type("message.read");
+    assert_eq!(read.len(), 1, "the repeated read at the same mark sends nothing: {read:?}");
+    assert_eq!(read[0].json["data"], json!({"conversation": deal, "user": bob_id, "read_seq": seq}));
+
+    let unread = receiver.of_type("message.unread");
+    assert_eq!(unread.len(), 1, "carol only (bob delivered, alice sent it), and once: {unread:?}");
+    let u = &unread[0].json["data"];
+    assert_eq!(u["user"], carol_id.as_str());
+    assert_eq!((u["conversation"].as_str(), u["seq"].as_u64()), (Some(deal.as_str()), Some(seq)));
+    assert_eq!(u["sender"]["id"], alice_id.as_str());
+
+    let online: Vec<Value> = receiver.of_type("user.online").iter().map(|s| s.json["data"]["user"].clone()).collect();
+    assert_eq!(online.len(), 2, "{online:?}");
+    assert!(online.contains(&json!(alice_id)) && online.contains(&json!(bob_id)));
+    let offline = receiver.of_type("user.offline");
+    assert_eq!(offline.len(), 1, "{offline:?}");
+    assert_eq!(offline[0].json["data"]["user"], alice_id.as_str());
+
+    // The metrics count what happened, on the nodes together.
+    let mut delivered = 0.0;
+    for n in &chat.nodes {
+        delivered += common::extra::metric_sum(&n.metrics().await, "chat_webhooks_delivered_total").unwrap_or(0.0);
+    }
+    assert_eq!(delivered as usize, seen.len());
+    receiver.down();
+}
+
+async fn the_receiver_down_for_30_s_loses_nothing(engine: Engine) {
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = engine.start(&hook_env(&url, &[])).await;
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    chat.put_group(&room, &[&a, &b]).await;
+    receiver.wait_for("conversation.updated", Duration::from_secs(10), |s| s.len() == 1).await;
+    receiver.down();
+    let mut sender = chat.client(&a).await;
+    let mut seqs = Vec::new();
+    for i in 0..20 {
+        let ack = sender.say(&room, &format!("while the receiver is down #{i}")).await;
+        assert_eq!(ack["type"], "ack", "sending never waits for webhooks: {ack}");
+        seqs.push(ack["seq"].as_u64().unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let mut retried = 0.0;
+    for n in &chat.nodes {
+        retried += common::extra::metric_sum(&n.metrics().await, "chat_webhooks_retried_total").unwrap_or(0.0);
+    }
+    assert!(retried >= 20.0, "every event was attempted and failed at least once: {retried}");
+    receiver.up().await;
+    receiver
+        .wait_for("all 20 message.created after the receiver came back", Duration::from_secs(20), |s| {
+            s.iter()
+                .filter(|e| e.json["type"] == "message.created")
+                .map(|e| &e.id)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == 20
+        })
+        .await;
+    let mut got: Vec<u64> =
+        receiver.of_type("message.created").iter().map(|s| s.json["data"]["seq"].as_u64().unwrap()).collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, seqs, "every acked message's event, none lost");
+    for s in receiver.seen() {
+        verify(&s).unwrap();
+    }
+    receiver.down();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_the_node_that_queued_events_killed_the_other_delivers_them_each_once() {
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let mut chat: Chat = Engine::Valkey { nodes: 2 }.start(&hook_env(&url, &[])).await;
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    chat.nodes[0].put_group(&room, &[&a, &b]).await;
+    receiver.wait_for("conversation.updated", Duration::from_secs(10), |s| s.len() == 1).await;
+    receiver.down();
+    // Every message through node 0, which queues and first attempts the events.
+    let mut sender = chat.nodes[0].client(&a).await;
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        let ack = sender.say(&room, &format!("queued on node 0 #{i}")).await;
+        seqs.push(ack["seq"].as_u64().expect("ack"));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while common::extra::metric_sum(&chat.nodes[0].metrics().await, "chat_webhooks_retried_total").unwrap_or(0.0) < 10.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "node 0 never attempted its events");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(sender);
+    chat.nodes[0].signal("KILL");
+    chat.nodes.remove(0);
+    receiver.up().await;
+    receiver
+        .wait_for("the 10 events, delivered by the surviving node", Duration::from_secs(40), |s| {
+            s.iter().filter(|e| e.json["type"] == "message.created").count() >= 10
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got: Vec<u64> =
+        receiver.of_type("message.created").iter().map(|s| s.json["data"]["seq"].as_u64().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, seqs, "each event once, none lost");
+    let delivered =
+        common::extra::metric_sum(&chat.nodes[0].metrics().await, "chat_webhooks_delivered_total").unwrap_or(0.0);
+    assert!(delivered >= 10.0, "node 1 delivered them: {delivered}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_events_a_killed_node_was_delivering_are_claimed_by_another() {
+    // Attempts of node 0 hang (3 s timeout) when it is killed: its events
+    // stay pending in the consumer group until node 1 claims them
+    // (2 x timeout + 10 s = 16 s idle).
+    let receiver = Receiver::start().await;
+    let url = receiver.url();
+    let mut chat: Chat =
+        Engine::Valkey { nodes: 2 }.start(&hook_env(&url, &[("CHAT_WEBHOOKS__TIMEOUT_MS", "3000")])).await;
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    chat.nodes[0].put_group(&room, &[&a, &b]).await;
+    receiver.wait_for("conversation.updated", Duration::from_secs(10), |s| s.len() == 1).await;
+    receiver.state.hang.store(true, Ordering::SeqCst);
+    let mut sender = chat.nodes[0].client(&a).await;
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        seqs.push(sender.say(&room, &format!("in flight on node 0 #{i}")).await["seq"].as_u64().expect("ack"));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(sender);
+    chat.nodes[0].signal("KILL");
+    chat.nodes.remove(0);
+    receiver.state.hang.store(false, Ordering::SeqCst);
+    receiver
+        .wait_for("the 5 events node 0 was delivering", Duration::from_secs(45), |s| {
+            s.iter().filter(|e| e.json["type"] == "message.created").count() >= 5
+        })
+        .await;
+    let mut got: Vec<u64> =
+        receiver.of_type("message.created").iter().map(|s| s.json["data"]["seq"].as_u64().unwrap()).collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, seqs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_two_nodes_deliver_each_event_once() {
+    let receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = Engine::Valkey { nodes: 2 }.start(&hook_env(&url, &[])).await;
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    chat.put_group(&room, &[&a, &b]).await;
+    // One sender per node, interleaved.
+    let mut on0 = chat.nodes[0].client(&a).await;
+    let mut on1 = chat.nodes[1].client(&b).await;
+    for i in 0..50 {
+        let c = if i % 2 == 0 { &mut on0 } else { &mut on1 };
+        assert_eq!(c.say(&room, &format!("m{i}")).await["type"], "ack");
+    }
+    receiver
+        .wait_for("100 events", Duration::from_secs(20), |s| {
+            s.iter().filter(|e| e.json["type"] == "message.created").count() >= 50
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let created = receiver.of_type("message.created");
+    let mut by_seq: BTreeMap<u64, usize> = BTreeMap::new();
+    for s in &created {
+        *by_seq.entry(s.json["data"]["seq"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(by_seq.len(), 50);
+    assert!(by_seq.values().all(|n| *n == 1), "each event delivered by one node only: {by_seq:?}");
+    let per_node: Vec<f64> = {
+        let mut v = Vec::new();
+        for n in &chat.nodes {
+            v.push(common::extra::metric_sum(&n.metrics().await, "chat_webhooks_delivered_total").unwrap_or(0.0));
+        }
+        v
+    };
+    assert_eq!(per_node.iter().sum::<f64>() as usize, created.len() + 1, "{per_node:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_bound_drops_the_oldest_and_age_drops_the_stale() {
+    // Bound: 5 events wait at most; 20 made while the receiver is down.
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = Engine::Memory.start(&hook_env(&url, &[("CHAT_WEBHOOKS__OUTBOX_MAX", "5")])).await;
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    receiver.down();
+    chat.put_group(&room, &[&a, &b]).await;
+    let mut sender = chat.client(&a).await;
+    let mut seqs = Vec::new();
+    for i in 0..20 {
+        seqs.push(sender.say(&room, &format!("m{i}")).await["seq"].as_u64().unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dropped = common::extra::metric_sum(&chat.node().metrics().await, "chat_webhooks_dropped_total").unwrap_or(0.0);
+    assert!(dropped >= 16.0, "21 events, at most 5 kept: {dropped} dropped");
+    receiver.up().await;
+    receiver.wait_for("the newest events", Duration::from_secs(10), |s| s.len() >= 5).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got: Vec<u64> =
+        receiver.of_type("message.created").iter().map(|s| s.json["data"]["seq"].as_u64().unwrap()).collect();
+    assert!(got.len() <= 5 && got.iter().all(|s| *s >= 16), "only the newest survive: {got:?}");
+    receiver.down();
+
+    // Age: events older than max_age_s are dropped, not delivered late.
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = Engine::Memory.start(&hook_env(&url, &[("CHAT_WEBHOOKS__MAX_AGE_S", "2")])).await;
+    receiver.down();
+    chat.put_group(&room, &[&a, &b]).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let m = chat.node().metrics().await;
+    assert!(m.contains("chat_webhooks_dropped_total{") && m.contains("reason=\"expired\""), "{m}");
+    receiver.up().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(receiver.seen().is_empty(), "an expired event is never delivered: {:?}", receiver.seen());
+}
