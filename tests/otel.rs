@@ -3,7 +3,8 @@
 //! message sent on node 0 and delivered on node 1 must be one trace:
 //! `frame` (send) -> `store` on node 0 -> `fanout` on node 1, with the parent
 //! links intact across the pub/sub hop, resource attributes naming each node,
-//! and metrics exported over OTLP as well.
+//! and metrics exported over OTLP as well. The message's webhook delivery is a
+//! span of its own, linked to the message's trace.
 
 mod common;
 
@@ -30,6 +31,8 @@ struct Span {
     node: String,
     service: String,
     attrs: Vec<(String, String)>,
+    /// Trace ids of the span's links.
+    links: Vec<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -67,6 +70,7 @@ async fn traces(State(r): State<Arc<Mutex<Received>>>, body: Bytes) -> &'static 
                     node: node.clone(),
                     service: service.clone(),
                     attrs: s.attributes.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect(),
+                    links: s.links.iter().map(|l| l.trace_id.clone()).collect(),
                 });
             }
         }
@@ -91,9 +95,11 @@ async fn one_message_is_one_trace_across_two_nodes() {
     let app = Router::new()
         .route("/v1/traces", post(traces))
         .route("/v1/metrics", post(metrics))
+        .route("/hook", post(|| async { axum::http::StatusCode::NO_CONTENT }))
         .with_state(received.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let hook = format!("{endpoint}/hook");
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let v = Valkey::start().await;
@@ -103,6 +109,8 @@ async fn one_message_is_one_trace_across_two_nodes() {
         // Export quickly (standard OpenTelemetry SDK variables).
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+        ("CHAT_WEBHOOKS__URL", hook.as_str()),
+        ("CHAT_WEBHOOKS__SECRET", "otel-test-webhook-secret-0123456789abcdef"),
     ];
     let nodes = start_nodes(2, &v.url(), false, &env).await;
     let conv = unique("deal");
@@ -144,6 +152,25 @@ async fn one_message_is_one_trace_across_two_nodes() {
     assert!(store.attrs.iter().any(|(k, v)| k == "seq" && v == "1"), "{store:?}");
     assert!(fanout.attrs.iter().any(|(k, v)| k == "recipients" && v == "1"), "{fanout:?}");
     assert_eq!(frame.service, "crm-chat-test");
+    // The message's webhook: a delivery span linked to the message's trace.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let linked = received
+            .lock()
+            .unwrap()
+            .spans
+            .iter()
+            .any(|s| s.name == "webhook.deliver" && s.links.contains(&frame.trace_id));
+        if linked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no webhook.deliver span linked to the message's trace; spans: {:#?}",
+            received.lock().unwrap().spans.iter().filter(|s| s.name == "webhook.deliver").collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Connections have spans of their own.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !received.lock().unwrap().metric_names.iter().any(|n| n == "chat_messages_stored_total") {
