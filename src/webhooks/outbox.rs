@@ -4,7 +4,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque},
     sync::Arc,
 };
 
@@ -98,9 +98,10 @@ pub struct MemoryOutbox {
 #[derive(Default)]
 struct MemoryState {
     ready: VecDeque<Envelope>,
-    /// (due ms, sequence number) -> event; the sequence keeps equal due times apart.
-    retries: BinaryHeap<Reverse<(i64, u64)>>,
-    waiting: HashMap<u64, Envelope>,
+    /// Retries by due time: (due ms, key in `waiting`).
+    retries: BinaryHeap<Reverse<(i64, WaitKey)>>,
+    /// Events waiting for a retry, oldest (by creation) first, with their due time.
+    waiting: BTreeMap<WaitKey, (i64, Envelope)>,
     next: u64,
     /// Unread checks: (due, conversation), and conversation -> due.
     unread: BTreeSet<(i64, Arc<str>)>,
@@ -108,25 +109,30 @@ struct MemoryState {
     notified: HashMap<String, HashMap<String, (u64, i64)>>,
 }
 
+/// (created ms, a sequence number that keeps equal times apart).
+type WaitKey = (i64, u64);
+
 impl MemoryState {
     fn len(&self) -> usize {
         self.ready.len() + self.waiting.len()
     }
 
-    /// Drops the oldest events (by creation) until at most `max` wait.
+    /// Drops the oldest events (by creation) until at most `max` wait, each
+    /// in O(log n): a long outage does not make every push slower.
     fn trim(&mut self, max: usize) -> u64 {
         let mut dropped = 0;
         while self.len() > max {
-            // The oldest ready event, or the oldest waiting for a retry.
-            let oldest_retry = self.waiting.iter().min_by_key(|(_, e)| e.created_ms).map(|(k, e)| (*k, e.created_ms));
-            match (self.ready.front().map(|e| e.created_ms), oldest_retry) {
-                (Some(r), Some((k, w))) if w < r => {
+            // The oldest ready event, or the oldest waiting for a retry (its
+            // entry in `retries` is skipped when it comes due).
+            let oldest_waiting = self.waiting.first_key_value().map(|(k, _)| *k);
+            match (self.ready.front().map(|e| e.created_ms), oldest_waiting) {
+                (Some(r), Some(k)) if k.0 < r => {
                     self.waiting.remove(&k);
                 }
                 (Some(_), _) => {
                     self.ready.pop_front();
                 }
-                (None, Some((k, _))) => {
+                (None, Some(k)) => {
                     self.waiting.remove(&k);
                 }
                 (None, None) => break,
@@ -156,7 +162,7 @@ impl Outbox for MemoryOutbox {
             }
             let Some(Reverse((_, k))) = s.retries.pop() else { break };
             // Gone when it was trimmed meanwhile.
-            if let Some(e) = s.waiting.remove(&k) {
+            if let Some((_, e)) = s.waiting.remove(&k) {
                 out.push(Claimed { envelope: e, handle: String::new() });
             }
         }
@@ -173,10 +179,15 @@ impl Outbox for MemoryOutbox {
 
     async fn retry(&self, event: &Claimed, due_ms: i64) -> EngineResult<()> {
         let mut s = self.inner.lock();
-        let k = s.next;
+        let k = (event.envelope.created_ms, s.next);
         s.next += 1;
-        s.waiting.insert(k, event.envelope.clone());
+        s.waiting.insert(k, (due_ms, event.envelope.clone()));
         s.retries.push(Reverse((due_ms, k)));
+        // Entries of events dropped by the bound linger in the heap until
+        // due: rebuild it when they outnumber the live ones.
+        if s.retries.len() > 2 * s.waiting.len() + 64 {
+            s.retries = s.waiting.iter().map(|(k, (due, _))| Reverse((*due, *k))).collect();
+        }
         Ok(())
     }
 
@@ -242,6 +253,23 @@ mod tests {
         assert_eq!(o.push(&[env("c", 3), env("d", 4)], 3).await.unwrap(), 1, "a, the oldest, goes");
         let ids: Vec<String> = o.take(10, 0).await.unwrap().into_iter().map(|c| c.envelope.id).collect();
         assert_eq!(ids, ["b", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn a_long_outage_keeps_memory_bounded() {
+        // Every event fails and waits for a retry far away; the bound drops
+        // the oldest. What is kept, heap entries included, stays near `max`.
+        let o = MemoryOutbox::default();
+        for i in 0..10_000 {
+            o.push(&[env(&format!("e{i}"), i)], 100).await.unwrap();
+            for c in o.take(10, 0).await.unwrap() {
+                o.retry(&c, i64::MAX).await.unwrap();
+            }
+        }
+        let s = o.inner.lock();
+        assert_eq!(s.len(), 100);
+        assert!(s.retries.len() <= 2 * 100 + 64 + 1, "heap entries: {}", s.retries.len());
+        assert_eq!(s.waiting.first_key_value().map(|(k, _)| k.0), Some(9_900), "the newest 100 are kept");
     }
 
     #[tokio::test]
