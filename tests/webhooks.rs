@@ -232,6 +232,13 @@ macro_rules! both_engines {
 
 both_engines!(every_event_type_arrives_once_per_action_signed, the_receiver_down_for_30_s_loses_nothing);
 
+/// The outbox and the unread schedule on a three-master Valkey Cluster (their
+/// keys share one slot, `{wh}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_cluster_every_event_type_arrives_once_per_action_signed() {
+    every_event_type_arrives_once_per_action_signed(Engine::ValkeyCluster { nodes: 2 }).await
+}
+
 async fn every_event_type_arrives_once_per_action_signed(engine: Engine) {
     let mut receiver = Receiver::start().await;
     let url = receiver.url();
