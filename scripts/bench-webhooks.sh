@@ -64,11 +64,11 @@ run() { # label, webhook url (or "")
     local metrics
     metrics=$(curl -fs "http://127.0.0.1:$port/metrics")
     local queued delivered
-    queued=$(grep -E '^chat_webhooks_queued_total' <<<"$metrics" | awk '{s+=$2} END {print s+0}')
+    queued=$(awk '/^chat_webhooks_queued_total/ {s+=$2} END {print s+0}' <<<"$metrics")
     if [[ $label == up ]]; then
       # Wait for the backlog to reach the receiver (at most 60 s).
       for _ in $(seq 600); do
-        delivered=$(curl -fs "http://127.0.0.1:$port/metrics" | grep -E '^chat_webhooks_delivered_total' | awk '{s+=$2} END {print s+0}')
+        delivered=$(curl -fs "http://127.0.0.1:$port/metrics" | awk '/^chat_webhooks_delivered_total/ {s+=$2} END {print s+0}')
         [[ $delivered -ge $queued ]] && break
         sleep 0.1
       done

@@ -52,6 +52,8 @@ struct ReceiverState {
     down: AtomicBool,
     /// Answer nothing for a long time (then 503): attempts time out.
     hang: AtomicBool,
+    /// Requests answered 503.
+    refused: std::sync::atomic::AtomicUsize,
 }
 
 /// A real HTTP receiver on 127.0.0.1 that records every request. `down()`
@@ -69,6 +71,7 @@ async fn record(State(s): State<Arc<ReceiverState>>, headers: HeaderMap, body: B
         return StatusCode::SERVICE_UNAVAILABLE;
     }
     if s.down.load(Ordering::SeqCst) {
+        s.refused.fetch_add(1, Ordering::SeqCst);
         return StatusCode::SERVICE_UNAVAILABLE;
     }
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
@@ -522,4 +525,37 @@ async fn the_outbox_bound_drops_the_oldest_and_age_drops_the_stale() {
     receiver.up().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(receiver.seen().is_empty(), "an expired event is never delivered: {:?}", receiver.seen());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_is_down_gets_probes_not_a_flood() {
+    // The receiver listens but answers 503 to everything: 200 events would
+    // be attempted again and again (1 s, 2 s, 2 s ...). After 16 failures in a
+    // row the node probes with one event at a time instead.
+    let receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = Engine::Memory
+        .start(&hook_env(&url, &[("CHAT_LIMITS__SEND_PER_S", "10000"), ("CHAT_LIMITS__SEND_BURST", "10000")]))
+        .await;
+    receiver.state.down.store(true, Ordering::SeqCst);
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    chat.put_group(&room, &[&a, &b]).await;
+    let mut sender = chat.client(&a).await;
+    for i in 0..200 {
+        assert_eq!(sender.say(&room, &format!("m{i}")).await["type"], "ack");
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let refused = receiver.state.refused.load(Ordering::SeqCst);
+    // 16 to notice (the batch that crosses it finishes: up to 31), then one
+    // probe at a time with waits of 1, 2, 2 ... s. Without probing: 200
+    // events, each attempted about four times in 8 s.
+    assert!((16..=31 + 8).contains(&refused), "attempts while down: {refused}\n{}", chat.node().logs());
+    // Back: everything arrives, none lost.
+    receiver.state.down.store(false, Ordering::SeqCst);
+    receiver
+        .wait_for("all 200 messages after the receiver answers again", Duration::from_secs(15), |s| {
+            s.iter().filter(|e| e.json["type"] == "message.created").count() >= 200
+        })
+        .await;
 }

@@ -12,6 +12,13 @@ use crate::{metrics, protocol};
 /// How often an idle node looks for events other nodes queued (its own wake
 /// it at once).
 const POLL: Duration = Duration::from_millis(500);
+/// Failed attempts in a row after which the receiver counts as down: the node
+/// then sends one event at a time (a probe), waiting between probes, instead
+/// of attempting every queued event (a flood of failing connections would
+/// cost the chat CPU while helping nobody).
+const DOWN_AFTER: u32 = 16;
+/// Longest wait between two probes of a receiver that is down.
+const PROBE_MAX: Duration = Duration::from_secs(30);
 
 /// The wait before attempt `attempt + 1` after `attempt` failures: 1 s,
 /// doubling, at most `max`, with +-20 % jitter so a receiver that comes back
@@ -30,8 +37,14 @@ impl Webhooks {
 
     pub(super) async fn deliver_loop(self: Arc<Self>) {
         let mut attempts = JoinSet::new();
+        // Failed attempts in a row, and the wait before the next probe.
+        let mut failures = 0u32;
+        let probe_max = PROBE_MAX.min(Duration::from_secs(self.cfg.max_backoff_s));
+        let mut probe_wait = Duration::from_secs(1).min(probe_max);
         loop {
-            let batch = match self.outbox.take(self.cfg.concurrency, self.claim_idle_ms()).await {
+            let down = failures >= DOWN_AFTER;
+            let max = if down { 1 } else { self.cfg.concurrency };
+            let batch = match self.outbox.take(max, self.claim_idle_ms()).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "webhook outbox unavailable");
@@ -51,11 +64,33 @@ impl Webhooks {
             for event in batch {
                 attempts.spawn(self.clone().attempt(event));
             }
-            while attempts.join_next().await.is_some() {}
+            let mut delivered = false;
+            while let Some(r) = attempts.join_next().await {
+                match r {
+                    Ok(Some(true)) => delivered = true,
+                    Ok(None) => {}
+                    _ => failures = failures.saturating_add(1),
+                }
+            }
+            if delivered {
+                if failures >= DOWN_AFTER {
+                    tracing::info!("webhook receiver answers again");
+                }
+                failures = 0;
+                probe_wait = Duration::from_secs(1).min(probe_max);
+            } else if failures >= DOWN_AFTER {
+                if !down {
+                    tracing::warn!(failures, "webhook receiver looks down: probing with one event at a time");
+                }
+                tokio::time::sleep(probe_wait).await;
+                probe_wait = (probe_wait * 2).min(probe_max);
+            }
         }
     }
 
-    async fn attempt(self: Arc<Self>, mut event: Claimed) {
+    /// One attempt: `Some(true)` delivered, `Some(false)` failed, `None`
+    /// dropped as too old without an attempt.
+    async fn attempt(self: Arc<Self>, mut event: Claimed) -> Option<bool> {
         let e = &event.envelope;
         let now = protocol::now_ms();
         let max_age_ms = (self.cfg.max_age_s as i64).saturating_mul(1000);
@@ -68,7 +103,7 @@ impl Webhooks {
                 "webhook event dropped: not delivered within webhooks.max_age_s"
             );
             self.settle(&event, None).await;
-            return;
+            return None;
         }
         let span = tracing::info_span!("webhook.deliver", webhook_id = %e.id, attempt = e.attempt + 1, status = tracing::field::Empty);
         if let Some(tp) = &e.trace {
@@ -92,7 +127,7 @@ impl Webhooks {
                 span.record("status", r.status().as_u16());
                 metrics::webhook_delivered(now.saturating_sub(e.created_ms).max(0) as f64 / 1000.0);
                 self.settle(&event, None).await;
-                return;
+                return Some(true);
             }
             Ok(r) => {
                 span.record("status", r.status().as_u16());
@@ -106,6 +141,7 @@ impl Webhooks {
         metrics::webhook_retried();
         tracing::debug!(webhook_id = %event.envelope.id, attempt = event.envelope.attempt, failure, retry_in_ms = wait.as_millis() as u64, "webhook attempt failed");
         self.settle(&event, Some(protocol::now_ms().saturating_add(wait.as_millis() as i64))).await;
+        Some(false)
     }
 
     /// Records an attempt's end: `retry_at` `None` forgets the event.
