@@ -31,6 +31,8 @@ pub struct Scripts {
     pub group: Lua,
     pub presence: Lua,
     pub sweep: Lua,
+    pub erase: Lua,
+    pub delete: Lua,
 }
 
 impl Scripts {
@@ -41,6 +43,8 @@ impl Scripts {
             group: Lua::new("group", include_str!("lua/group.lua")),
             presence: Lua::new("presence", include_str!("lua/presence.lua")),
             sweep: Lua::new("sweep", include_str!("lua/sweep.lua")),
+            erase: Lua::new("erase", include_str!("lua/erase.lua")),
+            delete: Lua::new("delete", include_str!("lua/delete.lua")),
         }
     }
 }

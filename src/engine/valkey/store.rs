@@ -18,6 +18,8 @@ use crate::{
     },
     error::{EngineError, EngineResult},
     hub::now_us,
+    node::message_frame,
+    protocol::{self, ServerFrame},
     telemetry,
 };
 
@@ -35,6 +37,7 @@ impl MessageStore for ValkeyEngine {
             sender_name: msg.sender.name.as_str().into(),
             body: msg.body.as_str().into(),
             client_msg_id: msg.client_msg_id.as_str().into(),
+            deleted: false,
         };
         let (head, tail) = message_template(conv, &draft)?;
         let min_ts = if i.retention_age_ms > 0 { msg.ts_ms - i.retention_age_ms as i64 } else { 0 };
@@ -189,6 +192,17 @@ impl MessageStore for ValkeyEngine {
         Ok(v)
     }
 
+    async fn erase_sender(&self, user: &str) -> EngineResult<u64> {
+        let mut erased = 0;
+        for conv in self.sent_in(user).await? {
+            erased += self.erase_in(&conv, user).await?;
+        }
+        if erased > 0 {
+            tracing::info!(user, erased, "message bodies erased");
+        }
+        Ok(erased)
+    }
+
     async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
         if conversations.is_empty() {
             return Ok(Vec::new());
@@ -228,5 +242,101 @@ impl MessageStore for ValkeyEngine {
                 epoch,
             })
             .collect())
+    }
+}
+
+/// `*`, `?`, `[`, `]` and `\\` escaped for a SCAN pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+impl ValkeyEngine {
+    /// Every conversation where `user` has a retained message: the
+    /// conversations holding the user's own-seqs set
+    /// (`<p>:{c:<id>}:own:<user>`), found by SCAN over the whole keyspace
+    /// (every primary on Cluster). Linear in the number of keys: erasure is
+    /// a rare admin operation, and an index could not be kept in the append
+    /// script's slot.
+    async fn sent_in(&self, user: &str) -> EngineResult<Vec<String>> {
+        use futures_util::StreamExt;
+        let k = &self.inner.keys;
+        let head = format!("{}:{{c:", k.prefix);
+        let tail = format!("}}:own:{user}");
+        let pattern = format!("{}*{}", glob_escape(&head), glob_escape(&tail));
+        let client = self.inner.pool.next();
+        let mut keys = if self.inner.cluster {
+            client.scan_cluster_buffered(pattern, Some(1000), None).boxed()
+        } else {
+            client.scan_buffered(pattern, Some(1000), None).boxed()
+        };
+        let mut convs = std::collections::BTreeSet::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(err)?;
+            if let Some(conv) = key.as_str().and_then(|s| s.strip_prefix(head.as_str())?.strip_suffix(tail.as_str()))
+                && crate::ids::valid_conversation_id(conv)
+            {
+                convs.insert(conv.to_string());
+            }
+        }
+        Ok(convs.into_iter().collect())
+    }
+
+    /// Erases `user`'s messages in one conversation: reads them (by the
+    /// user's own seqs), renders each one's erased frame, and has
+    /// `erase.lua` swap them in atomically (it skips what changed since).
+    async fn erase_in(&self, conv: &str, user: &str) -> EngineResult<u64> {
+        let i = &self.inner;
+        let k = &i.keys;
+        let client = i.pool.next();
+        let own = format!("{}{user}", k.conv(conv, "own:"));
+        let seqs: Vec<u64> = client.zrange(&own, 0, -1, None, false, None, false).await.map_err(err)?;
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let msgs = k.conv(conv, "msgs");
+        let pipe = client.pipeline();
+        for seq in &seqs {
+            let id = format!("{seq}-0");
+            let _: () = pipe.xrange(&msgs, id.as_str(), id.as_str(), None).await.map_err(err)?;
+        }
+        // One reply per command, whatever their number.
+        let replies = pipe.try_all::<fred::types::Value>().await;
+        let mut entries: Vec<StreamEntry> = Vec::with_capacity(replies.len());
+        for r in replies {
+            let r = r.map_err(err)?;
+            // Each reply: an array of `[id, [field, value, ...]]`.
+            for entry in r.into_array() {
+                let mut parts = entry.into_array().into_iter();
+                let (Some(id), Some(fields)) = (parts.next(), parts.next()) else { continue };
+                let id: String = id.convert().map_err(err)?;
+                let fields: Vec<String> = fields.convert().map_err(err)?;
+                let map = fields.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+                entries.push((id, map));
+            }
+        }
+        let mut args = vec![user.to_string()];
+        for e in &entries {
+            let (m, _) = stored(e)?;
+            if m.deleted || &*m.sender_id != user {
+                continue;
+            }
+            let erased = StoredMessage { body: "".into(), deleted: true, ..m };
+            let frame = protocol::render(&ServerFrame::Message(message_frame(conv, &erased)));
+            args.push(erased.seq.to_string());
+            args.push(frame.as_str().to_string());
+        }
+        if args.len() == 1 {
+            return Ok(0);
+        }
+        let keys = vec![msgs, k.conv(conv, "msgs-erasing")];
+        let n: u64 = i.scripts.erase.run(&i.pool, keys, args).await?.convert().map_err(err)?;
+        Ok(n)
     }
 }
