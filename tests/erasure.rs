@@ -50,7 +50,7 @@ async fn valkey_contents(chat: &Chat) -> String {
     all
 }
 
-fn message_of<'a>(reply: &'a Value, seq: u64) -> &'a Value {
+fn message_of(reply: &Value, seq: u64) -> &Value {
     reply["messages"].as_array().unwrap().iter().find(|m| m["seq"] == seq).unwrap_or_else(|| panic!("{seq} in {reply}"))
 }
 
