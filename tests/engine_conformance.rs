@@ -121,6 +121,7 @@ conformance!(
     publish_reaches_subscribed_local_connections,
     presence_counts_connections,
     erase_sender_erases_bodies_everywhere,
+    erase_sender_in_a_long_history_while_others_send,
     delete_group_removes_history_and_starts_a_new_epoch,
 );
 
@@ -695,4 +696,44 @@ async fn delete_group_removes_history_and_starts_a_new_epoch(e: Arc<dyn Engine>,
     // A node that delivered seqs 1..3 of the old epoch delivers the new seq 1.
     let f = bob.next().await;
     assert_eq!((f["seq"].as_u64(), f["sender"]["id"].as_str()), (Some(1), Some("bob")));
+}
+
+async fn erase_sender_in_a_long_history_while_others_send(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    // Longer than an erasure step (the Valkey engine copies 1000 seqs per call).
+    let senders = ["alice", "bob", "carol", "dave", "erin"];
+    for i in 0..2500 {
+        send(&e, "general", senders[i % 5], &format!("m{i}")).await;
+    }
+    // Others keep sending while alice's messages are erased.
+    let writer = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                send(&e, "general", "frank", &format!("f{i}")).await;
+            }
+        })
+    };
+    assert_eq!(e.erase_sender("alice").await.unwrap(), 500);
+    writer.await.unwrap();
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = e.history("general", Page::After(after, 200)).await.unwrap();
+        after = page.messages.last().map_or(after, |m| m.seq);
+        all.extend(page.messages);
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=2700).collect::<Vec<u64>>(), "nothing lost");
+    for m in &all {
+        let alice = &*m.sender_id == "alice";
+        assert_eq!(m.deleted, alice, "seq {}", m.seq);
+        if alice {
+            assert!(m.body.is_empty());
+        } else {
+            assert_eq!(&*m.body, format!("body of {}", m.client_msg_id), "seq {}", m.seq);
+        }
+    }
+    assert_eq!(e.erase_sender("alice").await.unwrap(), 0);
 }

@@ -166,8 +166,9 @@ pub struct Counters {
 ///   for good, never a message: every erased message keeps its `seq`, `ts`,
 ///   sender and `client_msg_id` (so its idempotency record still answers a
 ///   retry as a duplicate), and reads as `deleted` with an empty body in every
-///   page and gap fill afterwards. Each conversation is erased in one atomic
-///   step: a concurrent read sees it entirely before or entirely after.
+///   page and gap fill afterwards. Each conversation's erasure becomes
+///   visible in one atomic step: a concurrent read sees it entirely before or
+///   entirely after, and sends to it go on meanwhile.
 ///
 /// [`user_conversations`](MessageStore::user_conversations) lives here, not
 /// in [`Groups`]: it is the per-user list of conversations a user reads from

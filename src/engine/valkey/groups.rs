@@ -86,6 +86,8 @@ impl Groups for ValkeyEngine {
             k.conv(conversation, "msgs"),
             k.conv(conversation, "idem"),
             k.conv(conversation, "rcpt"),
+            k.conv(conversation, "msgs-erasing"),
+            k.conv(conversation, "erasing"),
         ];
         let r = i.scripts.delete.run(&i.pool, keys, vec![k.conv(conversation, "own:")]).await?;
         let parts: Vec<fred::types::Value> = r.convert().map_err(err)?;

@@ -8,8 +8,9 @@
 //! - `<p>:{c:<id>}:msgs`  stream: entry `<seq>-0` with the rendered frame
 //!   (`f`), ts (`t`), sender (`u`) and idempotency key (`k`); an erased
 //!   message's entry holds its erased frame and `d` = 1 (`erase.lua` rewrites
-//!   the whole stream through the scratch key `<p>:{c:<id>}:msgs-erasing`, as
-//!   XDEL leaves an entry's bytes in place)
+//!   the whole stream through the scratch key `<p>:{c:<id>}:msgs-erasing`
+//!   under the lock `<p>:{c:<id>}:erasing`, as XDEL leaves an entry's bytes
+//!   in place)
 //! - `<p>:{c:<id>}:idem`  hash: `<sender>\n<client_msg_id>` -> seq
 //! - `<p>:{c:<id>}:mem`   set: group members
 //! - `<p>:{c:<id>}:rcpt`  hash: user -> `delivered:read`

@@ -288,17 +288,29 @@ impl ValkeyEngine {
         Ok(convs.into_iter().collect())
     }
 
-    /// Erases `user`'s messages in one conversation: reads them (by the
-    /// user's own seqs), renders each one's erased frame, and has
-    /// `erase.lua` swap them in atomically (it skips what changed since).
+    /// Erases `user`'s messages in one conversation, starting again (a few
+    /// times) when a group delete overlapped it.
     async fn erase_in(&self, conv: &str, user: &str) -> EngineResult<u64> {
+        for _ in 0..3 {
+            if let Some(n) = self.try_erase_in(conv, user).await? {
+                return Ok(n);
+            }
+        }
+        Err(EngineError::Unavailable(format!("erasure in '{conv}' kept being interrupted")))
+    }
+
+    /// One erasure of `user`'s messages in `conv`: reads them (by the user's
+    /// own seqs), renders each one's erased frame, and has `erase.lua` copy
+    /// the stream with them, [`ERASE_CHUNK`] seqs per call, and swap the copy
+    /// in. `None` when the lock was lost (a group delete): start again.
+    async fn try_erase_in(&self, conv: &str, user: &str) -> EngineResult<Option<u64>> {
         let i = &self.inner;
         let k = &i.keys;
         let client = i.pool.next();
         let own = format!("{}{user}", k.conv(conv, "own:"));
         let seqs: Vec<u64> = client.zrange(&own, 0, -1, None, false, None, false).await.map_err(err)?;
         if seqs.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
         let msgs = k.conv(conv, "msgs");
         let pipe = client.pipeline();
@@ -308,35 +320,76 @@ impl ValkeyEngine {
         }
         // One reply per command, whatever their number.
         let replies = pipe.try_all::<fred::types::Value>().await;
-        let mut entries: Vec<StreamEntry> = Vec::with_capacity(replies.len());
+        let mut erased: Vec<(u64, String)> = Vec::new();
         for r in replies {
-            let r = r.map_err(err)?;
             // Each reply: an array of `[id, [field, value, ...]]`.
-            for entry in r.into_array() {
+            for entry in r.map_err(err)?.into_array() {
                 let mut parts = entry.into_array().into_iter();
                 let (Some(id), Some(fields)) = (parts.next(), parts.next()) else { continue };
                 let id: String = id.convert().map_err(err)?;
                 let fields: Vec<String> = fields.convert().map_err(err)?;
                 let map = fields.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect();
-                entries.push((id, map));
+                let (m, _) = stored(&(id, map))?;
+                if m.deleted || &*m.sender_id != user {
+                    continue;
+                }
+                let m = StoredMessage { body: "".into(), deleted: true, ..m };
+                erased.push((m.seq, protocol::render(&ServerFrame::Message(message_frame(conv, &m))).as_str().into()));
             }
         }
-        let mut args = vec![user.to_string()];
-        for e in &entries {
-            let (m, _) = stored(e)?;
-            if m.deleted || &*m.sender_id != user {
-                continue;
+        if erased.is_empty() {
+            return Ok(Some(0));
+        }
+        erased.sort_by_key(|e| e.0);
+
+        let keys = vec![msgs, k.conv(conv, "msgs-erasing"), k.conv(conv, "erasing")];
+        let token = crate::engine::new_epoch();
+        let ttl = ERASE_LOCK_MS.to_string();
+        let step = |name: &str, from: u64, to: u64, pairs: &[(u64, String)]| {
+            let mut args = vec![name.to_string(), token.clone(), user.to_string(), ttl.clone()];
+            args.extend([from.to_string(), to.to_string()]);
+            for (seq, frame) in pairs {
+                args.extend([seq.to_string(), frame.clone()]);
             }
-            let erased = StoredMessage { body: "".into(), deleted: true, ..m };
-            let frame = protocol::render(&ServerFrame::Message(message_frame(conv, &erased)));
-            args.push(erased.seq.to_string());
-            args.push(frame.as_str().to_string());
+            i.scripts.erase.run(&i.pool, keys.clone(), args)
+        };
+        // The lock: one erasure per conversation at a time.
+        let started = std::time::Instant::now();
+        let (first, last) = loop {
+            let r: Vec<u64> = step("begin", 0, 0, &[]).await?.convert().map_err(err)?;
+            match r.as_slice() {
+                [1, first, last] => break (*first, *last),
+                _ if started.elapsed() < std::time::Duration::from_millis(ERASE_LOCK_MS) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                _ => return Err(EngineError::Unavailable(format!("another erasure in '{conv}' holds its lock"))),
+            }
+        };
+        let mut n = 0u64;
+        let mut from = first.saturating_sub(1);
+        while from < last {
+            let to = (from + ERASE_CHUNK).min(last);
+            let lo = erased.partition_point(|e| e.0 <= from);
+            let hi = erased.partition_point(|e| e.0 <= to);
+            let r: i64 = step("copy", from, to, &erased[lo..hi]).await?.convert().map_err(err)?;
+            if r < 0 {
+                return Ok(None);
+            }
+            n += r as u64;
+            from = to;
         }
-        if args.len() == 1 {
-            return Ok(0);
+        let lo = erased.partition_point(|e| e.0 <= from);
+        let r: i64 = step("finish", from, 0, &erased[lo..]).await?.convert().map_err(err)?;
+        if r < 0 {
+            return Ok(None);
         }
-        let keys = vec![msgs, k.conv(conv, "msgs-erasing")];
-        let n: u64 = i.scripts.erase.run(&i.pool, keys, args).await?.convert().map_err(err)?;
-        Ok(n)
+        Ok(Some(n + r as u64))
     }
 }
+
+/// Seqs copied per `erase.lua` call: each call blocks Valkey for about this
+/// many entries' copy.
+const ERASE_CHUNK: u64 = 1000;
+/// How long an erasure's lock outlives its last step (a node that died while
+/// erasing leaves it, and its scratch stream, for this long).
+const ERASE_LOCK_MS: u64 = 30_000;

@@ -5,6 +5,8 @@
 --
 -- KEYS[1] meta hash   KEYS[2] members set   KEYS[3] message stream
 -- KEYS[4] idempotency hash   KEYS[5] receipts hash
+-- KEYS[6] erasure scratch stream   KEYS[7] erasure lock (an erasure under
+--         way gives up when its lock is gone)
 -- ARGV[1] own-seqs key prefix (+ sender id)
 -- Returns {} when no group has this id (a repeat, or never created), else
 -- {title, {members...}}: the members just before.
@@ -32,5 +34,5 @@ end
 for u, _ in pairs(senders) do
   redis.call('UNLINK', ARGV[1] .. u)
 end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 return {title, members}
