@@ -365,25 +365,30 @@ impl ValkeyEngine {
                 _ => return Err(EngineError::Unavailable(format!("another erasure in '{conv}' holds its lock"))),
             }
         };
-        let mut n = 0u64;
-        let mut from = first.saturating_sub(1);
-        while from < last {
-            let to = (from + ERASE_CHUNK).min(last);
-            let lo = erased.partition_point(|e| e.0 <= from);
-            let hi = erased.partition_point(|e| e.0 <= to);
-            let r: i64 = step("copy", from, to, &erased[lo..hi]).await?.convert().map_err(err)?;
-            if r < 0 {
-                return Ok(None);
+        let steps = async {
+            let mut n = 0u64;
+            let mut from = first.saturating_sub(1);
+            while from < last {
+                let to = (from + ERASE_CHUNK).min(last);
+                let lo = erased.partition_point(|e| e.0 <= from);
+                let hi = erased.partition_point(|e| e.0 <= to);
+                let r: i64 = step("copy", from, to, &erased[lo..hi]).await?.convert().map_err(err)?;
+                if r < 0 {
+                    return Ok(None);
+                }
+                n += r as u64;
+                from = to;
             }
-            n += r as u64;
-            from = to;
+            let lo = erased.partition_point(|e| e.0 <= from);
+            let r: i64 = step("finish", from, 0, &erased[lo..]).await?.convert().map_err(err)?;
+            Ok((r >= 0).then(|| n + r as u64))
+        };
+        let done: EngineResult<Option<u64>> = steps.await;
+        if done.is_err() {
+            // Best effort: free the lock and the scratch for the next try.
+            let _ = step("abort", 0, 0, &[]).await;
         }
-        let lo = erased.partition_point(|e| e.0 <= from);
-        let r: i64 = step("finish", from, 0, &erased[lo..]).await?.convert().map_err(err)?;
-        if r < 0 {
-            return Ok(None);
-        }
-        Ok(Some(n + r as u64))
+        done
     }
 }
 

@@ -28,6 +28,7 @@
 --          caller). Copies the entries in (from, to].
 -- "finish" ARGV[4] unused, ARGV[5] from seq (exclusive), ARGV[6] unused,
 --          ARGV[7..] pairs. Copies the entries above `from` and swaps.
+-- "abort"  releases the lock and drops the scratch (the caller failed midway).
 -- "copy" and "finish" return how many messages they erased, or -1 when the
 -- lock is not this call's any more (the caller starts again).
 -- Every entry keeps its id and its fields t (ts), u (sender), k (idempotency
@@ -49,6 +50,11 @@ end
 
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then
   return -1
+end
+
+if step == 'abort' then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return 0
 end
 
 local function field(entry, name)
