@@ -83,6 +83,8 @@ fn describe() {
     describe_counter!("chat_messages_stored_total", "Messages stored (not counting idempotent repeats)");
     describe_counter!("chat_deliveries_total", "Frames queued to local connections by fan-out");
     describe_histogram!("chat_fanout_latency_seconds", "From a message's store to its local fan-out");
+    describe_counter!("chat_messages_erased_total", "Message bodies erased through the service API");
+    describe_counter!("chat_conversations_deleted_total", "Group conversations deleted through the service API");
     describe_counter!("chat_slow_consumer_closes_total", "Connections closed 1013 because their queue was full");
     describe_counter!("chat_storage_errors_total", "Storage operations that failed");
     describe_counter!("chat_closes_total", "Connections closed by the server, by close code");
@@ -170,6 +172,12 @@ pub fn connection_closed() {
 }
 pub fn message_stored() {
     STORED.increment(1);
+}
+pub fn messages_erased(n: u64) {
+    counter!("chat_messages_erased_total").increment(n);
+}
+pub fn conversation_deleted() {
+    counter!("chat_conversations_deleted_total").increment(1);
 }
 pub fn deliveries(n: u64) {
     DELIVERIES.increment(n);

@@ -701,7 +701,16 @@ function isOwnSender(senderId) {
 /** Put one stored message into the list (once per seq). */
 function placeMessage(m) {
   if (m.conversation !== ui.current || !Number.isInteger(m.seq)) return null;
-  if (ui.bySeq.has(m.seq)) return null;
+  const shown = ui.bySeq.get(m.seq);
+  if (shown) {
+    // Erased since it was shown: keep its place, time and ticks, drop its text.
+    if (m.deleted && !shown.classList.contains('deleted')) {
+      shown.classList.add('deleted');
+      const body = shown.querySelector('.body');
+      if (body) body.textContent = DELETED_TEXT;
+    }
+    return null;
+  }
   const own = isOwnSender(m.sender && m.sender.id);
   let li = m.client_msg_id ? ui.byCmid.get(m.client_msg_id) : null;
   if (li && !li.dataset.seq) {

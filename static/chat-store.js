@@ -67,7 +67,19 @@ export class ConversationStore {
   /** Store one message; emits `message` once per (conversation, seq). */
   ingest(c, m, source) {
     const seq = m && m.seq;
-    if (!Number.isInteger(seq) || seq < 1 || c.messages.has(seq)) return false;
+    if (!Number.isInteger(seq) || seq < 1) return false;
+    const held = c.messages.get(seq);
+    if (held) {
+      // Erased by the CRM since we took it in: a history or sync page that
+      // covers it brings the erased form (same seq, sender and
+      // client_msg_id, `deleted: true`, body ''), which replaces our copy.
+      if (m.deleted === true && !held.deleted && sameMessage(held, m)) {
+        const msg = { ...m, conversation: c.id };
+        c.messages.set(seq, msg);
+        this.link.emit('message', { conversation: c.id, message: msg, own: this.isOwn(msg), source, replaced: true });
+      }
+      return false;
+    }
     const msg = { ...m, conversation: c.id };
     c.messages.set(seq, msg);
     if (seq > c.maxSeq) c.maxSeq = seq;

@@ -79,8 +79,10 @@
  * - `welcome`      {user:{id,name}, conversations:[...], heartbeat_s, max_body_chars,
  *                   exp (unix seconds or null), reconnect:boolean}
  * - `message`      {conversation, message:{conversation,seq,ts,sender:{id,name},body,client_msg_id?,
- *                   deleted?}, own:boolean, source:'live'|'sync'|'history'|'ack'}
- *                  (`deleted: true`, body '': erased by the CRM; keeps seq, ts and ticks)
+ *                   deleted?}, own:boolean, source:'live'|'sync'|'history'|'ack', replaced?:true}
+ *                  (`deleted: true`, body '': erased by the CRM; keeps seq, ts and ticks.
+ *                  `replaced: true`: a message already emitted, now erased — a history
+ *                  or sync page brought its erased form; show it in place)
  * - `ack`          {conversation, client_msg_id, seq, ts, duplicate}
  * - `receipt`      {conversation, user, delivered_seq, read_seq} (one event per user, also
  *                   for the batched `receipts:[...]` frames of large conversations)

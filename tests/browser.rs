@@ -1139,3 +1139,47 @@ async fn token_refresh_keeps_the_page_connected() {
     assert!(problems.is_empty(), "alice: console warnings/errors: {problems:?}");
     alice.quit().await;
 }
+
+/// Erasure (PROTOCOL v1.1): the CRM erases alice's messages through the
+/// service API. Nothing is pushed; a page that loads the conversation again
+/// (bob reloads) shows "message deleted", greyed and italic, in the erased
+/// message's place, and keeps bob's own message as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erased_messages_show_as_deleted() {
+    let _serial = serial().await;
+    let server = Server::start(&[]).await;
+    let driver = Chromedriver::start().await;
+    let (alice, bob) = tokio::join!(driver.browser("alice"), driver.browser("bob"));
+    tokio::join!(alice.login(&server, "alice", "Alice"), bob.login(&server, "bob", "Bob"));
+    tokio::join!(alice.open_dm("bob"), bob.open_dm("alice"));
+    let secret = "Alice's words, soon erased.";
+    alice.send(secret).await;
+    bob.wait_body(secret).await;
+    let kept = "Bob's answer stays.";
+    bob.send(kept).await;
+    alice.wait_body(kept).await;
+
+    let (s, v) = server.api(Method::DELETE, "/api/v1/users/alice/messages", None).await;
+    assert_eq!((s, &v), (200, &json!({"erased": 1})));
+    let stored = stored_messages(&server, DM).await;
+    assert_eq!((&stored[0]["deleted"], &stored[0]["body"]), (&json!(true), &json!("")));
+
+    bob.goto(&server.url("/")).await;
+    bob.wait_state("connected", WAIT).await;
+    bob.open_listed(DM).await;
+    bob.wait_body("message deleted").await;
+    let shown: Vec<(Option<String>, String)> = bob.shown().await.into_iter().map(|m| (m.seq, m.body)).collect();
+    assert_eq!(
+        shown,
+        vec![(Some("1".into()), "message deleted".into()), (Some("2".into()), kept.into())],
+        "bob's page after the reload"
+    );
+    let erased = "#messages li.msg[data-seq='1']";
+    let is_deleted =
+        bob.js(&format!("return document.querySelector(\"{erased}\").classList.contains('deleted');"), json!([])).await;
+    assert_eq!(is_deleted, json!(true));
+    assert_eq!(computed(&bob, &format!("{erased} .body"), "font-style").await, "italic");
+    assert!(!bob.shown().await.iter().any(|m| m.body.contains(secret)));
+    bob.snap("browser-erased-bob.png").await;
+    tokio::join!(alice.quit(), bob.quit());
+}

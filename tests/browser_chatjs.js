@@ -318,12 +318,20 @@ const checks = {
     const s = new Script();
     s.fill('e1', ['a', 'b', 'c']);
     s.messages[1] = { ...s.messages[1], body: '', deleted: true };
-    const { client } = await newClient(s);
+    const { client, events } = await newClient(s);
     await client.load('general');
     const m = client.messages('general')[1];
     check(m.seq === 2 && m.deleted === true && m.body === '', `erased ${JSON.stringify(m)}`);
+    // Erased after the client took it in: a page covering it replaces the copy.
+    s.messages[0] = { ...s.messages[0], body: '', deleted: true };
+    await client.history('general');
+    const first = client.messages('general')[0];
+    check(first.seq === 1 && first.deleted === true && first.body === '', `replaced ${JSON.stringify(first)}`);
+    const replaced = events.filter(([t, d]) => t === 'message' && d.replaced).map(([, d]) => d.message.seq);
+    check(same(replaced, [1]), `replaced events ${JSON.stringify(replaced)}`);
+    check(same(bodiesOf(client), [[1, ''], [2, ''], [3, 'c']]), `bodies ${JSON.stringify(bodiesOf(client))}`);
     client.close();
-    return 'kept with deleted:true and its seq';
+    return 'kept with deleted:true and its seq; a held copy replaced by its erased form';
   },
 };
 

@@ -120,6 +120,9 @@ conformance!(
     open_conversations_count_known_members,
     publish_reaches_subscribed_local_connections,
     presence_counts_connections,
+    erase_sender_erases_bodies_everywhere,
+    erase_sender_in_a_long_history_while_others_send,
+    delete_group_removes_history_and_starts_a_new_epoch,
 );
 
 /// A local connection as a session would hold it.
@@ -212,6 +215,12 @@ fn typing(n: u32) -> Event {
 }
 
 // ---- MessageStore ----
+
+fn member_message(conv: &str, sender: &str, client_msg_id: &str, body: &str) -> NewMessage {
+    let mut m = new_message(conv, sender, client_msg_id, body);
+    m.require_member = true;
+    m
+}
 
 async fn append_assigns_gap_free_seqs(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
     assert_eq!(e.last_seq("general").await.unwrap(), 0, "a conversation never written");
@@ -574,4 +583,157 @@ async fn presence_counts_connections(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
     assert!(e.presence_up("alice").await.unwrap());
     assert!(e.presence_down("bob").await.unwrap());
     assert_eq!(e.online(None).await.unwrap(), users(&["alice"]));
+}
+
+async fn erase_sender_erases_bodies_everywhere(e: Arc<dyn Engine>, hub: Arc<Hub>) {
+    assert_eq!(e.erase_sender("alice").await.unwrap(), 0, "nothing sent yet");
+    e.put_group("team", "Team", users(&["alice", "bob"])).await.unwrap();
+    let mut bob = Client::join(&e, &hub, "bob", &["general", "team"]).await;
+    // Alice in an open conversation, a group and a direct one; bob in between.
+    let g1 = send(&e, "general", "alice", "g1").await;
+    send(&e, "general", "bob", "g2").await;
+    let g3 = send(&e, "general", "alice", "g3").await;
+    let team = e.append(member_message("team", "alice", "t1", "secret plan"), &conv_route("team")).await;
+    let t1 = team.unwrap().unwrap();
+    e.append(member_message("team", "bob", "t2", "bob's reply"), &conv_route("team")).await.unwrap().unwrap();
+    send_direct(&e, "alice", "bob", "alice", "d1").await;
+    send_direct(&e, "alice", "bob", "bob", "d2").await;
+    send(&e, "other", "carol", "o1").await;
+    // Bob's 7: general and team, and the direct ones on his user topic.
+    for _ in 0..7 {
+        bob.next().await;
+    }
+    let before = e.history("general", Page::After(0, 10)).await.unwrap();
+
+    assert_eq!(e.erase_sender("alice").await.unwrap(), 4);
+    assert!(bob.idle(), "an erasure publishes nothing");
+    let general = e.history("general", Page::After(0, 10)).await.unwrap();
+    assert_eq!(seqs(&general), vec![1, 2, 3]);
+    assert_eq!(general.epoch, before.epoch, "an erasure loses no history: same epoch");
+    for (m, old) in general.messages.iter().zip(&before.messages) {
+        let erased = m.seq == g1 || m.seq == g3;
+        assert_eq!(m.deleted, erased, "seq {}", m.seq);
+        assert_eq!(&*m.body, if erased { "" } else { &*old.body });
+        // Everything but the body stays.
+        assert_eq!(
+            (m.seq, m.ts_ms, &*m.sender_id, &*m.sender_name, &*m.client_msg_id),
+            (old.seq, old.ts_ms, &*old.sender_id, &*old.sender_name, &*old.client_msg_id)
+        );
+    }
+    let team = e.history("team", Page::Before(None, 10)).await.unwrap();
+    let shown: Vec<(u64, bool, &str)> = team.messages.iter().map(|m| (m.seq, m.deleted, &*m.body)).collect();
+    assert_eq!(shown, vec![(1, true, ""), (2, false, "bob's reply")]);
+    let dm = e.history(&ids::dm_id("alice", "bob"), Page::Before(Some(3), 1)).await.unwrap();
+    assert_eq!((seqs(&dm), dm.has_more, dm.messages[0].deleted), (vec![2], true, false));
+    let dm = e.history(&ids::dm_id("alice", "bob"), Page::Before(Some(2), 1)).await.unwrap();
+    assert_eq!((&*dm.messages[0].body, dm.messages[0].deleted, &*dm.messages[0].client_msg_id), ("", true, "d1"));
+    let other = e.history("other", Page::After(0, 10)).await.unwrap();
+    assert!(!other.messages[0].deleted, "other users untouched");
+
+    // Idempotent: nothing left to erase.
+    assert_eq!(e.erase_sender("alice").await.unwrap(), 0);
+    // The idempotency record stays: a retry is a duplicate of the erased message.
+    let retry = e.append(member_message("team", "alice", "t1", "secret plan"), &conv_route("team")).await;
+    let retry = retry.unwrap().unwrap();
+    assert_eq!((retry.seq, retry.ts_ms, retry.duplicate), (t1.seq, t1.ts_ms, true));
+    assert_eq!(e.last_seq("team").await.unwrap(), 2);
+    assert!(bob.idle(), "the duplicate published nothing");
+    // What alice sends afterwards is kept, and delivered live as ever.
+    let g4 = send(&e, "general", "alice", "g4").await;
+    assert_eq!(g4, 4);
+    assert_eq!(bob.next().await["seq"], 4);
+    let last = e.history("general", Page::After(3, 10)).await.unwrap();
+    assert_eq!((&*last.messages[0].body, last.messages[0].deleted), ("body of g4", false));
+    // Unread counts still count erased messages as messages.
+    let c = e.counters("bob", &["general".to_string()]).await.unwrap();
+    assert_eq!((c[0].last_seq, c[0].unread), (4, 3));
+}
+
+async fn delete_group_removes_history_and_starts_a_new_epoch(e: Arc<dyn Engine>, hub: Arc<Hub>) {
+    assert!(e.delete_group("team").await.unwrap().is_none(), "no such group");
+    e.put_group("team", "Team", users(&["bob", "alice"])).await.unwrap();
+    let mut bob = Client::join(&e, &hub, "bob", &["team"]).await;
+    for (i, sender) in ["alice", "alice", "bob"].iter().enumerate() {
+        let m = member_message("team", sender, &format!("m{i}"), "hi");
+        e.append(m, &conv_route("team")).await.unwrap().unwrap();
+        bob.next().await;
+    }
+    e.set_receipt("team", "bob", 3, true).await.unwrap();
+    let old = e.history("team", Page::After(0, 10)).await.unwrap().epoch;
+
+    let change = e.delete_group("team").await.unwrap().expect("deleted");
+    assert_eq!(change.removed, users(&["alice", "bob"]));
+    assert!(change.added.is_empty());
+    assert_eq!(
+        change.conversation,
+        ConversationObject { id: "team".into(), title: "Team".into(), members: vec![], last_seq: 0 }
+    );
+    assert!(e.group("team").await.unwrap().is_none());
+    assert!(!e.is_member("team", "alice").await.unwrap());
+    assert_eq!(e.member_count("team", false).await.unwrap(), 0);
+    assert_eq!(e.last_seq("team").await.unwrap(), 0);
+    let page = e.history("team", Page::Before(None, 10)).await.unwrap();
+    assert!(page.messages.is_empty() && !page.has_more);
+    assert!(e.receipts("team").await.unwrap().is_empty());
+    assert!(!e.user_conversations("alice").await.unwrap().contains(&"team".to_string()));
+    assert!(e.update_group("team", users(&["carol"]), vec![]).await.unwrap().is_none());
+    let refused = e.append(member_message("team", "alice", "late", "hi"), &conv_route("team")).await;
+    assert!(refused.unwrap().is_none(), "a send after the delete stores nothing");
+    assert!(e.delete_group("team").await.unwrap().is_none(), "a repeat deletes nothing");
+
+    // Created again: seq 1, under another epoch; nothing of the old one is left
+    // (no idempotency record, no own seqs counted against unread).
+    e.put_group("team", "Team again", users(&["alice", "bob"])).await.unwrap();
+    assert_ne!(e.history("team", Page::After(0, 10)).await.unwrap().epoch, old);
+    let again = e.append(member_message("team", "bob", "m2", "hi"), &conv_route("team")).await.unwrap().unwrap();
+    assert_eq!((again.seq, again.duplicate), (1, false));
+    let page = e.history("team", Page::After(0, 10)).await.unwrap();
+    assert_eq!(seqs(&page), vec![1]);
+    assert!(!page.epoch.is_empty());
+    assert_ne!(page.epoch, old, "a new epoch: seq 1 is not a repeat of the old seq 1");
+    let c = e.counters("alice", &["team".to_string()]).await.unwrap();
+    assert_eq!((c[0].last_seq, c[0].read_seq, c[0].unread, &c[0].epoch), (1, 0, 1, &page.epoch));
+    // A node that delivered seqs 1..3 of the old epoch delivers the new seq 1.
+    let f = bob.next().await;
+    assert_eq!((f["seq"].as_u64(), f["sender"]["id"].as_str()), (Some(1), Some("bob")));
+}
+
+async fn erase_sender_in_a_long_history_while_others_send(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    // Longer than an erasure step (the Valkey engine copies 1000 seqs per call).
+    let senders = ["alice", "bob", "carol", "dave", "erin"];
+    for i in 0..2500 {
+        send(&e, "general", senders[i % 5], &format!("m{i}")).await;
+    }
+    // Others keep sending while alice's messages are erased.
+    let writer = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                send(&e, "general", "frank", &format!("f{i}")).await;
+            }
+        })
+    };
+    assert_eq!(e.erase_sender("alice").await.unwrap(), 500);
+    writer.await.unwrap();
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = e.history("general", Page::After(after, 200)).await.unwrap();
+        after = page.messages.last().map_or(after, |m| m.seq);
+        all.extend(page.messages);
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=2700).collect::<Vec<u64>>(), "nothing lost");
+    for m in &all {
+        let alice = &*m.sender_id == "alice";
+        assert_eq!(m.deleted, alice, "seq {}", m.seq);
+        if alice {
+            assert!(m.body.is_empty());
+        } else {
+            assert_eq!(&*m.body, format!("body of {}", m.client_msg_id), "seq {}", m.seq);
+        }
+    }
+    assert_eq!(e.erase_sender("alice").await.unwrap(), 0);
 }

@@ -324,6 +324,17 @@ async fn every_event_type_arrives_once_per_action_signed(engine: Engine) {
         delivered += common::extra::metric_sum(&n.metrics().await, "chat_webhooks_delivered_total").unwrap_or(0.0);
     }
     assert_eq!(delivered as usize, seen.len());
+
+    // Deleting the group removes every member: one more conversation.updated.
+    let (status, _) = chat.api(reqwest::Method::DELETE, &format!("/api/v1/conversations/{deal}"), None).await;
+    assert_eq!(status, 200);
+    receiver
+        .wait_for("conversation.updated after DELETE", Duration::from_secs(10), |s| {
+            s.iter().filter(|e| e.json["type"] == "conversation.updated").count() == 2
+        })
+        .await;
+    let last = receiver.of_type("conversation.updated").pop().unwrap();
+    assert_eq!((last.json["data"]["id"].as_str(), &last.json["data"]["members"]), (Some(deal.as_str()), &json!([])));
     receiver.down();
 }
 

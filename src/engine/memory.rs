@@ -2,7 +2,9 @@
 //!
 //! History is bounded per conversation (`chat.history_max_messages`, oldest
 //! dropped first) and lost on restart; the server says so in its start-up log,
-//! and every start has a new epoch, so clients drop what they held.
+//! and every start has a new epoch, so clients drop what they held. A group
+//! deleted through the service API and created again gets an epoch of its
+//! own (its `seq` starts again at 1).
 //! Nothing is allocated for a conversation that does not exist or holds
 //! nothing: receipts, typing, history and presence there only read.
 //! Each conversation has its own lock; a message is stored and handed to the
@@ -37,6 +39,9 @@ struct Conversation {
     receipts: HashMap<String, (u64, u64)>,
     group: Option<Group>,
     open_members: BTreeSet<String>,
+    /// Set when the conversation was deleted: its history starts again under
+    /// this epoch instead of the process's.
+    epoch: Option<Arc<str>>,
 }
 
 impl Conversation {
@@ -47,6 +52,10 @@ impl Conversation {
     fn index_of(&self, seq: u64) -> usize {
         // seq <= first: 0; seq beyond the end: len.
         (seq.saturating_sub(self.first_seq()) as usize).min(self.messages.len())
+    }
+
+    fn epoch(&self, process: &Arc<str>) -> Arc<str> {
+        self.epoch.clone().unwrap_or_else(|| process.clone())
     }
 
     fn object(&self, id: &str) -> ConversationObject {
@@ -156,12 +165,14 @@ impl MessageStore for MemoryEngine {
                 sender_name: msg.sender.name.as_str().into(),
                 body: msg.body.as_str().into(),
                 client_msg_id: cmid.clone(),
+                deleted: false,
             };
             let frame = render(&ServerFrame::Message(MessageFrame {
                 conversation: &msg.conversation,
                 seq,
                 ts: msg.ts_ms,
                 sender: SenderRef { id: &msg.sender.id, name: &msg.sender.name },
+                deleted: false,
                 body: &msg.body,
                 client_msg_id: &msg.client_msg_id,
             }));
@@ -204,7 +215,8 @@ impl MessageStore for MemoryEngine {
                 (start, end, end < c.messages.len())
             }
         };
-        Ok(MessagePage { messages: c.messages.range(from..to).cloned().collect(), has_more, epoch: self.epoch.clone() })
+        let epoch = c.epoch(&self.epoch);
+        Ok(MessagePage { messages: c.messages.range(from..to).cloned().collect(), has_more, epoch })
     }
 
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64> {
@@ -253,6 +265,23 @@ impl MessageStore for MemoryEngine {
         Ok(self.user_index.read().get(user).map(|s| s.iter().cloned().collect()).unwrap_or_default())
     }
 
+    async fn erase_sender(&self, user: &str) -> EngineResult<u64> {
+        // Every conversation's retained messages are looked at (a rare admin
+        // operation); each conversation is erased under its own lock.
+        let convs: Vec<Arc<Mutex<Conversation>>> = self.convs.read().values().cloned().collect();
+        let empty: Arc<str> = Arc::from("");
+        let mut erased = 0;
+        for conv in convs {
+            let mut c = conv.lock();
+            for m in c.messages.iter_mut().filter(|m| !m.deleted && &*m.sender_id == user) {
+                m.body = empty.clone();
+                m.deleted = true;
+                erased += 1;
+            }
+        }
+        Ok(erased)
+    }
+
     async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
         Ok(conversations
             .iter()
@@ -264,7 +293,7 @@ impl MessageStore for MemoryEngine {
                 let read_seq = c.receipts.get(user).map_or(0, |r| r.1);
                 let from = c.index_of(read_seq + 1);
                 let unread = c.messages.range(from..).filter(|m| &*m.sender_id != user).count() as u64;
-                Counters { last_seq: c.last_seq, read_seq, unread, epoch: self.epoch.clone() }
+                Counters { last_seq: c.last_seq, read_seq, unread, epoch: c.epoch(&self.epoch) }
             })
             .collect())
     }
@@ -333,6 +362,35 @@ impl Groups for MemoryEngine {
             MembershipChange { conversation: c.object(conversation), added, removed }
         };
         self.index_members(conversation, &change.added, &change.removed);
+        Ok(Some(change))
+    }
+
+    async fn delete_group(&self, conversation: &str) -> EngineResult<Option<MembershipChange>> {
+        let Some(conv) = self.existing(conversation) else {
+            return Ok(None);
+        };
+        let change = {
+            let mut c = conv.lock();
+            let Some(group) = c.group.take() else {
+                return Ok(None);
+            };
+            // Reset in place, under the lock: a send that raced the delete
+            // finds no group (and stores nothing), a read finds no history.
+            // The entry stays, holding the epoch a new group of this id gets.
+            let open_members = std::mem::take(&mut c.open_members);
+            *c = Conversation { open_members, epoch: Some(super::new_epoch().into()), ..Conversation::default() };
+            MembershipChange {
+                conversation: ConversationObject {
+                    id: conversation.to_string(),
+                    title: group.title,
+                    members: Vec::new(),
+                    last_seq: 0,
+                },
+                added: Vec::new(),
+                removed: group.members,
+            }
+        };
+        self.index_members(conversation, &[], &change.removed);
         Ok(Some(change))
     }
 

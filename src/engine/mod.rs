@@ -85,8 +85,12 @@ pub struct StoredMessage {
     pub ts_ms: i64,
     pub sender_id: Arc<str>,
     pub sender_name: Arc<str>,
+    /// Empty once erased.
     pub body: Arc<str>,
     pub client_msg_id: Arc<str>,
+    /// The body was erased ([`MessageStore::erase_sender`]): `seq`, `ts`,
+    /// sender and `client_msg_id` remain, the body is gone from storage.
+    pub deleted: bool,
 }
 
 /// Which page of a conversation's history.
@@ -158,6 +162,13 @@ pub struct Counters {
 /// - Every history page carries the conversation's epoch: the same on every
 ///   call for as long as the stored history lasts (see [`new_epoch`]).
 /// - Receipts only rise, and only up to `last_seq` (checked in the same step).
+/// - [`erase_sender`](MessageStore::erase_sender) removes bodies from storage
+///   for good, never a message: every erased message keeps its `seq`, `ts`,
+///   sender and `client_msg_id` (so its idempotency record still answers a
+///   retry as a duplicate), and reads as `deleted` with an empty body in every
+///   page and gap fill afterwards. Each conversation's erasure becomes
+///   visible in one atomic step: a concurrent read sees it entirely before or
+///   entirely after, and sends to it go on meanwhile.
 ///
 /// [`user_conversations`](MessageStore::user_conversations) lives here, not
 /// in [`Groups`]: it is the per-user list of conversations a user reads from
@@ -190,6 +201,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Group conversations the user belongs to and direct conversations of the
     /// user that hold a message, sorted.
     async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>>;
+
+    /// Erases the body of every retained message `user` sent, in every
+    /// conversation (groups, direct and open ones), stored before the call.
+    /// Returns how many messages this call erased: a repeat answers 0. Nothing
+    /// is published (clients see the erasure on their next history or sync).
+    async fn erase_sender(&self, user: &str) -> EngineResult<u64>;
 }
 
 /// Membership: group conversations (created and changed by the platform
@@ -204,6 +221,11 @@ pub trait MessageStore: Send + Sync + 'static {
 /// - A group that does not exist has no members:
 ///   [`is_member`](Groups::is_member) is false, [`member_count`](Groups::member_count)
 ///   0, [`update_group`](Groups::update_group) `None`.
+/// - [`delete_group`](Groups::delete_group) removes a group with its whole
+///   history (messages, erased ones, receipts, idempotency records, members)
+///   in one atomic step. A group created again under the same id starts at
+///   `seq` 1 under a new epoch, never the deleted one's (PROTOCOL v1.1,
+///   *Epochs*): a `seq` is never reused within an epoch.
 #[async_trait]
 pub trait Groups: Send + Sync + 'static {
     async fn group(&self, conversation: &str) -> EngineResult<Option<Group>>;
@@ -230,6 +252,12 @@ pub trait Groups: Send + Sync + 'static {
         add: Vec<String>,
         remove: Vec<String>,
     ) -> EngineResult<Option<MembershipChange>>;
+
+    /// Deletes a group and its history. `None` when no group has this id
+    /// (a repeat, or a direct or open conversation: those are left alone);
+    /// otherwise the change that removed every member (`removed`: the members
+    /// just before; `conversation`: its id and title, no members, `last_seq` 0).
+    async fn delete_group(&self, conversation: &str) -> EngineResult<Option<MembershipChange>>;
 
     /// Records that `user` belongs to the open conversation (idempotent);
     /// returns its number of known members.

@@ -109,6 +109,26 @@ impl Node {
         Ok(change)
     }
 
+    /// Deletes a group and its history; `None` when no group has this id.
+    /// The caller announces the change ([`Node::announce_membership`]).
+    pub async fn delete_group(&self, conversation: &str) -> Result<Option<MembershipChange>, ChatError> {
+        let change = self.engine.delete_group(conversation).await?;
+        if let Some(c) = &change {
+            metrics::conversation_deleted();
+            // Every member removed: a members change (the object has none left).
+            self.on_conversation(&c.conversation);
+        }
+        Ok(change)
+    }
+
+    /// Erases the body of every message `user` sent, in every conversation;
+    /// returns how many this call erased (0 on a repeat).
+    pub async fn erase_user_messages(&self, user: &str) -> Result<u64, ChatError> {
+        let n = self.engine.erase_sender(user).await?;
+        metrics::messages_erased(n);
+        Ok(n)
+    }
+
     /// Whether a group conversation exists.
     pub async fn group_exists(&self, conversation: &str) -> Result<bool, ChatError> {
         Ok(self.engine.group(conversation).await?.is_some())

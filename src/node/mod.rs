@@ -355,6 +355,7 @@ impl Node {
                     sender: SenderRef { id: &sender.id, name: &sender.name },
                     body,
                     client_msg_id,
+                    deleted: false,
                 },
                 kind,
             );
@@ -420,6 +421,7 @@ pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMess
         seq: m.seq,
         ts: m.ts_ms,
         sender: SenderRef { id: &m.sender_id, name: &m.sender_name },
+        deleted: m.deleted,
         body: &m.body,
         client_msg_id: &m.client_msg_id,
     }

@@ -129,6 +129,9 @@ pub struct MessageFrame<'a> {
     #[serde(serialize_with = "ser_ts")]
     pub ts: i64,
     pub sender: SenderRef<'a>,
+    /// Only on an erased message (its body is then empty).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
     pub body: &'a str,
     pub client_msg_id: &'a str,
 }
@@ -339,8 +342,15 @@ mod tests {
         let user = UserRef { id: "u".into(), name: "U".into() };
         let sender = SenderRef { id: "u", name: "U" };
         let conv = ConversationObject { id: "g".into(), title: "G".into(), members: vec![], last_seq: 0 };
-        let m =
-            MessageFrame { conversation: "g", seq: 1, ts: 0, sender: sender.clone(), body: "b", client_msg_id: "c" };
+        let m = MessageFrame {
+            conversation: "g",
+            seq: 1,
+            ts: 0,
+            sender: sender.clone(),
+            deleted: false,
+            body: "b",
+            client_msg_id: "c",
+        };
         let frames = [
             ServerFrame::Welcome(Welcome {
                 id: None,

@@ -156,6 +156,24 @@ pub async fn post_members(
     Ok(Json(change.conversation).into_response())
 }
 
+/// `DELETE /api/v1/conversations/{id}`: deletes a group conversation and its
+/// history -> 200 `{"deleted":true}`, or `{"deleted":false}` when no group
+/// has this id (a repeat: idempotent). Its members get `conversation`
+/// events with `member:false`. Direct and open conversations: 400.
+pub async fn delete_conversation(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Response, ChatError> {
+    if node.classify(&id)? != Kind::Group {
+        return Err(ChatError::bad_request(format!(
+            "only group conversations can be deleted ('{id}' is a direct or open conversation)"
+        )));
+    }
+    let change = node.delete_group(&id).await?;
+    if let Some(change) = &change {
+        tracing::info!(conversation = %id, removed = change.removed.len(), "conversation deleted");
+        node.announce_membership(change).await?;
+    }
+    Ok(Json(json!({"deleted": change.is_some()})).into_response())
+}
+
 /// `GET /api/v1/conversations/{id}`.
 pub async fn get_conversation(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Response, ChatError> {
     match node.conversation_object(&id).await? {
@@ -242,6 +260,22 @@ pub async fn get_user_conversations(
     }
     let conversations = node.conversations_for(&user).await?;
     Ok(Json(json!({"conversations": conversations})).into_response())
+}
+
+/// `DELETE /api/v1/users/{id}/messages`: erases the body of every message the
+/// user sent, in every conversation -> 200 `{"erased":N}` (N erased by this
+/// call: a repeat answers 0). Nothing is pushed: clients see erased messages
+/// (`"deleted":true,"body":""`) in their next history or sync.
+pub async fn delete_user_messages(
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+) -> Result<Response, ChatError> {
+    if !ids::valid_user_id(&user) {
+        return Err(ChatError::bad_request("user id must be 1-128 chars of [A-Za-z0-9_.@-]"));
+    }
+    let erased = node.erase_user_messages(&user).await?;
+    tracing::info!(user = %user, erased, "user's messages erased");
+    Ok(Json(json!({"erased": erased})).into_response())
 }
 
 /// `POST /api/v1/users/{id}/disconnect`: closes every connection of the user

@@ -17,7 +17,7 @@ use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{get, post, put},
+    routing::{delete, get, post, put},
 };
 use ipnet::IpNet;
 use serde_json::json;
@@ -42,10 +42,14 @@ fn public_routes() -> Router<Arc<Node>> {
 /// The routes of the internal listener: the service API, health and metrics.
 fn internal_routes(node: &Arc<Node>) -> Router<Arc<Node>> {
     let service = Router::new()
-        .route("/conversations/{id}", put(api::put_conversation).get(api::get_conversation))
+        .route(
+            "/conversations/{id}",
+            put(api::put_conversation).get(api::get_conversation).delete(api::delete_conversation),
+        )
         .route("/conversations/{id}/members", post(api::post_members))
         .route("/conversations/{id}/messages", post(api::post_message).get(api::get_messages))
         .route("/users/{id}/conversations", get(api::get_user_conversations))
+        .route("/users/{id}/messages", delete(api::delete_user_messages))
         .route("/users/{id}/disconnect", post(api::post_disconnect))
         .route_layer(from_fn_with_state(node.clone(), api::require_api_key))
         // A slow request body cannot hold a handler forever.

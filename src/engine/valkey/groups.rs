@@ -77,6 +77,42 @@ impl Groups for ValkeyEngine {
         Ok(Some(change))
     }
 
+    async fn delete_group(&self, conversation: &str) -> EngineResult<Option<MembershipChange>> {
+        let i = &self.inner;
+        let k = &i.keys;
+        let keys = vec![
+            k.conv(conversation, "meta"),
+            k.conv(conversation, "mem"),
+            k.conv(conversation, "msgs"),
+            k.conv(conversation, "idem"),
+            k.conv(conversation, "rcpt"),
+            k.conv(conversation, "msgs-erasing"),
+            k.conv(conversation, "erasing"),
+        ];
+        let r = i.scripts.delete.run(&i.pool, keys, vec![k.conv(conversation, "own:")]).await?;
+        let parts: Vec<fred::types::Value> = r.convert().map_err(err)?;
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let [title, members]: [fred::types::Value; 2] =
+            parts.try_into().map_err(|_| EngineError::Internal("delete script returned a wrong shape".into()))?;
+        let mut removed: Vec<String> = members.convert().map_err(err)?;
+        removed.sort();
+        // Unindexed after the delete, as for a removal (a crash in between
+        // leaves an entry welcome filters out).
+        self.index(conversation, &removed, false).await?;
+        Ok(Some(MembershipChange {
+            conversation: ConversationObject {
+                id: conversation.to_string(),
+                title: title.convert().map_err(err)?,
+                members: Vec::new(),
+                last_seq: 0,
+            },
+            added: Vec::new(),
+            removed,
+        }))
+    }
+
     async fn join_open(&self, conversation: &str, user: &str) -> EngineResult<usize> {
         let key = self.inner.keys.conv(conversation, "open");
         let pipe = self.inner.pool.next().pipeline();

@@ -6,11 +6,17 @@
 //! keeps them on one slot and each Lua script touches one slot only:
 //! - `<p>:{c:<id>}:meta`  hash: `last` (last seq), `group`, `title`
 //! - `<p>:{c:<id>}:msgs`  stream: entry `<seq>-0` with the rendered frame
+//!   (`f`), ts (`t`), sender (`u`) and idempotency key (`k`); an erased
+//!   message's entry holds its erased frame and `d` = 1 (`erase.lua` rewrites
+//!   the whole stream through the scratch key `<p>:{c:<id>}:msgs-erasing`
+//!   under the lock `<p>:{c:<id>}:erasing`, as XDEL leaves an entry's bytes
+//!   in place)
 //! - `<p>:{c:<id>}:idem`  hash: `<sender>\n<client_msg_id>` -> seq
 //! - `<p>:{c:<id>}:mem`   set: group members
 //! - `<p>:{c:<id>}:rcpt`  hash: user -> `delivered:read`
 //! - `<p>:{c:<id>}:open`  set: known members of an open conversation
-//! - `<p>:{c:<id>}:own:<user>` sorted set of the user's own seqs (unread counts)
+//! - `<p>:{c:<id>}:own:<user>` sorted set of the user's own seqs (unread
+//!   counts; erasure finds a user's conversations by SCAN for these keys)
 //! - `<p>:{u:<user>}:convs` set: the user's groups and direct conversations
 //! - `<p>:{presence}:nodes` / `<p>:{presence}:n:<node>`: node leases and
 //!   per-node connection counts

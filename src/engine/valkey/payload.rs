@@ -127,6 +127,8 @@ struct FrameFields {
     sender: SenderFields,
     body: String,
     client_msg_id: String,
+    #[serde(default)]
+    deleted: bool,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +151,7 @@ pub(super) fn stored(entry: &StreamEntry) -> EngineResult<(StoredMessage, String
         sender_name: f.sender.name.into(),
         body: f.body.into(),
         client_msg_id: f.client_msg_id.into(),
+        deleted: f.deleted,
     };
     Ok((m, frame.clone()))
 }
@@ -165,6 +168,7 @@ mod tests {
             sender_name: sender.1.into(),
             body: body.into(),
             client_msg_id: client_msg_id.into(),
+            deleted: false,
         }
     }
 

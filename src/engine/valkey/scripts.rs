@@ -33,6 +33,8 @@ pub struct Scripts {
     pub sweep: Lua,
     pub outbox: Lua,
     pub unread: Lua,
+    pub erase: Lua,
+    pub delete: Lua,
 }
 
 impl Scripts {
@@ -45,6 +47,8 @@ impl Scripts {
             sweep: Lua::new("sweep", include_str!("lua/sweep.lua")),
             outbox: Lua::new("outbox", include_str!("lua/outbox.lua")),
             unread: Lua::new("unread", include_str!("lua/unread.lua")),
+            erase: Lua::new("erase", include_str!("lua/erase.lua")),
+            delete: Lua::new("delete", include_str!("lua/delete.lua")),
         }
     }
 }

@@ -18,6 +18,8 @@ use crate::{
     },
     error::{EngineError, EngineResult},
     hub::now_us,
+    node::message_frame,
+    protocol::{self, ServerFrame},
     telemetry,
 };
 
@@ -35,6 +37,7 @@ impl MessageStore for ValkeyEngine {
             sender_name: msg.sender.name.as_str().into(),
             body: msg.body.as_str().into(),
             client_msg_id: msg.client_msg_id.as_str().into(),
+            deleted: false,
         };
         let (head, tail) = message_template(conv, &draft)?;
         let min_ts = if i.retention_age_ms > 0 { msg.ts_ms - i.retention_age_ms as i64 } else { 0 };
@@ -189,6 +192,17 @@ impl MessageStore for ValkeyEngine {
         Ok(v)
     }
 
+    async fn erase_sender(&self, user: &str) -> EngineResult<u64> {
+        let mut erased = 0;
+        for conv in self.sent_in(user).await? {
+            erased += self.erase_in(&conv, user).await?;
+        }
+        if erased > 0 {
+            tracing::info!(user, erased, "message bodies erased");
+        }
+        Ok(erased)
+    }
+
     async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
         if conversations.is_empty() {
             return Ok(Vec::new());
@@ -230,3 +244,157 @@ impl MessageStore for ValkeyEngine {
             .collect())
     }
 }
+
+/// `*`, `?`, `[`, `]` and `\\` escaped for a SCAN pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+impl ValkeyEngine {
+    /// Every conversation where `user` has a retained message: the
+    /// conversations holding the user's own-seqs set
+    /// (`<p>:{c:<id>}:own:<user>`), found by SCAN over the whole keyspace
+    /// (every primary on Cluster). Linear in the number of keys: erasure is
+    /// a rare admin operation, and an index could not be kept in the append
+    /// script's slot.
+    async fn sent_in(&self, user: &str) -> EngineResult<Vec<String>> {
+        use futures_util::StreamExt;
+        let k = &self.inner.keys;
+        let head = format!("{}:{{c:", k.prefix);
+        let tail = format!("}}:own:{user}");
+        let pattern = format!("{}*{}", glob_escape(&head), glob_escape(&tail));
+        let client = self.inner.pool.next();
+        let mut keys = if self.inner.cluster {
+            client.scan_cluster_buffered(pattern, Some(1000), None).boxed()
+        } else {
+            client.scan_buffered(pattern, Some(1000), None).boxed()
+        };
+        let mut convs = std::collections::BTreeSet::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(err)?;
+            if let Some(conv) = key.as_str().and_then(|s| s.strip_prefix(head.as_str())?.strip_suffix(tail.as_str()))
+                && crate::ids::valid_conversation_id(conv)
+            {
+                convs.insert(conv.to_string());
+            }
+        }
+        Ok(convs.into_iter().collect())
+    }
+
+    /// Erases `user`'s messages in one conversation, starting again (a few
+    /// times) when a group delete overlapped it.
+    async fn erase_in(&self, conv: &str, user: &str) -> EngineResult<u64> {
+        for _ in 0..3 {
+            if let Some(n) = self.try_erase_in(conv, user).await? {
+                return Ok(n);
+            }
+        }
+        Err(EngineError::Unavailable(format!("erasure in '{conv}' kept being interrupted")))
+    }
+
+    /// One erasure of `user`'s messages in `conv`: reads them (by the user's
+    /// own seqs), renders each one's erased frame, and has `erase.lua` copy
+    /// the stream with them, [`ERASE_CHUNK`] seqs per call, and swap the copy
+    /// in. `None` when the lock was lost (a group delete): start again.
+    async fn try_erase_in(&self, conv: &str, user: &str) -> EngineResult<Option<u64>> {
+        let i = &self.inner;
+        let k = &i.keys;
+        let client = i.pool.next();
+        let own = format!("{}{user}", k.conv(conv, "own:"));
+        let seqs: Vec<u64> = client.zrange(&own, 0, -1, None, false, None, false).await.map_err(err)?;
+        if seqs.is_empty() {
+            return Ok(Some(0));
+        }
+        let msgs = k.conv(conv, "msgs");
+        let pipe = client.pipeline();
+        for seq in &seqs {
+            let id = format!("{seq}-0");
+            let _: () = pipe.xrange(&msgs, id.as_str(), id.as_str(), None).await.map_err(err)?;
+        }
+        // One reply per command, whatever their number.
+        let replies = pipe.try_all::<fred::types::Value>().await;
+        let mut erased: Vec<(u64, String)> = Vec::new();
+        for r in replies {
+            // Each reply: an array of `[id, [field, value, ...]]`.
+            for entry in r.map_err(err)?.into_array() {
+                let mut parts = entry.into_array().into_iter();
+                let (Some(id), Some(fields)) = (parts.next(), parts.next()) else { continue };
+                let id: String = id.convert().map_err(err)?;
+                let fields: Vec<String> = fields.convert().map_err(err)?;
+                let map = fields.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+                let (m, _) = stored(&(id, map))?;
+                if m.deleted || &*m.sender_id != user {
+                    continue;
+                }
+                let m = StoredMessage { body: "".into(), deleted: true, ..m };
+                erased.push((m.seq, protocol::render(&ServerFrame::Message(message_frame(conv, &m))).as_str().into()));
+            }
+        }
+        if erased.is_empty() {
+            return Ok(Some(0));
+        }
+        erased.sort_by_key(|e| e.0);
+
+        let keys = vec![msgs, k.conv(conv, "msgs-erasing"), k.conv(conv, "erasing")];
+        let token = crate::engine::new_epoch();
+        let ttl = ERASE_LOCK_MS.to_string();
+        let step = |name: &str, from: u64, to: u64, pairs: &[(u64, String)]| {
+            let mut args = vec![name.to_string(), token.clone(), user.to_string(), ttl.clone()];
+            args.extend([from.to_string(), to.to_string()]);
+            for (seq, frame) in pairs {
+                args.extend([seq.to_string(), frame.clone()]);
+            }
+            i.scripts.erase.run(&i.pool, keys.clone(), args)
+        };
+        // The lock: one erasure per conversation at a time.
+        let started = std::time::Instant::now();
+        let (first, last) = loop {
+            let r: Vec<u64> = step("begin", 0, 0, &[]).await?.convert().map_err(err)?;
+            match r.as_slice() {
+                [1, first, last] => break (*first, *last),
+                _ if started.elapsed() < std::time::Duration::from_millis(ERASE_LOCK_MS) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                _ => return Err(EngineError::Unavailable(format!("another erasure in '{conv}' holds its lock"))),
+            }
+        };
+        let steps = async {
+            let mut n = 0u64;
+            let mut from = first.saturating_sub(1);
+            while from < last {
+                let to = (from + ERASE_CHUNK).min(last);
+                let lo = erased.partition_point(|e| e.0 <= from);
+                let hi = erased.partition_point(|e| e.0 <= to);
+                let r: i64 = step("copy", from, to, &erased[lo..hi]).await?.convert().map_err(err)?;
+                if r < 0 {
+                    return Ok(None);
+                }
+                n += r as u64;
+                from = to;
+            }
+            let lo = erased.partition_point(|e| e.0 <= from);
+            let r: i64 = step("finish", from, 0, &erased[lo..]).await?.convert().map_err(err)?;
+            Ok((r >= 0).then(|| n + r as u64))
+        };
+        let done: EngineResult<Option<u64>> = steps.await;
+        if done.is_err() {
+            // Best effort: free the lock and the scratch for the next try.
+            let _ = step("abort", 0, 0, &[]).await;
+        }
+        done
+    }
+}
+
+/// Seqs copied per `erase.lua` call: each call blocks Valkey for about this
+/// many entries' copy.
+const ERASE_CHUNK: u64 = 1000;
+/// How long an erasure's lock outlives its last step (a node that died while
+/// erasing leaves it, and its scratch stream, for this long).
+const ERASE_LOCK_MS: u64 = 30_000;
