@@ -61,7 +61,8 @@ async fn traffic_until_killed(server: &mut Server, conv: &str, senders: usize) -
         tasks.push(tokio::spawn(async move {
             for k in 0.. {
                 let cmid = format!("s{i}-{k}");
-                let send = json!({"type":"send","conversation":conv,"client_msg_id":cmid,"body":format!("body {cmid}")});
+                let send =
+                    json!({"type":"send","conversation":conv,"client_msg_id":cmid,"body":format!("body {cmid}")});
                 match c.try_request(send).await {
                     Some(r) if r["type"] == "ack" => {
                         acked.lock().unwrap().insert(cmid, r["seq"].as_u64().unwrap());
@@ -206,7 +207,11 @@ async fn clean_restart_keeps_everything() {
     let mut a = server.client("alice").await;
     let mut b = server.client("bob").await;
     for i in 1..=5 {
-        let r = a.request(json!({"type":"send","conversation":"deal-1","client_msg_id":format!("c{i}"),"body":format!("m{i}")})).await;
+        let r = a
+            .request(
+                json!({"type":"send","conversation":"deal-1","client_msg_id":format!("c{i}"),"body":format!("m{i}")}),
+            )
+            .await;
         assert_eq!(r["seq"], i, "{r}");
     }
     let dm = b.say("dm:alice:bob", "direct").await;
@@ -215,8 +220,13 @@ async fn clean_restart_keeps_everything() {
     let r = b.expect_type("receipt").await;
     assert_eq!(r["read_seq"], 3, "{r}");
     let (_, epoch, _) = all_messages(&mut a, "deal-1", None).await;
-    let (status, _) =
-        server.api(reqwest::Method::POST, "/api/v1/conversations/deal-1/members", Some(json!({"remove":["carol"],"add":["dave"]}))).await;
+    let (status, _) = server
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/conversations/deal-1/members",
+            Some(json!({"remove":["carol"],"add":["dave"]})),
+        )
+        .await;
     assert_eq!(status, 200);
     drop((a, b));
     server.signal("TERM");
@@ -351,7 +361,9 @@ async fn full_disk_answers_unavailable_then_recovers() {
     let mut refused = None;
     let mut acked = 1;
     for i in 0..2000 {
-        let r = a.request(json!({"type":"send","conversation":"general","client_msg_id":format!("full-{i}"),"body":body})).await;
+        let r = a
+            .request(json!({"type":"send","conversation":"general","client_msg_id":format!("full-{i}"),"body":body}))
+            .await;
         if r["type"] == "ack" {
             acked += 1;
             continue;
@@ -373,7 +385,9 @@ async fn full_disk_answers_unavailable_then_recovers() {
 
     // Space returns: the same send is acked now, right after the others.
     std::fs::remove_file(&filler).unwrap();
-    let r = a.request(json!({"type":"send","conversation":"general","client_msg_id":format!("full-{refused}"),"body":body})).await;
+    let r = a
+        .request(json!({"type":"send","conversation":"general","client_msg_id":format!("full-{refused}"),"body":body}))
+        .await;
     assert_eq!(r["type"], "ack", "{r}");
     assert_eq!(r["duplicate"], false);
     assert_eq!(r["seq"], acked as u64 + 1);

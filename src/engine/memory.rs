@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    membership, Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
-    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage,
+    Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
+    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership,
 };
 use crate::{
     error::EngineResult,

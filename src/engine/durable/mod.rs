@@ -369,9 +369,12 @@ impl Groups for DurableEngine {
     }
 
     async fn member_count(&self, conversation: &str, open: bool) -> EngineResult<usize> {
-        Ok(self.state.convs.read().get(conversation).map_or(0, |c| {
-            if open { c.open_members.len() } else { c.group.as_ref().map_or(0, |g| g.members.len()) }
-        }))
+        Ok(self
+            .state
+            .convs
+            .read()
+            .get(conversation)
+            .map_or(0, |c| if open { c.open_members.len() } else { c.group.as_ref().map_or(0, |g| g.members.len()) }))
     }
 }
 

@@ -157,9 +157,10 @@ pub fn open(dir: &Path, fsync: Fsync) -> anyhow::Result<Opened> {
         None => (crate::engine::new_epoch(), Some("new store")),
         // The last run acked before fsync and did not stop cleanly: if the
         // machine went down since (another boot), acked messages may be lost.
-        Some(_) if !clean && last_fsync.as_deref() != Some("always") && (boot.is_none() || stored_boot != boot) => {
-            (crate::engine::new_epoch(), Some("unclean stop with fsync=everysec across a reboot: recent writes may be lost"))
-        }
+        Some(_) if !clean && last_fsync.as_deref() != Some("always") && (boot.is_none() || stored_boot != boot) => (
+            crate::engine::new_epoch(),
+            Some("unclean stop with fsync=everysec across a reboot: recent writes may be lost"),
+        ),
         Some(e) => (e, None),
     };
     {
@@ -199,10 +200,7 @@ fn lock(dir: &Path) -> anyhow::Result<File> {
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        bail!(
-            "chat.data_dir: {} is in use by another crm-chat process (one node per data directory)",
-            dir.display()
-        );
+        bail!("chat.data_dir: {} is in use by another crm-chat process (one node per data directory)", dir.display());
     }
     Ok(f)
 }

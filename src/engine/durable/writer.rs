@@ -37,13 +37,39 @@ const PRUNE_BATCH: usize = 5000;
 type Reply<T> = oneshot::Sender<EngineResult<T>>;
 
 pub enum Op {
-    Append { msg: NewMessage, route: Route, reply: Reply<Option<Appended>> },
-    Receipt { conversation: String, user: String, seq: i64, read: bool, reply: Reply<ReceiptOutcome> },
-    PutGroup { conversation: String, title: String, members: Vec<String>, reply: Reply<MembershipChange> },
-    UpdateGroup { conversation: String, add: Vec<String>, remove: Vec<String>, reply: Reply<Option<MembershipChange>> },
-    JoinOpen { conversation: String, user: String, reply: Reply<usize> },
+    Append {
+        msg: NewMessage,
+        route: Route,
+        reply: Reply<Option<Appended>>,
+    },
+    Receipt {
+        conversation: String,
+        user: String,
+        seq: i64,
+        read: bool,
+        reply: Reply<ReceiptOutcome>,
+    },
+    PutGroup {
+        conversation: String,
+        title: String,
+        members: Vec<String>,
+        reply: Reply<MembershipChange>,
+    },
+    UpdateGroup {
+        conversation: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+        reply: Reply<Option<MembershipChange>>,
+    },
+    JoinOpen {
+        conversation: String,
+        user: String,
+        reply: Reply<usize>,
+    },
     /// Commits what is queued, marks a clean stop and ends the thread.
-    Shutdown { reply: oneshot::Sender<()> },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 impl Op {
@@ -209,7 +235,8 @@ impl Writer {
         let ids: Vec<i64> = self.state.convs.read().values().map(|c| c.id).collect();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut oldest = tx.prepare_cached("SELECT seq, ts_ms FROM messages WHERE conv = ?1 ORDER BY seq LIMIT ?2")?;
+            let mut oldest =
+                tx.prepare_cached("SELECT seq, ts_ms FROM messages WHERE conv = ?1 ORDER BY seq LIMIT ?2")?;
             let mut delete = tx.prepare_cached("DELETE FROM messages WHERE conv = ?1 AND seq <= ?2")?;
             for id in ids {
                 let mut upto = None;
@@ -458,12 +485,9 @@ fn apply(tx: &Transaction, state: &State, b: &mut Batch, op: Op) -> rusqlite::Re
             let key = (conversation, user);
             let before = match b.receipts.get(&key) {
                 Some(m) => *m,
-                None => state
-                    .convs
-                    .read()
-                    .get(&key.0)
-                    .and_then(|c| c.receipts.get(&key.1).copied())
-                    .unwrap_or_default(),
+                None => {
+                    state.convs.read().get(&key.0).and_then(|c| c.receipts.get(&key.1).copied()).unwrap_or_default()
+                }
             };
             let after = (before.0.max(seq), if read { before.1.max(seq) } else { before.1 });
             if after == before {
