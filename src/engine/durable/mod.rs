@@ -122,7 +122,16 @@ impl DurableEngine {
             max_messages: cfg.chat.history_max_messages.max(1) as u64,
             max_age_ms: (cfg.chat.history_max_age_s as i64).saturating_mul(1000),
         };
-        let w = Writer::new(opened.conn, state.clone(), hub.clone(), settings, alive.clone());
+        let (committed, batches) = mpsc::unbounded_channel();
+        tokio::runtime::Handle::current().spawn(writer::dispatcher(hub.clone(), batches));
+        let unsynced = Arc::new(AtomicBool::new(false));
+        if cfg.chat.fsync == crate::config::Fsync::Everysec {
+            let (dir, unsynced, alive) = (dir.clone(), unsynced.clone(), alive.clone());
+            std::thread::Builder::new()
+                .name("chat-store-sync".into())
+                .spawn(move || writer::syncer(dir, unsynced, alive))?;
+        }
+        let w = Writer::new(opened.conn, state.clone(), committed, settings, alive.clone(), unsynced);
         let handle = std::thread::Builder::new().name("chat-store-writer".into()).spawn(move || w.run(rx))?;
         Ok(DurableEngine {
             hub,

@@ -3,9 +3,14 @@
 //! commit: with `fsync = always` one fsync per batch, not per message).
 //!
 //! It assigns `seq`s, checks membership and idempotency inside that
-//! transaction, and after the commit returned it updates the hot state,
-//! hands `message` events to the hub in queue order (so delivery is `seq`
-//! order per conversation) and only then answers the callers (acks).
+//! transaction, and after the commit returned it updates the hot state and
+//! hands the batch to the dispatcher task (on the tokio runtime: waking a
+//! thousand connection tasks from a foreign thread is slow), which delivers
+//! the `message` events in queue order (so delivery is `seq` order per
+//! conversation) and only then answers the callers (acks).
+//!
+//! With `everysec` the WAL is fsync'd once a second by the syncer thread, so
+//! a slow fsync never holds up a commit.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -128,12 +133,50 @@ struct Batch {
 pub struct Writer {
     conn: Connection,
     state: Arc<State>,
-    hub: Arc<Hub>,
+    committed: mpsc::UnboundedSender<Committed>,
     settings: Settings,
     alive: Arc<AtomicBool>,
-    /// Commits not yet fsync'd (everysec).
-    unsynced: bool,
+    /// Commits not yet fsync'd (everysec), for the syncer thread.
+    unsynced: Arc<AtomicBool>,
     last_prune: Instant,
+}
+
+/// A committed batch: its events to deliver, then its answers.
+pub struct Committed {
+    events: Vec<(Route, Event)>,
+    pending: Vec<Pending>,
+}
+
+/// The dispatcher task: delivers each committed batch, in commit order, then
+/// answers its callers.
+pub async fn dispatcher(hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<Committed>) {
+    while let Some(c) = rx.recv().await {
+        for (route, mut event) in c.events {
+            event.stored_at_us = Some(now_us());
+            let _fanout = tracing::debug_span!("fanout", kind = "message").entered();
+            for topic in &route {
+                hub.dispatch(topic, &event);
+            }
+        }
+        for p in c.pending {
+            p(None);
+        }
+    }
+}
+
+/// The syncer thread (everysec): fsyncs the WAL once a second when something
+/// was committed since, until `alive` turns false.
+pub fn syncer(dir: PathBuf, unsynced: Arc<AtomicBool>, alive: Arc<AtomicBool>) {
+    let wal = store::wal_path(&dir);
+    while alive.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_secs(1));
+        if unsynced.swap(false, Ordering::AcqRel)
+            && let Err(e) = std::fs::File::open(&wal).and_then(|f| f.sync_data())
+        {
+            unsynced.store(true, Ordering::Release);
+            tracing::warn!(error = %e, "fsync of the WAL failed; retrying in a second");
+        }
+    }
 }
 
 /// Why a write failed, for the `unavailable` answer and the log.
@@ -145,8 +188,15 @@ fn describe(e: &rusqlite::Error) -> String {
 }
 
 impl Writer {
-    pub fn new(conn: Connection, state: Arc<State>, hub: Arc<Hub>, settings: Settings, alive: Arc<AtomicBool>) -> Self {
-        Writer { conn, state, hub, settings, alive, unsynced: false, last_prune: Instant::now() }
+    pub fn new(
+        conn: Connection,
+        state: Arc<State>,
+        committed: mpsc::UnboundedSender<Committed>,
+        settings: Settings,
+        alive: Arc<AtomicBool>,
+        unsynced: Arc<AtomicBool>,
+    ) -> Self {
+        Writer { conn, state, committed, settings, alive, unsynced, last_prune: Instant::now() }
     }
 
     /// The thread's body: runs until `Shutdown` or until every sender is gone.
@@ -213,14 +263,8 @@ impl Writer {
         }
     }
 
-    /// Once a second: fsync (everysec), age pruning, the storage gauge.
+    /// Once a second: age pruning, the storage gauge.
     fn tick(&mut self) {
-        if self.unsynced {
-            match std::fs::File::open(store::wal_path(&self.settings.dir)).and_then(|f| f.sync_data()) {
-                Ok(()) => self.unsynced = false,
-                Err(e) => tracing::warn!(error = %e, "fsync of the WAL failed; retrying in a second"),
-            }
-        }
         if self.settings.max_age_ms > 0 && self.last_prune.elapsed() >= Duration::from_secs(10) {
             self.last_prune = Instant::now();
             if let Err(e) = self.prune_by_age() {
@@ -254,7 +298,7 @@ impl Writer {
             }
         }
         tx.commit()?;
-        self.unsynced = true;
+        self.unsynced.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -285,7 +329,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 if self.settings.fsync == Fsync::Everysec {
-                    self.unsynced = true;
+                    self.unsynced.store(true, Ordering::Release);
                 }
                 self.publish(b);
             }
@@ -335,15 +379,12 @@ impl Writer {
                 }
             }
         }
-        for (route, mut event) in b.events {
-            event.stored_at_us = Some(now_us());
-            let _fanout = tracing::debug_span!("fanout", kind = "message").entered();
-            for topic in &route {
-                self.hub.dispatch(topic, &event);
+        let committed = Committed { events: b.events, pending: b.pending };
+        if let Err(mpsc::error::SendError(c)) = self.committed.send(committed) {
+            // No dispatcher (the runtime is gone): answer anyway.
+            for p in c.pending {
+                p(None);
             }
-        }
-        for p in b.pending {
-            p(None);
         }
     }
 }
