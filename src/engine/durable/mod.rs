@@ -33,7 +33,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::store::DB_FILE;
-use self::writer::{Op, Settings, Writer};
+use self::writer::{Op, Outbox, Settings, Writer};
 use super::{
     Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
     Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership, memory::LocalPresence,
@@ -74,6 +74,7 @@ pub struct DurableEngine {
     hub: Arc<Hub>,
     state: Arc<State>,
     tx: mpsc::Sender<Op>,
+    outbox: Arc<Outbox>,
     readers: Arc<Readers>,
     epoch: Arc<str>,
     presence: LocalPresence,
@@ -122,8 +123,18 @@ impl DurableEngine {
             max_messages: cfg.chat.history_max_messages.max(1) as u64,
             max_age_ms: (cfg.chat.history_max_age_s as i64).saturating_mul(1000),
         };
-        let (committed, batches) = mpsc::unbounded_channel();
-        tokio::runtime::Handle::current().spawn(writer::dispatcher(hub.clone(), batches));
+        let outbox = Arc::new(Outbox::new(hub.clone()));
+        // Delivers what a caller that went away left in the outbox.
+        let weak = Arc::downgrade(&outbox);
+        tokio::runtime::Handle::current().spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+            while let Some(o) = {
+                tick.tick().await;
+                weak.upgrade()
+            } {
+                o.flush();
+            }
+        });
         let unsynced = Arc::new(AtomicBool::new(false));
         if cfg.chat.fsync == crate::config::Fsync::Everysec {
             let (dir, unsynced, alive) = (dir.clone(), unsynced.clone(), alive.clone());
@@ -131,12 +142,13 @@ impl DurableEngine {
                 .name("chat-store-sync".into())
                 .spawn(move || writer::syncer(dir, unsynced, alive))?;
         }
-        let w = Writer::new(opened.conn, state.clone(), committed, settings, alive.clone(), unsynced);
+        let w = Writer::new(opened.conn, state.clone(), outbox.clone(), settings, alive.clone(), unsynced);
         let handle = std::thread::Builder::new().name("chat-store-writer".into()).spawn(move || w.run(rx))?;
         Ok(DurableEngine {
             hub,
             state,
             tx,
+            outbox,
             readers: Arc::new(Readers { dir, idle: Mutex::default() }),
             epoch: opened.epoch.into(),
             presence: LocalPresence::default(),
@@ -150,7 +162,10 @@ impl DurableEngine {
     async fn write<T>(&self, make: impl FnOnce(oneshot::Sender<EngineResult<T>>) -> Op) -> EngineResult<T> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        let out = rx.await.map_err(|_| gone())?;
+        // Deliver (in commit order) before answering: the `message` before the `ack`.
+        self.outbox.flush();
+        out
     }
 
     /// Runs `f` on a read connection on the blocking pool.

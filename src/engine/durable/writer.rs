@@ -3,17 +3,18 @@
 //! commit: with `fsync = always` one fsync per batch, not per message).
 //!
 //! It assigns `seq`s, checks membership and idempotency inside that
-//! transaction, and after the commit returned it updates the hot state and
-//! hands the batch to the dispatcher task (on the tokio runtime: waking a
-//! thousand connection tasks from a foreign thread is slow), which delivers
-//! the `message` events in queue order (so delivery is `seq` order per
-//! conversation) and only then answers the callers (acks).
+//! transaction, and after the commit returned it updates the hot state, puts
+//! the batch's `message` events in the [`Outbox`] and answers the callers.
+//! Each caller then delivers what the outbox holds, in commit order, before
+//! it acks (as the in-memory engine delivers in the sender's task: no extra
+//! hop through another thread or task), so delivery is `seq` order per
+//! conversation and a message is delivered before its `ack`.
 //!
 //! With `everysec` the WAL is fsync'd once a second by the syncer thread, so
 //! a slow fsync never holds up a commit.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
     path::PathBuf,
     sync::{
         Arc,
@@ -22,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -133,7 +135,7 @@ struct Batch {
 pub struct Writer {
     conn: Connection,
     state: Arc<State>,
-    committed: mpsc::UnboundedSender<Committed>,
+    outbox: Arc<Outbox>,
     settings: Settings,
     alive: Arc<AtomicBool>,
     /// Commits not yet fsync'd (everysec), for the syncer thread.
@@ -141,25 +143,37 @@ pub struct Writer {
     last_prune: Instant,
 }
 
-/// A committed batch: its events to deliver, then its answers.
-pub struct Committed {
-    events: Vec<(Route, Event)>,
-    pending: Vec<Pending>,
+/// Committed events waiting for delivery, in commit order.
+pub struct Outbox {
+    hub: Arc<Hub>,
+    queue: Mutex<VecDeque<Vec<(Route, Event)>>>,
+    /// Held while delivering: one deliverer at a time keeps commit order.
+    turn: Mutex<()>,
 }
 
-/// The dispatcher task: delivers each committed batch, in commit order, then
-/// answers its callers.
-pub async fn dispatcher(hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<Committed>) {
-    while let Some(c) = rx.recv().await {
-        for (route, mut event) in c.events {
-            event.stored_at_us = Some(now_us());
-            let _fanout = tracing::debug_span!("fanout", kind = "message").entered();
-            for topic in &route {
-                hub.dispatch(topic, &event);
-            }
+impl Outbox {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Outbox { hub, queue: Mutex::default(), turn: Mutex::default() }
+    }
+
+    fn push(&self, events: Vec<(Route, Event)>) {
+        if !events.is_empty() {
+            self.queue.lock().push_back(events);
         }
-        for p in c.pending {
-            p(None);
+    }
+
+    /// Delivers every committed event not delivered yet, in commit order.
+    /// When it returns, everything committed before the call was delivered.
+    pub fn flush(&self) {
+        let _turn = self.turn.lock();
+        while let Some(events) = self.queue.lock().pop_front() {
+            for (route, mut event) in events {
+                event.stored_at_us = Some(now_us());
+                let _fanout = tracing::debug_span!("fanout", kind = "message").entered();
+                for topic in &route {
+                    self.hub.dispatch(topic, &event);
+                }
+            }
         }
     }
 }
@@ -191,12 +205,12 @@ impl Writer {
     pub fn new(
         conn: Connection,
         state: Arc<State>,
-        committed: mpsc::UnboundedSender<Committed>,
+        outbox: Arc<Outbox>,
         settings: Settings,
         alive: Arc<AtomicBool>,
         unsynced: Arc<AtomicBool>,
     ) -> Self {
-        Writer { conn, state, committed, settings, alive, unsynced, last_prune: Instant::now() }
+        Writer { conn, state, outbox, settings, alive, unsynced, last_prune: Instant::now() }
     }
 
     /// The thread's body: runs until `Shutdown` or until every sender is gone.
@@ -347,7 +361,7 @@ impl Writer {
         }
     }
 
-    /// After the commit: hot state, then fan-out in queue order, then acks.
+    /// After the commit: hot state, then the outbox, then the answers.
     fn publish(&self, b: Batch) {
         {
             let mut convs = self.state.convs.write();
@@ -379,12 +393,10 @@ impl Writer {
                 }
             }
         }
-        let committed = Committed { events: b.events, pending: b.pending };
-        if let Err(mpsc::error::SendError(c)) = self.committed.send(committed) {
-            // No dispatcher (the runtime is gone): answer anyway.
-            for p in c.pending {
-                p(None);
-            }
+        // Events before answers: a caller that wakes finds its own there.
+        self.outbox.push(b.events);
+        for p in b.pending {
+            p(None);
         }
     }
 }
