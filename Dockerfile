@@ -2,8 +2,14 @@
 #
 #   docker build -t crm-chat:dev .
 #   docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:9090:9090 \
+#     -v crm-chat-data:/var/lib/crm-chat \
 #     -e CHAT_AUTH__JWT_SECRET="$(openssl rand -base64 48)" \
 #     -e CHAT_AUTH__API_KEY="$(openssl rand -base64 48)" crm-chat:dev
+#
+# Without Valkey the image runs the durable embedded engine: history on disk
+# in /var/lib/crm-chat (a VOLUME; `-v crm-chat-data:/var/lib/crm-chat` names
+# it so it outlives `docker run --rm`). CHAT_CHAT__DATA_DIR=memory keeps
+# history in memory only.
 #
 # The image runs the `production` profile: without real secrets (at least 32
 # bytes, not the public development strings) it refuses to start and says
@@ -86,7 +92,8 @@ COPY . .
 RUN . /rust-cross.env \
     && target=$(cat /rust-target) \
     && cargo build --release --locked --target "$target" --bin crm-chat \
-    && install -D -m 0755 "target/$target/release/crm-chat" /out/crm-chat
+    && install -D -m 0755 "target/$target/release/crm-chat" /out/crm-chat \
+    && install -d -m 0750 /out/data
 
 FROM ${RUNTIME_IMAGE} AS runtime
 # Filled in by CI (docker/metadata-action sets the same keys on published images).
@@ -101,13 +108,18 @@ LABEL org.opencontainers.image.title="crm-chat" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
 COPY --from=builder /out/crm-chat /usr/local/bin/crm-chat
+# The durable embedded engine's directory (chat.data_dir), owned by the
+# non-root user; a volume, so history outlives the container. Unused with Valkey.
+COPY --from=builder --chown=65532:65532 /out/data /var/lib/crm-chat
 # Numeric ids, so Kubernetes `runAsNonRoot` can verify them (65532 = distroless "nonroot").
 USER 65532:65532
 # Secure by default: the production profile (real secrets required, no dev
 # tokens) and the internal routes on their own port.
 ENV CHAT_PROFILE=production \
     CHAT_SERVER__LISTEN=0.0.0.0:8000 \
-    CHAT_SERVER__INTERNAL_LISTEN=0.0.0.0:9090
+    CHAT_SERVER__INTERNAL_LISTEN=0.0.0.0:9090 \
+    CHAT_CHAT__DATA_DIR=/var/lib/crm-chat
+VOLUME ["/var/lib/crm-chat"]
 # 8000: public (WebSocket, demo page, static files); 9090: internal (service
 # API, metrics, health).
 EXPOSE 8000 9090

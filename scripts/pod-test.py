@@ -205,8 +205,8 @@ class Pod:
         flags, files = [], {}
         for m in self.container.get("volumeMounts") or []:
             v = volumes.get(m["name"])
-            if v is None or "emptyDir" in v:
-                # emptyDir, or a volumeClaimTemplate (StatefulSet): an empty directory
+            if v is None or "emptyDir" in v or "persistentVolumeClaim" in v:
+                # emptyDir, a claim or a volumeClaimTemplate (StatefulSet): an empty directory
                 # the pod's user can write (fsGroup does that in Kubernetes). A bind
                 # mount, not a tmpfs: Docker gives a tmpfs over an image VOLUME the
                 # image directory's owner and mode.

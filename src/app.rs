@@ -31,10 +31,18 @@ pub async fn engine(cfg: &Config, hub: Arc<Hub>) -> anyhow::Result<Arc<dyn Engin
         let e = crate::engine::valkey::ValkeyEngine::connect(cfg, hub).await.context("connecting to Valkey")?;
         return Ok(Arc::new(e));
     }
+    if let Some(dir) = cfg.data_dir() {
+        let cfg = cfg.clone();
+        let e = tokio::task::spawn_blocking(move || crate::engine::durable::DurableEngine::open(&cfg, dir, hub))
+            .await
+            .context("opening the durable store")??;
+        return Ok(Arc::new(e));
+    }
     tracing::warn!(
         history_max_messages = cfg.chat.history_max_messages,
-        "embedded engine: single node only, history kept in memory (bounded per conversation) and lost on restart; \
-         set CHAT_VALKEY__URL for durable history and several nodes"
+        "embedded engine: single node only, history kept in memory (bounded per conversation) and lost on restart \
+         (chat.data_dir = memory); set CHAT_CHAT__DATA_DIR for durable history on this node, or CHAT_VALKEY__URL \
+         for durable history and several nodes"
     );
     Ok(Arc::new(MemoryEngine::new(hub, cfg.chat.history_max_messages)))
 }

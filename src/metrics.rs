@@ -87,6 +87,7 @@ fn describe() {
     describe_counter!("chat_conversations_deleted_total", "Group conversations deleted through the service API");
     describe_counter!("chat_slow_consumer_closes_total", "Connections closed 1013 because their queue was full");
     describe_counter!("chat_storage_errors_total", "Storage operations that failed");
+    describe_gauge!("chat_storage_bytes", "Bytes the durable embedded engine's store takes on disk (database and WAL)");
     describe_counter!("chat_closes_total", "Connections closed by the server, by close code");
     describe_counter!("chat_upgrades_rejected_total", "WebSocket upgrades refused, by reason");
     describe_histogram!("chat_outbound_queue_depth", "Outbound queue depth seen by a connection writer");
@@ -188,6 +189,10 @@ pub fn fanout_latency(seconds: f64) {
 pub fn slow_consumer_close() {
     SLOW.increment(1);
 }
+pub fn storage_bytes(bytes: u64) {
+    gauge!("chat_storage_bytes").set(bytes as f64);
+}
+
 pub fn storage_error() {
     STORAGE_ERRORS.increment(1);
 }

@@ -1,5 +1,6 @@
 //! The engine contracts (`src/engine/mod.rs`: `MessageStore`, `Groups`,
-//! `Broker`, `Presence`), run in process on both engines: every contract is
+//! `Broker`, `Presence`), run in process on every engine (memory, durable on a
+//! temporary directory, Valkey): every contract is
 //! an `async fn(Arc<dyn Engine>, Arc<Hub>)`, and [`conformance!`] makes one
 //! test of it per engine. No WebSocket and no server process: the engine is
 //! built as the app builds it ([`app::engine`]) and observed through a
@@ -60,6 +61,31 @@ where
     contract(engine, hub).await;
 }
 
+/// Runs a contract on the durable embedded engine, on a fresh directory.
+async fn on_durable<F, Fut>(contract: F)
+where
+    F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "crm-chat-conformance-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = config();
+    cfg.chat.data_dir = Some(dir.display().to_string());
+    let hub = Hub::new();
+    let engine = app::engine(&cfg, hub.clone()).await.expect("durable engine");
+    assert_eq!(engine.name(), "durable");
+    assert!(engine.ready().await, "durable engine ready");
+    contract(engine.clone(), hub).await;
+    engine.shutdown().await;
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Runs a contract on the Valkey engine, against a server of its own.
 async fn on_valkey<F, Fut>(contract: F)
 where
@@ -83,7 +109,8 @@ where
     drop(server);
 }
 
-/// One test per contract and engine: `memory::<contract>` and `valkey::<contract>`.
+/// One test per contract and engine: `memory::<contract>`, `durable::<contract>`
+/// and `valkey::<contract>`.
 macro_rules! conformance {
     ($($contract:ident),* $(,)?) => {
         mod memory {
@@ -91,6 +118,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $contract() {
                     super::on_memory(super::$contract).await
+                }
+            )*
+        }
+        mod durable {
+            $(
+                #[tokio::test]
+                async fn $contract() {
+                    super::on_durable(super::$contract).await
                 }
             )*
         }

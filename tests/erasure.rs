@@ -50,6 +50,19 @@ async fn valkey_contents(chat: &Chat) -> String {
     all
 }
 
+/// Every file of the durable engine's data directory (database, WAL), as
+/// lossy text: an erased body must be in none of them (freed pages included).
+fn disk_contents(chat: &Chat) -> String {
+    let dir = chat.data_dir.as_ref().expect("durable engine").path();
+    let mut all = String::new();
+    for entry in std::fs::read_dir(dir).expect("data dir").flatten() {
+        if let Ok(bytes) = std::fs::read(entry.path()) {
+            all.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    all
+}
+
 fn message_of(reply: &Value, seq: u64) -> &Value {
     reply["messages"].as_array().unwrap().iter().find(|m| m["seq"] == seq).unwrap_or_else(|| panic!("{seq} in {reply}"))
 }
@@ -83,6 +96,9 @@ async fn erase_user_messages(engine: Engine) {
     bob.discard(|_| true);
     if !servers(&chat).is_empty() {
         assert!(valkey_contents(&chat).await.contains(&secret), "the check sees stored bodies");
+    }
+    if chat.data_dir.is_some() {
+        assert!(disk_contents(&chat).contains(&secret), "the check sees stored bodies");
     }
 
     let (s, v) = a.api(Method::DELETE, "/api/v1/users/alice/messages", None).await;
@@ -123,6 +139,11 @@ async fn erase_user_messages(engine: Engine) {
     if !servers(&chat).is_empty() {
         let contents = valkey_contents(&chat).await;
         assert!(!contents.contains(&secret), "an erased body is still in Valkey");
+        assert!(contents.contains("bob keeps this"), "other users' messages stay");
+    }
+    if chat.data_dir.is_some() {
+        let contents = disk_contents(&chat);
+        assert!(!contents.contains(&secret), "an erased body is still in a file of chat.data_dir");
         assert!(contents.contains("bob keeps this"), "other users' messages stay");
     }
 

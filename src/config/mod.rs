@@ -262,11 +262,51 @@ pub struct ChatConfig {
     /// Embedded engine: messages kept per conversation (oldest dropped first).
     /// Default 10000.
     pub history_max_messages: usize,
+    /// Embedded engine: messages older than this many seconds are dropped
+    /// (0: no age limit). Default 0.
+    pub history_max_age_s: u64,
+    /// Embedded engine: directory of the durable store (history, receipts,
+    /// groups, idempotency records survive restarts), or `memory` for history
+    /// in memory only, lost on restart. Default: `./data` in the `local`
+    /// profile, `memory` in `production` (the image sets `/var/lib/crm-chat`).
+    /// Ignored with Valkey.
+    pub data_dir: Option<String>,
+    /// Durable store: `everysec` (default; a process crash loses nothing, an
+    /// OS crash or power loss up to about one second of acked messages and
+    /// starts a new epoch) or `always` (acked means on disk: nothing acked is
+    /// ever lost; one fsync per batch of writes).
+    pub fsync: Fsync,
 }
 
 impl Default for ChatConfig {
     fn default() -> Self {
-        Self { open_conversations: vec!["general".into()], history_max_messages: 10_000 }
+        Self {
+            open_conversations: vec!["general".into()],
+            history_max_messages: 10_000,
+            history_max_age_s: 0,
+            data_dir: None,
+            fsync: Fsync::Everysec,
+        }
+    }
+}
+
+/// When the durable store forces writes to the disk (`chat.fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Every commit (one per batch of writes) is fsync'd before its acks.
+    Always,
+    /// Commits reach the OS at once; fsync once a second.
+    #[default]
+    Everysec,
+}
+
+impl Fsync {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::Everysec => "everysec",
+        }
     }
 }
 
@@ -516,6 +556,12 @@ impl Config {
             .as_deref()
             .map(|a| a.parse().map_err(|_| err("server.internal_listen", format!("'{a}' is not host:port"))))
             .transpose()
+    }
+
+    /// The durable store's directory: `None` for history in memory
+    /// (`chat.data_dir` unset or `memory`).
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        self.chat.data_dir.as_deref().filter(|d| *d != "memory").map(PathBuf::from)
     }
 
     pub fn dev_tokens(&self) -> bool {

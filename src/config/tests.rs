@@ -10,6 +10,28 @@ fn defaults_are_valid_and_local() {
         assert_eq!(c.server.listen, "0.0.0.0:8000");
         assert_eq!(c.limits.outbound_queue, 1024);
         assert_eq!(c.chat.open_conversations, vec!["general".to_string()]);
+        assert_eq!(c.data_dir(), Some(PathBuf::from("./data")), "local runs keep their history");
+        assert_eq!(c.chat.fsync, Fsync::Everysec);
+        Ok(())
+    });
+}
+
+#[test]
+fn data_dir_is_memory_in_production_unless_set() {
+    Jail::expect_with(|jail| {
+        jail.set_env("CHAT_PROFILE", "production");
+        jail.set_env("CHAT_AUTH__JWT_SECRET", "0123456789abcdef0123456789abcdef-jwt");
+        jail.set_env("CHAT_AUTH__API_KEY", "0123456789abcdef0123456789abcdef-api");
+        assert_eq!(Config::load(None).unwrap().data_dir(), None);
+        jail.set_env("CHAT_CHAT__DATA_DIR", "/var/lib/crm-chat");
+        jail.set_env("CHAT_CHAT__FSYNC", "always");
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.data_dir(), Some(PathBuf::from("/var/lib/crm-chat")));
+        assert_eq!(c.chat.fsync, Fsync::Always);
+        jail.set_env("CHAT_CHAT__DATA_DIR", "memory");
+        assert_eq!(Config::load(None).unwrap().data_dir(), None);
+        jail.set_env("CHAT_CHAT__FSYNC", "sometimes");
+        assert_eq!(Config::load(None).unwrap_err().key, "chat.fsync");
         Ok(())
     });
 }

@@ -145,6 +145,12 @@ impl Config {
         if self.chat.history_max_messages == 0 {
             return Err(err("chat.history_max_messages", "must be at least 1"));
         }
+        match self.chat.data_dir.as_deref() {
+            // Local runs keep their history next to them; production says where.
+            None if !prod => self.chat.data_dir = Some("./data".into()),
+            Some("") => return Err(err("chat.data_dir", "a directory, or `memory` for history in memory only")),
+            _ => {}
+        }
         let v = &self.valkey;
         if let Some(url) = &v.url
             && !(url.0.starts_with("redis://")

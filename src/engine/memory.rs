@@ -21,7 +21,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::{
     Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
-    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage,
+    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership,
 };
 use crate::{
     error::EngineResult,
@@ -76,7 +76,7 @@ pub struct MemoryEngine {
     /// user -> group conversations and direct conversations with messages.
     user_index: RwLock<HashMap<String, BTreeSet<String>>>,
     /// user -> open connections on this node.
-    presence: Mutex<HashMap<String, usize>>,
+    presence: LocalPresence,
     /// This process's epoch: history does not outlive it.
     epoch: Arc<str>,
 }
@@ -88,7 +88,7 @@ impl MemoryEngine {
             max_messages: max_messages.max(1),
             convs: RwLock::default(),
             user_index: RwLock::default(),
-            presence: Mutex::default(),
+            presence: LocalPresence::default(),
             epoch: super::new_epoch().into(),
         }
     }
@@ -124,12 +124,7 @@ impl MemoryEngine {
 }
 
 fn is_member(g: &Group, user: &str) -> bool {
-    g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok()
-}
-
-fn normalise(members: Vec<String>) -> Vec<String> {
-    let set: BTreeSet<String> = members.into_iter().collect();
-    set.into_iter().collect()
+    membership::contains(&g.members, user)
 }
 
 #[async_trait]
@@ -313,12 +308,8 @@ impl Groups for MemoryEngine {
         let conv = self.conv(conversation);
         let change = {
             let mut c = conv.lock();
-            let members = normalise(members);
-            let old: BTreeSet<String> =
-                c.group.as_ref().map(|g| g.members.iter().cloned().collect()).unwrap_or_default();
-            let new: BTreeSet<String> = members.iter().cloned().collect();
-            let added = new.difference(&old).cloned().collect();
-            let removed = old.difference(&new).cloned().collect();
+            let old = c.group.as_ref().map(|g| g.members.as_slice()).unwrap_or_default();
+            let (members, added, removed) = membership::replace(old, members);
             c.group = Some(Group { title: title.to_string(), members });
             MembershipChange { conversation: c.object(conversation), added, removed }
         };
@@ -340,25 +331,8 @@ impl Groups for MemoryEngine {
             let Some(group) = c.group.as_mut() else {
                 return Ok(None);
             };
-            let mut set: BTreeSet<String> = group.members.iter().cloned().collect();
-            let mut added = Vec::new();
-            let mut removed = Vec::new();
-            for u in normalise(remove) {
-                if set.remove(&u) {
-                    removed.push(u);
-                }
-            }
-            for u in normalise(add) {
-                if set.insert(u.clone()) {
-                    // Removed and added in one call: still a member, no change.
-                    if let Some(i) = removed.iter().position(|r| *r == u) {
-                        removed.remove(i);
-                    } else {
-                        added.push(u);
-                    }
-                }
-            }
-            group.members = set.into_iter().collect();
+            let (members, added, removed) = membership::update(&group.members, add, remove);
+            group.members = members;
             MembershipChange { conversation: c.object(conversation), added, removed }
         };
         self.index_members(conversation, &change.added, &change.removed);
@@ -433,39 +407,61 @@ impl Broker for MemoryEngine {
 #[async_trait]
 impl Presence for MemoryEngine {
     async fn connection_count(&self, user: &str) -> EngineResult<usize> {
-        Ok(self.presence.lock().get(user).copied().unwrap_or(0))
+        Ok(self.presence.count(user))
     }
 
     async fn presence_up(&self, user: &str) -> EngineResult<bool> {
-        let mut p = self.presence.lock();
-        let n = p.entry(user.to_string()).or_default();
-        *n += 1;
-        Ok(*n == 1)
+        Ok(self.presence.up(user))
     }
 
     async fn presence_down(&self, user: &str) -> EngineResult<bool> {
-        let mut p = self.presence.lock();
-        match p.get_mut(user) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                Ok(false)
-            }
-            Some(_) => {
-                p.remove(user);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        Ok(self.presence.down(user))
     }
 
     async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>> {
-        let p = self.presence.lock();
+        Ok(self.presence.online(users))
+    }
+}
+
+/// Presence of a single-node engine: open connections per user, here.
+#[derive(Default)]
+pub(crate) struct LocalPresence(Mutex<HashMap<String, usize>>);
+
+impl LocalPresence {
+    pub(crate) fn count(&self, user: &str) -> usize {
+        self.0.lock().get(user).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn up(&self, user: &str) -> bool {
+        let mut p = self.0.lock();
+        let n = p.entry(user.to_string()).or_default();
+        *n += 1;
+        *n == 1
+    }
+
+    pub(crate) fn down(&self, user: &str) -> bool {
+        let mut p = self.0.lock();
+        match p.get_mut(user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                p.remove(user);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn online(&self, users: Option<&[String]>) -> Vec<String> {
+        let p = self.0.lock();
         let mut out: Vec<String> = match users {
             Some(list) => list.iter().filter(|u| p.contains_key(u.as_str())).cloned().collect(),
             None => p.keys().cloned().collect(),
         };
         out.sort();
-        Ok(out)
+        out
     }
 }
 

@@ -29,6 +29,8 @@
 //! out of order. Every other event goes through [`Broker::publish`].
 //! Engines deliver events to this node's [`Hub`](crate::hub::Hub).
 
+pub mod durable;
+pub(crate) mod membership;
 pub mod memory;
 pub mod valkey;
 

@@ -176,6 +176,36 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir {
+    path: std::path::PathBuf,
+    text: String,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("crm-chat-{}-{}", std::process::id(), unique(prefix)));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temporary directory");
+        let text = path.display().to_string();
+        TempDir { path, text }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn path_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// What ended a connection, as the client saw it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -280,6 +310,22 @@ impl Client {
         self.expect("reply", |r| r["id"] == json!(id)).await
     }
 
+    /// Like [`Client::request`], but `None` when the connection ends (or
+    /// fails) before the reply: for traffic into a server that gets killed.
+    pub async fn try_request(&mut self, mut v: Value) -> Option<Value> {
+        self.next_id += 1;
+        let id = json!(self.next_id);
+        v["id"] = id.clone();
+        self.ws.send(Message::Text(v.to_string().into())).await.ok()?;
+        loop {
+            match self.read(TIMEOUT).await {
+                Some(Ok(r)) if r["id"] == id => return Some(r),
+                Some(Ok(r)) => self.pending.push_back(r),
+                _ => return None,
+            }
+        }
+    }
+
     /// `send` and its `ack` (or error).
     pub async fn say(&mut self, conversation: &str, body: &str) -> Value {
         let cmid = unique("cm");
@@ -365,8 +411,10 @@ pub fn is_presence(v: &Value) -> bool {
 /// Which engine a suite runs on.
 #[derive(Debug, Clone, Copy)]
 pub enum Engine {
-    /// One node, embedded engine.
+    /// One node, embedded engine, history in memory.
     Memory,
+    /// One node, embedded engine, history on disk in a temporary `chat.data_dir`.
+    Durable,
     /// `nodes` nodes sharing one real Valkey/Redis; clients and API calls
     /// alternate between nodes, so every cross-client check crosses nodes.
     Valkey { nodes: usize },
@@ -377,6 +425,8 @@ pub enum Engine {
 /// A chat service under test: one or more nodes that must behave as one.
 pub struct Chat {
     pub nodes: Vec<Server>,
+    /// The durable engine's directory (removed on drop, after the nodes).
+    pub data_dir: Option<TempDir>,
     pub valkey: Option<valkey::Valkey>,
     pub cluster: Option<valkey::ValkeyCluster>,
     rr: AtomicUsize,
@@ -400,18 +450,29 @@ pub async fn start_nodes(nodes: usize, url: &str, cluster: bool, env: &[(&str, &
 impl Engine {
     pub async fn start(self, env: &[(&str, &str)]) -> Chat {
         match self {
-            Engine::Memory => {
-                Chat { nodes: vec![Server::start(env).await], valkey: None, cluster: None, rr: AtomicUsize::new(0) }
+            Engine::Memory => Chat {
+                nodes: vec![Server::start(env).await],
+                data_dir: None,
+                valkey: None,
+                cluster: None,
+                rr: AtomicUsize::new(0),
+            },
+            Engine::Durable => {
+                let dir = TempDir::new("chat-data");
+                let mut e: Vec<(&str, &str)> = vec![("CHAT_CHAT__DATA_DIR", dir.path_str())];
+                e.extend_from_slice(env);
+                let nodes = vec![Server::start(&e).await];
+                Chat { nodes, data_dir: Some(dir), valkey: None, cluster: None, rr: AtomicUsize::new(0) }
             }
             Engine::Valkey { nodes } => {
                 let v = valkey::Valkey::start().await;
                 let servers = start_nodes(nodes, &v.url(), false, env).await;
-                Chat { nodes: servers, valkey: Some(v), cluster: None, rr: AtomicUsize::new(0) }
+                Chat { nodes: servers, data_dir: None, valkey: Some(v), cluster: None, rr: AtomicUsize::new(0) }
             }
             Engine::ValkeyCluster { nodes } => {
                 let c = valkey::ValkeyCluster::start(3).await;
                 let servers = start_nodes(nodes, &c.url(), true, env).await;
-                Chat { nodes: servers, valkey: None, cluster: Some(c), rr: AtomicUsize::new(0) }
+                Chat { nodes: servers, data_dir: None, valkey: None, cluster: Some(c), rr: AtomicUsize::new(0) }
             }
         }
     }
@@ -446,6 +507,14 @@ macro_rules! engine_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Engine::Memory).await
+                }
+            )*
+        }
+        mod durable {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Engine::Durable).await
                 }
             )*
         }

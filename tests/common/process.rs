@@ -61,7 +61,10 @@ pub async fn spawn(bin: &Path, prefix: &[&str], env: &[(&str, &str)], wait_inter
         .env("CHAT_AUTH__JWT_SECRET", JWT_SECRET)
         .env("CHAT_LOG__LEVEL", "crm_chat=debug,warn")
         .env("CHAT_SERVER__DRAIN_S", "1")
-        .env("CHAT_SERVER__SHUTDOWN_DELAY_S", "0");
+        .env("CHAT_SERVER__SHUTDOWN_DELAY_S", "0")
+        // History in memory unless a test asks for a data directory (the
+        // local profile would otherwise share ./data between test servers).
+        .env("CHAT_CHAT__DATA_DIR", "memory");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -134,6 +134,24 @@ True ("true") when some shared Valkey is configured.
 {{- end }}
 
 {{/*
+True ("true") when the pod runs the embedded engine (no Valkey configured):
+it then gets /var/lib/crm-chat, a PersistentVolumeClaim with
+persistence.enabled, else an emptyDir.
+*/}}
+{{- define "crm-chat.embedded" -}}
+{{- if not (include "crm-chat.valkey.configured" .) }}true{{ end }}
+{{- end }}
+
+{{/*
+The claim of the embedded engine's data ("" without persistence).
+*/}}
+{{- define "crm-chat.dataClaim" -}}
+{{- if and .Values.persistence.enabled (include "crm-chat.embedded" .) }}
+{{- .Values.persistence.existingClaim | default (printf "%s-data" (include "crm-chat.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{/*
 A secret value: the one given in values, else the one already stored in the
 release's Secret (so upgrades keep it), else a new random one.
 Call with (dict "ctx" $ "secret" "<secret name>" "key" "<data key>" "value" "<given>").
@@ -267,6 +285,12 @@ that cannot work.
 {{- end }}
 {{- if and .Values.valkey.bundled.enabled (or .Values.valkey.url .Values.valkey.existingSecret .Values.valkey.sentinels) }}
 {{- fail "crm-chat: valkey.bundled.enabled=true conflicts with an external Valkey (valkey.url, valkey.existingSecret or valkey.sentinels): choose one." }}
+{{- end }}
+{{- if and .Values.persistence.enabled (include "crm-chat.valkey.configured" .) }}
+{{- fail "crm-chat: persistence.enabled=true is for the embedded engine (no Valkey); with Valkey, history is kept by Valkey (valkey.bundled.persistence for the bundled one)." }}
+{{- end }}
+{{- if and .Values.persistence.enabled .Values.updateStrategy (ne (.Values.updateStrategy.type | default "") "Recreate") }}
+{{- fail "crm-chat: persistence.enabled=true needs updateStrategy type Recreate (or empty): two pods never open one data directory." }}
 {{- end }}
 {{- if and .Values.valkey.sentinels (not .Values.valkey.serviceName) }}
 {{- fail "crm-chat: valkey.sentinels needs valkey.serviceName (the monitored master's name)." }}

@@ -1,0 +1,283 @@
+//! The on-disk layout: one SQLite database in WAL mode, its schema, opening
+//! it (the lock, the epoch rules) and loading the hot state.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, bail};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use super::{ConvState, State};
+use crate::{config::Fsync, engine::Group};
+
+/// The database file inside `chat.data_dir`.
+pub const DB_FILE: &str = "chat.db";
+/// Held (flock) for as long as a process uses the directory.
+const LOCK_FILE: &str = "LOCK";
+const SCHEMA_VERSION: &str = "1";
+
+/// Bodies are kept with a `deleted` flag so erasing a user's messages keeps
+/// `seq`, `ts` and `client_msg_id` (and so idempotency and gap-free paging).
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    is_group INTEGER NOT NULL DEFAULT 0,
+    title TEXT NOT NULL DEFAULT '',
+    -- Set when the conversation's history was deleted (a deleted group): its
+    -- own epoch from then on, so a group created again under the id never
+    -- reuses a seq under the store's epoch. NULL: the store's epoch.
+    epoch TEXT
+);
+CREATE TABLE IF NOT EXISTS messages (
+    conv INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    sender_id TEXT NOT NULL,
+    sender_name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conv, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conv, sender_id, client_msg_id);
+CREATE TABLE IF NOT EXISTS receipts (
+    conv INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    delivered_seq INTEGER NOT NULL,
+    read_seq INTEGER NOT NULL,
+    PRIMARY KEY (conv, user)
+) WITHOUT ROWID;
+-- kind 0: group member, 1: known member of an open conversation.
+CREATE TABLE IF NOT EXISTS members (
+    conv INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    PRIMARY KEY (conv, kind, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_conversations (
+    user TEXT NOT NULL,
+    conv TEXT NOT NULL,
+    PRIMARY KEY (user, conv)
+) WITHOUT ROWID;
+";
+
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join(DB_FILE)
+}
+
+pub fn wal_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{DB_FILE}-wal"))
+}
+
+/// Bytes the store takes on disk (database, WAL and shared-memory index).
+pub fn storage_bytes(dir: &Path) -> u64 {
+    ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|s| std::fs::metadata(dir.join(format!("{DB_FILE}{s}"))).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// This boot of the machine (Linux); `None` elsewhere.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+}
+
+/// The write connection's settings for `fsync`: WAL, and `synchronous=FULL`
+/// (every commit fsyncs the WAL) or `NORMAL` (commits reach the OS; the
+/// writer fsyncs the WAL once a second).
+pub fn set_sync(conn: &Connection, fsync: Fsync) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "synchronous", if fsync == Fsync::Always { "FULL" } else { "NORMAL" })
+}
+
+/// A read-only connection for history pages and counters.
+pub fn open_reader(dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        db_path(dir),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+pub struct Opened {
+    pub conn: Connection,
+    pub epoch: String,
+    pub state: State,
+    /// Why the epoch is new, when it is.
+    pub new_epoch: Option<&'static str>,
+    pub lock: File,
+}
+
+/// Opens (or creates) the store in `dir`, takes its lock, applies the epoch
+/// rules and loads the hot state. Refuses to start, naming the file, when
+/// the database cannot be read.
+pub fn open(dir: &Path, fsync: Fsync) -> anyhow::Result<Opened> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating chat.data_dir {}", dir.display()))?;
+    let lock = lock(dir)?;
+    let path = db_path(dir);
+    let unreadable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "chat.data_dir: {} cannot be read as a crm-chat store ({e}). Nothing was changed. Restore a backup, or \
+             move the directory aside to start an empty history (clients then see a new epoch and reload)",
+            path.display()
+        )
+    };
+    let conn = Connection::open(&path).map_err(|e| unreadable(&e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(|e| unreadable(&e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!("chat.data_dir: {} does not support SQLite's WAL mode (journal_mode {mode})", path.display());
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // Erased bodies and deleted history are overwritten with zeros in the
+    // file, not only unlinked from the b-tree (erasure must remove them).
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    // After a checkpoint the WAL shrinks back to this: disk use stays bounded.
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+    conn.execute_batch(SCHEMA).map_err(|e| unreadable(&e))?;
+
+    let meta = |k: &str| -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0)).optional()
+    };
+    let version = meta("schema_version").map_err(|e| unreadable(&e))?;
+    if let Some(v) = &version
+        && v != SCHEMA_VERSION
+    {
+        bail!("chat.data_dir: {} has store schema {v}; this build reads schema {SCHEMA_VERSION}", path.display());
+    }
+    let stored_epoch = meta("epoch")?;
+    let clean = meta("clean_shutdown")?.as_deref() == Some("1");
+    let last_fsync = meta("fsync")?;
+    let stored_boot = meta("boot_id")?;
+    let boot = boot_id();
+    let (epoch, new_epoch) = match stored_epoch {
+        None => (crate::engine::new_epoch(), Some("new store")),
+        // The last run acked before fsync and did not stop cleanly: if the
+        // machine went down since (another boot), acked messages may be lost.
+        Some(_) if !clean && last_fsync.as_deref() != Some("always") && (boot.is_none() || stored_boot != boot) => (
+            crate::engine::new_epoch(),
+            Some("unclean stop with fsync=everysec across a reboot: recent writes may be lost"),
+        ),
+        Some(e) => (e, None),
+    };
+    {
+        let tx = conn.unchecked_transaction()?;
+        let mut put = tx.prepare("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+        put.execute(params!["schema_version", SCHEMA_VERSION])?;
+        put.execute(params!["epoch", epoch])?;
+        put.execute(params!["clean_shutdown", "0"])?;
+        put.execute(params!["fsync", fsync.as_str()])?;
+        put.execute(params!["boot_id", boot.unwrap_or_default()])?;
+        drop(put);
+        // synchronous=FULL: the epoch and the unclean marker are on disk
+        // before anything is acked.
+        tx.commit().context("writing the store's epoch (is the disk full?)")?;
+    }
+    set_sync(&conn, fsync)?;
+    let state = load(&conn).map_err(|e| unreadable(&e))?;
+    Ok(Opened { conn, epoch, state, new_epoch, lock })
+}
+
+/// Marks a clean stop: everything is on disk and the epoch may be kept.
+pub fn close_cleanly(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_shutdown', '1')", [])?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
+}
+
+fn lock(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!("chat.data_dir: {} is in use by another crm-chat process (one node per data directory)", dir.display());
+    }
+    Ok(f)
+}
+
+/// Everything but message bodies: conversations, groups, members, receipts
+/// and the per-user index. Its size follows conversations and users, not
+/// messages.
+fn load(conn: &Connection) -> rusqlite::Result<State> {
+    let mut convs: HashMap<String, ConvState> = HashMap::new();
+    let mut names: HashMap<i64, String> = HashMap::new();
+    let mut stmt = conn.prepare("SELECT id, name, last_seq, is_group, title, epoch FROM conversations")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(0)?;
+        let name: String = r.get(1)?;
+        let group = if r.get::<_, i64>(3)? != 0 {
+            Some(Arc::new(Group { title: r.get(4)?, members: Vec::new() }))
+        } else {
+            None
+        };
+        names.insert(id, name.clone());
+        convs.insert(
+            name,
+            ConvState {
+                id,
+                last_seq: r.get::<_, i64>(2)? as u64,
+                group,
+                open_members: Arc::default(),
+                receipts: HashMap::new(),
+                epoch: r.get::<_, Option<String>>(5)?.map(Arc::from),
+            },
+        );
+    }
+    let mut groups: HashMap<i64, Vec<String>> = HashMap::new();
+    let mut opens: HashMap<i64, BTreeSet<String>> = HashMap::new();
+    let mut stmt = conn.prepare("SELECT conv, kind, user FROM members ORDER BY conv, kind, user")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (conv, kind, user): (i64, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        if kind == 0 {
+            groups.entry(conv).or_default().push(user);
+        } else {
+            opens.entry(conv).or_default().insert(user);
+        }
+    }
+    for (id, members) in groups {
+        if let Some(c) = names.get(&id).and_then(|n| convs.get_mut(n))
+            && let Some(g) = c.group.as_mut()
+        {
+            Arc::make_mut(g).members = members;
+        }
+    }
+    for (id, set) in opens {
+        if let Some(c) = names.get(&id).and_then(|n| convs.get_mut(n)) {
+            c.open_members = Arc::new(set);
+        }
+    }
+    let mut stmt = conn.prepare("SELECT conv, user, delivered_seq, read_seq FROM receipts")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(0)?;
+        if let Some(c) = names.get(&id).and_then(|n| convs.get_mut(n)) {
+            c.receipts.insert(r.get(1)?, (r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64));
+        }
+    }
+    let mut index: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut stmt = conn.prepare("SELECT user, conv FROM user_conversations")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        index.entry(r.get(0)?).or_default().insert(r.get(1)?);
+    }
+    Ok(State { convs: convs.into(), user_index: index.into() })
+}
