@@ -10,8 +10,10 @@
 //!   the blocking pool; everything else from the hot state in memory
 //!   (per-conversation `last_seq`, groups, members, receipts, the per-user
 //!   index), loaded at start without reading message bodies.
-//! - Fan-out stays in process: the writer hands each stored message to the
-//!   hub after its commit, in queue order, so delivery is `seq` order.
+//! - Fan-out stays in process: after the commit the writer queues the
+//!   batch's `message` events in the outbox and answers; each caller delivers
+//!   the outbox (commit order, one deliverer at a time) before it acks, so
+//!   delivery is `seq` order and a message is delivered before its `ack`.
 //! - A full disk fails the batch (`unavailable`, nothing acked); reads go on
 //!   and writes succeed again once space returns.
 
