@@ -86,6 +86,7 @@ pub async fn serve(node: Arc<Node>, listeners: Listeners, shutdown: impl Future<
     let limits = listener::Limits {
         header_timeout: Duration::from_secs(node.cfg.server.header_timeout_s),
         max_tcp: node.cfg.limits.max_connections.saturating_add(listener::HTTP_HEADROOM),
+        send_buffer: node.cfg.limits.socket_send_buffer,
     };
     let mut servers = vec![listener::spawn(listeners.public, public, limits, stop_http.clone())];
     if let (Some(l), Some(router)) = (listeners.internal, internal) {

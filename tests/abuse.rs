@@ -1838,6 +1838,46 @@ async fn close_1013_slow_consumer_arrives_as_a_close_frame() {
     );
 }
 
+/// The server's kernel send buffer of its side of connections to `port`, as
+/// `ss -tm` reports it (`tb`), or `None` when `ss` (iproute2) is missing.
+fn server_send_buffers(port: u16) -> Option<Vec<u64>> {
+    let out = std::process::Command::new("ss").args(["-tmnH", "state", "established"]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut found = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        // Lines of the server side: the local address ends with :port.
+        let local = l.split_whitespace().nth(2).unwrap_or_default();
+        let skmem =
+            if l.contains("skmem:") { l.to_string() } else { lines.peek().map(|n| n.to_string()).unwrap_or_default() };
+        if local.ends_with(&format!(":{port}"))
+            && let Some(tb) = skmem.split("tb").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok())
+        {
+            found.push(tb);
+        }
+    }
+    Some(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_send_buffer_of_a_connection_is_bounded() {
+    // What a client that stops reading pins in the kernel is bounded by
+    // limits.socket_send_buffer (Linux doubles the value set), whatever
+    // autotuning would grow it to.
+    for (setting, expect) in [(None, 2 * 262_144u64), (Some("65536"), 2 * 65_536)] {
+        let env: Vec<(&str, &str)> = setting.map(|v| vec![("CHAT_LIMITS__SOCKET_SEND_BUFFER", v)]).unwrap_or_default();
+        let node = launch_up(&env, &[], false).await;
+        let r = Raw::connect(node.server.addr, Some(&sign_token("sndbuf")), Some(4096)).await.expect("connect");
+        let Some(buffers) = server_send_buffers(node.server.addr.port()) else {
+            eprintln!("ss (iproute2) is not installed: the send buffer was not checked");
+            return;
+        };
+        assert!(!buffers.is_empty(), "the connection's server side is listed by ss");
+        assert!(buffers.iter().all(|b| *b == expect), "send buffers {buffers:?}, expected {expect}");
+        drop(r);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 12. Extreme but valid rate settings.
 

@@ -220,6 +220,12 @@ pub struct LimitsConfig {
     /// Seconds a socket write may make no progress before the connection is
     /// ended. Default 10.
     pub write_timeout_s: u64,
+    /// Kernel send buffer of each accepted connection (`SO_SNDBUF`; Linux
+    /// doubles it): what a client that stops reading can pin in kernel memory
+    /// beyond `outbound_bytes`, and what it must drain before a close frame
+    /// reaches it. 0: the OS's autotuning (up to `net.ipv4.tcp_wmem`, 4 MiB).
+    /// Default 262144.
+    pub socket_send_buffer: usize,
     /// WebSocket connections (authenticated or not) open on this node;
     /// further upgrades get HTTP 503. Default 16000.
     pub max_connections: usize,
@@ -247,6 +253,7 @@ impl Default for LimitsConfig {
             max_reply_bytes: 1 << 20,
             outbound_bytes: 4 << 20,
             write_timeout_s: 10,
+            socket_send_buffer: 256 << 10,
             max_connections: 16_000,
             batch_members: 50,
             batch_interval_ms: 1000,

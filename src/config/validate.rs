@@ -125,6 +125,9 @@ impl Config {
         if l.outbound_bytes < l.max_reply_bytes + 65_536 || l.outbound_bytes > 1 << 30 {
             return Err(err("limits.outbound_bytes", "must be at least limits.max_reply_bytes + 65536, at most 1 GiB"));
         }
+        if l.socket_send_buffer != 0 && !(4096..=64 << 20).contains(&l.socket_send_buffer) {
+            return Err(err("limits.socket_send_buffer", "0 (the OS decides) or 4096 to 67108864 bytes"));
+        }
         if !(1..=3600).contains(&l.write_timeout_s) {
             return Err(err("limits.write_timeout_s", "must be between 1 and 3600"));
         }

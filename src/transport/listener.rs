@@ -46,6 +46,8 @@ pub const HTTP_HEADROOM: usize = 1024;
 pub struct Limits {
     pub header_timeout: Duration,
     pub max_tcp: usize,
+    /// `SO_SNDBUF` of accepted connections; 0: the OS's autotuning.
+    pub send_buffer: usize,
 }
 
 /// A TCP stream that counts itself while open (it lives on inside an
@@ -126,6 +128,12 @@ pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: Cancel
             // No Nagle: a chat frame must leave now, not wait for the peer's
             // delayed ACK (~22 ms per hop otherwise).
             let _ = tcp.set_nodelay(true);
+            // A bounded kernel send buffer: a client that stops reading pins
+            // at most this much kernel memory, and drains at most this much
+            // before the close frame that ends it.
+            if limits.send_buffer > 0 {
+                let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(limits.send_buffer);
+            }
             let io = TokioIo::new(Counted { tcp, open: open.clone() });
             conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone()));
         }
