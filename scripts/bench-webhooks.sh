@@ -47,7 +47,7 @@ events_seen() { if [[ -f $work/access.log ]]; then wc -l <"$work/access.log"; el
 
 run() { # label, webhook url (or "")
   local label=$1 url=$2 port=18390
-  local env=("CHAT_SERVER__LISTEN=127.0.0.1:$port" CHAT_LOG__LEVEL=warn
+  local env=("CHAT_SERVER__LISTEN=127.0.0.1:$port" CHAT_CHAT__DATA_DIR=memory CHAT_LOG__LEVEL=warn
     CHAT_LIMITS__SEND_PER_S=100000 CHAT_LIMITS__SEND_BURST=100000 CHAT_LIMITS__MAX_CONNECTIONS=20000)
   if [[ -n $url ]]; then env+=("CHAT_WEBHOOKS__URL=$url" "CHAT_WEBHOOKS__SECRET=$secret"); fi
   for scenario in "fanout --members 1000 --senders 10 --messages 2000 --rate 200" "pairs --pairs 50 --duration-s 10"; do
