@@ -20,12 +20,12 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
-    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership,
+    Appended, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
+    ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership,
 };
 use crate::{
     error::EngineResult,
-    hub::{Event, EventKind, Hub, Topic, now_us},
+    hub::{Event, EventKind, Hub, now_us},
     protocol::{ConversationObject, MessageFrame, SenderRef, ServerFrame, render},
 };
 
@@ -389,39 +389,52 @@ impl Groups for MemoryEngine {
     }
 }
 
-#[async_trait]
-impl Broker for MemoryEngine {
-    async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
-        self.dispatch(route, &event);
-        Ok(())
-    }
+/// [`Broker`] and [`Presence`] of an engine whose node is the only one (the
+/// in-memory and the durable embedded engines): events go straight to this
+/// node's hub (field `hub`), presence is counted here (field `presence`, a
+/// [`LocalPresence`]).
+macro_rules! single_node_broker_and_presence {
+    ($engine:ty) => {
+        #[async_trait]
+        impl $crate::engine::Broker for $engine {
+            async fn publish(&self, route: &$crate::engine::Route, event: $crate::hub::Event) -> EngineResult<()> {
+                for topic in route {
+                    self.hub.dispatch(topic, &event);
+                }
+                Ok(())
+            }
 
-    async fn subscribe(&self, _topics: &[Topic]) -> EngineResult<()> {
-        // The hub is the only subscriber there is.
-        Ok(())
-    }
+            async fn subscribe(&self, _topics: &[$crate::hub::Topic]) -> EngineResult<()> {
+                // The hub is the only subscriber there is.
+                Ok(())
+            }
 
-    fn topics_changed(&self) {}
+            fn topics_changed(&self) {}
+        }
+
+        #[async_trait]
+        impl $crate::engine::Presence for $engine {
+            async fn connection_count(&self, user: &str) -> EngineResult<usize> {
+                Ok(self.presence.count(user))
+            }
+
+            async fn presence_up(&self, user: &str) -> EngineResult<bool> {
+                Ok(self.presence.up(user))
+            }
+
+            async fn presence_down(&self, user: &str) -> EngineResult<bool> {
+                Ok(self.presence.down(user))
+            }
+
+            async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>> {
+                Ok(self.presence.online(users))
+            }
+        }
+    };
 }
+pub(crate) use single_node_broker_and_presence;
 
-#[async_trait]
-impl Presence for MemoryEngine {
-    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
-        Ok(self.presence.count(user))
-    }
-
-    async fn presence_up(&self, user: &str) -> EngineResult<bool> {
-        Ok(self.presence.up(user))
-    }
-
-    async fn presence_down(&self, user: &str) -> EngineResult<bool> {
-        Ok(self.presence.down(user))
-    }
-
-    async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>> {
-        Ok(self.presence.online(users))
-    }
-}
+single_node_broker_and_presence!(MemoryEngine);
 
 /// Presence of a single-node engine: open connections per user, here.
 #[derive(Default)]

@@ -37,13 +37,13 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::store::DB_FILE;
 use self::writer::{Op, Outbox, Settings, Writer};
 use super::{
-    Appended, Broker, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
-    Presence, ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership, memory::LocalPresence,
+    Appended, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
+    ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership, memory::LocalPresence,
 };
 use crate::{
     config::Config,
     error::{EngineError, EngineResult},
-    hub::{Event, Hub, Topic},
+    hub::Hub,
 };
 
 /// Changes queued for the writer before senders wait.
@@ -429,41 +429,7 @@ impl Groups for DurableEngine {
     }
 }
 
-#[async_trait]
-impl Broker for DurableEngine {
-    async fn publish(&self, route: &Route, event: Event) -> EngineResult<()> {
-        for topic in route {
-            self.hub.dispatch(topic, &event);
-        }
-        Ok(())
-    }
-
-    async fn subscribe(&self, _topics: &[Topic]) -> EngineResult<()> {
-        // The hub is the only subscriber there is.
-        Ok(())
-    }
-
-    fn topics_changed(&self) {}
-}
-
-#[async_trait]
-impl Presence for DurableEngine {
-    async fn connection_count(&self, user: &str) -> EngineResult<usize> {
-        Ok(self.presence.count(user))
-    }
-
-    async fn presence_up(&self, user: &str) -> EngineResult<bool> {
-        Ok(self.presence.up(user))
-    }
-
-    async fn presence_down(&self, user: &str) -> EngineResult<bool> {
-        Ok(self.presence.down(user))
-    }
-
-    async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>> {
-        Ok(self.presence.online(users))
-    }
-}
+super::memory::single_node_broker_and_presence!(DurableEngine);
 
 #[async_trait]
 impl Engine for DurableEngine {
