@@ -234,6 +234,11 @@ pub struct LimitsConfig {
     pub batch_members: usize,
     /// Milliseconds between batched presence/receipt pushes. Default 1000.
     pub batch_interval_ms: u64,
+    /// Members of one group conversation (service API PUT and members
+    /// route; more is `400 bad_request`). Each `conversation` event lists
+    /// every member, so this also bounds that frame (~10 bytes a member).
+    /// Default 100000.
+    pub max_group_members: usize,
 }
 
 impl Default for LimitsConfig {
@@ -257,6 +262,7 @@ impl Default for LimitsConfig {
             max_connections: 16_000,
             batch_members: 50,
             batch_interval_ms: 1000,
+            max_group_members: 100_000,
         }
     }
 }

@@ -137,6 +137,9 @@ impl Config {
         if !(10..=60_000).contains(&l.batch_interval_ms) {
             return Err(err("limits.batch_interval_ms", "must be between 10 and 60000"));
         }
+        if !(2..=1_000_000).contains(&l.max_group_members) {
+            return Err(err("limits.max_group_members", "must be between 2 and 1000000"));
+        }
         for c in &self.chat.open_conversations {
             if !ids::valid_conversation_id(c) || c.starts_with("dm:") {
                 return Err(err(

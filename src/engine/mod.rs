@@ -296,6 +296,16 @@ pub trait Broker: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Publishes one event to each of `users` (their [`Topic::User`]), as a
+    /// membership change goes to every member added or removed. Time and
+    /// bytes grow linearly with `users.len()`: the event's frame travels
+    /// once, never once per user (a group of n members would otherwise cost
+    /// n² bytes, as each `conversation` frame lists every member).
+    async fn publish_users(&self, users: &[String], event: Event) -> EngineResult<()> {
+        let route: Route = users.iter().map(|u| Topic::User(u.as_str().into())).collect();
+        self.publish(&route, event).await
+    }
+
     /// Makes sure this node receives `topics` (the hub already wants them);
     /// returns once the subscription is active.
     async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()>;

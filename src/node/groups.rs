@@ -31,6 +31,17 @@ impl Node {
         Ok(())
     }
 
+    /// Refuses a group of more than `limits.max_group_members` members.
+    pub fn check_group_size(&self, members: usize) -> Result<(), ChatError> {
+        let max = self.cfg.limits.max_group_members;
+        if members > max {
+            return Err(ChatError::bad_request(format!(
+                "a group has at most {max} members (limits.max_group_members); this would have {members}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Sends `conversation` events to members added and removed.
     pub async fn announce_membership(&self, change: &MembershipChange) -> Result<(), ChatError> {
         let conv: Arc<str> = change.conversation.id.as_str().into();
@@ -42,10 +53,10 @@ impl Node {
                 conversation: &change.conversation,
                 member,
             }));
-            for u in users {
-                let event = Event::new(EventKind::Membership { conversation: conv.clone(), member }, frame.clone());
-                self.engine.publish(&vec![Topic::User(u.as_str().into())], event).await?;
-            }
+            // One publish for all of them: the frame lists every member, so
+            // one publish per user would cost members² bytes.
+            let event = Event::new(EventKind::Membership { conversation: conv.clone(), member }, frame);
+            self.engine.publish_users(users, event).await?;
         }
         Ok(())
     }
@@ -102,6 +113,18 @@ impl Node {
         add: Vec<String>,
         remove: Vec<String>,
     ) -> Result<Option<MembershipChange>, ChatError> {
+        if !add.is_empty() {
+            // The size the group would have. Not atomic with the change: two
+            // concurrent additions may overshoot by at most one request's
+            // additions (each also bounded by limits.max_group_members).
+            let Some(group) = self.engine.group(conversation).await? else { return Ok(None) };
+            let removed: std::collections::HashSet<&str> = remove.iter().map(String::as_str).collect();
+            let mut after: std::collections::HashSet<&str> =
+                group.members.iter().map(String::as_str).filter(|m| !removed.contains(m)).collect();
+            // Named in both lists: still a member (removals apply first).
+            after.extend(add.iter().map(String::as_str));
+            self.check_group_size(after.len())?;
+        }
         let change = self.engine.update_group(conversation, add, remove).await?;
         if let Some(c) = &change {
             self.on_conversation(&c.conversation);

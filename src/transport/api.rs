@@ -98,8 +98,6 @@ pub struct PutConversation {
     members: Vec<String>,
 }
 
-const MAX_MEMBERS: usize = 100_000;
-
 fn check_title(title: &str) -> Result<(), ChatError> {
     if title.chars().count() > 200 || title.chars().any(char::is_control) {
         return Err(ChatError::bad_request("'title' must be at most 200 characters, without control characters"));
@@ -113,18 +111,41 @@ pub async fn put_conversation(
     Path(id): Path<String>,
     body: ApiJson<PutConversation>,
 ) -> Result<Response, ChatError> {
-    let id = node.group_id(&id)?;
+    let id = node.group_id(&id)?.to_string();
     let req = body.0;
     node.validate_members(&req.members)?;
-    if req.members.len() > MAX_MEMBERS {
-        return Err(ChatError::too_large(format!("at most {MAX_MEMBERS} members")));
-    }
-    let title = req.title.unwrap_or_else(|| id.to_string());
+    let unique: std::collections::HashSet<&str> = req.members.iter().map(String::as_str).collect();
+    node.check_group_size(unique.len())?;
+    let title = req.title.unwrap_or_else(|| id.clone());
     check_title(&title)?;
-    let change = node.put_group(id, &title, req.members).await?;
-    tracing::info!(conversation = id, added = change.added.len(), removed = change.removed.len(), "conversation put");
-    node.announce_membership(&change).await?;
+    let change = detached(&node, |node: Arc<Node>| async move {
+        let change = node.put_group(&id, &title, req.members).await?;
+        tracing::info!(
+            conversation = id,
+            added = change.added.len(),
+            removed = change.removed.len(),
+            "conversation put"
+        );
+        node.announce_membership(&change).await?;
+        Ok(change)
+    })
+    .await?;
     Ok(Json(change.conversation).into_response())
+}
+
+/// Runs a group change and its announcement to the end in a task of its
+/// own: a client that gives up (or the route's timeout) must not cut it
+/// half way, between the stored change and the events its members wait for.
+async fn detached<T, F, Fut>(node: &Arc<Node>, f: F) -> Result<T, ChatError>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<Node>) -> Fut,
+    Fut: Future<Output = Result<T, ChatError>> + Send + 'static,
+{
+    tokio::spawn(f(node.clone())).await.map_err(|e| {
+        tracing::error!(error = %e, "group change task failed");
+        ChatError::new(crate::error::ErrorCode::Internal, "internal error")
+    })?
 }
 
 #[derive(Deserialize)]
@@ -142,17 +163,24 @@ pub async fn post_members(
     Path(id): Path<String>,
     body: ApiJson<MembersUpdate>,
 ) -> Result<Response, ChatError> {
-    let id = node.group_id(&id)?;
+    let id = node.group_id(&id)?.to_string();
     let req = body.0;
     node.validate_members(req.add.iter().chain(&req.remove))?;
-    if req.add.len() + req.remove.len() > MAX_MEMBERS {
-        return Err(ChatError::too_large(format!("at most {MAX_MEMBERS} changes")));
-    }
-    let Some(change) = node.update_group(id, req.add, req.remove).await? else {
-        return Err(ChatError::not_found(format!("no conversation '{id}'")));
-    };
-    tracing::info!(conversation = id, added = change.added.len(), removed = change.removed.len(), "members changed");
-    node.announce_membership(&change).await?;
+    node.check_group_size(req.add.len().max(req.remove.len()))?;
+    let change = detached(&node, |node: Arc<Node>| async move {
+        let Some(change) = node.update_group(&id, req.add, req.remove).await? else {
+            return Err(ChatError::not_found(format!("no conversation '{id}'")));
+        };
+        tracing::info!(
+            conversation = id,
+            added = change.added.len(),
+            removed = change.removed.len(),
+            "members changed"
+        );
+        node.announce_membership(&change).await?;
+        Ok(change)
+    })
+    .await?;
     Ok(Json(change.conversation).into_response())
 }
 

@@ -36,8 +36,12 @@ pub(super) async fn receive(inner: Arc<Inner>) {
     loop {
         match rx.recv().await {
             Ok(msg) => {
-                let Some(topic) = inner.keys.topic(&msg.channel) else { continue };
                 let Some(payload) = msg.value.as_str() else { continue };
+                if msg.channel == inner.keys.broadcast() {
+                    deliver_to_users(&inner, &payload).await;
+                    continue;
+                }
+                let Some(topic) = inner.keys.topic(&msg.channel) else { continue };
                 let Some(Decoded { event, seq, traceparent }) = decode(&payload) else {
                     tracing::warn!(channel = %msg.channel, "undecodable pub/sub payload");
                     continue;
@@ -54,28 +58,8 @@ pub(super) async fn receive(inner: Arc<Inner>) {
                     span.record("recipients", n);
                     continue;
                 }
-                let joined = match &event.kind {
-                    EventKind::Membership { conversation, member } if inner.hub.wants(&topic) => {
-                        Some((conversation.clone(), *member))
-                    }
-                    _ => None,
-                };
-                // A local user joined a group: subscribe to it before they hear
-                // of it, so nothing sent after the event can be missed.
-                if let Some((conv, true)) = &joined {
-                    subscribe_joined(&inner, conv).await;
-                }
-                let n = span.in_scope(|| inner.hub.dispatch(&topic, &event));
+                let n = dispatch_users(&inner, std::slice::from_ref(&topic), &event, &span).await;
                 span.record("recipients", n);
-                drop(span);
-                match joined {
-                    // Again now that the hub wants it: an unsubscribe that
-                    // decided before the dispatch (a connection closing, a
-                    // connect dropping a stale group) may have run meanwhile.
-                    Some((conv, true)) => subscribe_joined(&inner, &conv).await,
-                    Some((_, false)) => inner.clone().reconcile(),
-                    None => {}
-                }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "pub/sub receiver lagged; re-sending from storage");
@@ -83,6 +67,91 @@ pub(super) async fn receive(inner: Arc<Inner>) {
                 tokio::spawn(async move { recover(&inner).await });
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Dispatches a non-message event to local `topics`. A membership change
+/// of a local user subscribes this node to the group before the user hears
+/// of it, so nothing sent after the event can be missed.
+async fn dispatch_users(inner: &Arc<Inner>, topics: &[Topic], event: &Event, span: &tracing::Span) -> usize {
+    let joined = match &event.kind {
+        EventKind::Membership { conversation, member } if topics.iter().any(|t| inner.hub.wants(t)) => {
+            Some((conversation.clone(), *member))
+        }
+        _ => None,
+    };
+    if let Some((conv, true)) = &joined {
+        subscribe_joined(inner, conv).await;
+    }
+    let n = span.in_scope(|| topics.iter().map(|t| inner.hub.dispatch(t, event)).sum());
+    match joined {
+        // Again now that the hub wants it: an unsubscribe that decided
+        // before the dispatch (a connection closing, a connect dropping a
+        // stale group) may have run meanwhile.
+        Some((conv, true)) => subscribe_joined(inner, &conv).await,
+        Some((_, false)) => inner.clone().reconcile(),
+        None => {}
+    }
+    n
+}
+
+/// An event for many users at once, from the broadcast channel
+/// ([`encode_users`]): delivered to those of them with a local connection.
+async fn deliver_to_users(inner: &Arc<Inner>, payload: &str) {
+    let Some((users, rest)) = payload.split_once('\n') else { return };
+    let Some(Decoded { event, traceparent, .. }) = decode(rest) else {
+        tracing::warn!("undecodable broadcast payload");
+        return;
+    };
+    let local: Vec<Topic> = users.split(' ').map(|u| Topic::User(u.into())).filter(|t| inner.hub.wants(t)).collect();
+    if local.is_empty() {
+        return;
+    }
+    let span = tracing::debug_span!("fanout", kind = event.kind.frame_type(), recipients = tracing::field::Empty);
+    if let Some(tp) = traceparent {
+        telemetry::join_remote(&span, tp);
+    }
+    let n = dispatch_users(inner, &local, &event, &span).await;
+    span.record("recipients", n);
+}
+
+/// The broadcast payload of [`Broker::publish_users`]: the users separated
+/// by spaces (user ids hold none), a newline, then the event as [`encode`]
+/// writes it. The frame travels once, whatever the number of users.
+fn encode_users(users: &[String], event: &Event) -> String {
+    let event = encode(event);
+    let mut out = String::with_capacity(users.iter().map(|u| u.len() + 1).sum::<usize>() + event.len());
+    for (i, u) in users.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(u);
+    }
+    out.push('\n');
+    out.push_str(&event);
+    out
+}
+
+/// Subscribes to the broadcast channel (at start, and again after every
+/// reconnect: a subscription that failed while Valkey was down is not one
+/// the client restores). Retries until it holds.
+pub(super) async fn subscribe_broadcast(inner: &Inner) {
+    let ch = inner.keys.broadcast();
+    for attempt in 0u32.. {
+        let r = if inner.cluster {
+            inner.sub.ssubscribe(ch.as_str()).await
+        } else {
+            inner.sub.subscribe(ch.as_str()).await
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                if attempt % 20 == 0 {
+                    tracing::warn!(error = %e, "subscribing to the broadcast channel failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
     }
 }
@@ -194,6 +263,7 @@ pub(super) async fn watch_reconnects(inner: Arc<Inner>) {
                 }
             }
         }
+        subscribe_broadcast(&inner).await;
         inner.presence_lost.store(true, Ordering::Release);
         recover(&inner).await;
     }
@@ -389,6 +459,20 @@ impl Broker for ValkeyEngine {
         }
         let _: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
         Ok(())
+    }
+
+    async fn publish_users(&self, users: &[String], event: Event) -> EngineResult<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let i = &self.inner;
+        let payload = encode_users(users, &event);
+        let client = i.pool.next();
+        if i.cluster {
+            client.spublish::<(), _, _>(i.keys.broadcast(), payload).await.map_err(err)
+        } else {
+            client.publish::<(), _, _>(i.keys.broadcast(), payload).await.map_err(err)
+        }
     }
 
     async fn typing_gate(&self, user: &str, conversation: &str, every: Duration) -> EngineResult<bool> {

@@ -31,6 +31,12 @@ impl Keys {
             rest.strip_prefix("u:").map(|u| Topic::User(u.into()))
         }
     }
+    /// The channel every node subscribes to for events addressed to many
+    /// users at once ([`crate::engine::Broker::publish_users`]); not a topic
+    /// of the hub, never unsubscribed.
+    pub(super) fn broadcast(&self) -> String {
+        format!("{}:{{all}}:ev", self.prefix)
+    }
     pub(super) fn nodes(&self) -> String {
         format!("{}:{{presence}}:nodes", self.prefix)
     }

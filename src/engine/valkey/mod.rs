@@ -86,7 +86,7 @@ use parking_lot::Mutex;
 
 use self::{
     errors::err,
-    fanout::{Mark, receive, watch_reconnects},
+    fanout::{Mark, receive, subscribe_broadcast, watch_reconnects},
     keys::Keys,
 };
 use crate::{
@@ -223,6 +223,8 @@ impl ValkeyEngine {
         });
         let engine = ValkeyEngine { inner: inner.clone(), tasks: Mutex::default() };
         engine.tasks.lock().push(tokio::spawn(receive(inner.clone())));
+        let bcast = inner.clone();
+        engine.tasks.lock().push(tokio::spawn(async move { subscribe_broadcast(&bcast).await }));
         engine.tasks.lock().push(tokio::spawn(watch_reconnects(inner)));
         tracing::info!(
             retention_max_messages = v.retention_max_messages,
