@@ -33,23 +33,39 @@
 //!   6455 closing.
 //! - [`engine`]: the storage and fan-out boundary, four narrow traits with
 //!   their contracts ([`engine::MessageStore`], [`engine::Groups`],
-//!   [`engine::Broker`], [`engine::Presence`]) summed up by [`engine::Engine`];
-//!   implemented by [`engine::memory`] (one file) and `engine::valkey`, one
-//!   file per concern (`keys`, `payload`, `errors`, `store`, `groups`,
-//!   `fanout`, `presence`, `scripts` + `lua/`). `tests/engine_conformance.rs`
-//!   runs every contract on both.
-//! - [`transport`]: the public and internal routers, the accept loop
-//!   (header timeout, connection caps), the WebSocket upgrade, service API,
-//!   health.
+//!   [`engine::Broker`], [`engine::Presence`]) summed up by [`engine::Engine`].
+//!   Three engines implement it:
+//!   - [`engine::memory`]: the embedded engine in process memory (one file;
+//!     it also holds the single-node `Broker` + `Presence` that the durable
+//!     engine shares);
+//!   - [`engine::durable`]: the durable embedded engine, one node with its
+//!     history in SQLite (`chat.data_dir`). `mod.rs`: the engine, hot state
+//!     and reads; `store.rs`: the schema, opening (lock, epoch rules) and
+//!     loading the hot state; `writer.rs`: the writer thread (group commit,
+//!     `seq`s, idempotency) and the fsync syncer. Design: `docs/durability.md`;
+//!   - `engine::valkey`: one file per concern (`keys`, `payload`, `errors`,
+//!     `store`, `groups`, `fanout`, `presence`, `outbox`, `scripts` + `lua/`).
+//!
+//!   `engine::membership`: membership arithmetic (what `put_group` or
+//!   `update_group` changes) shared by the two embedded engines.
+//!   `tests/engine_conformance.rs` runs every contract on every engine.
+//! - [`transport`]: the public and internal routers (`mod.rs`), the accept
+//!   loop (`listener.rs`: header timeout, connection caps), the WebSocket
+//!   upgrade (`ws.rs`), the service API (`api.rs`), health (`health.rs`), and
+//!   `chat.js` with the demo page compiled in from `static/` (`assets.rs`).
 //! - [`webhooks`]: signed webhooks to the CRM backend: the hand-off queue,
 //!   the [`webhooks::Outbox`] contract (in process here, a Valkey stream with
 //!   a consumer group in `engine/valkey/outbox.rs`), delivery with backoff,
 //!   Standard Webhooks signatures.
 //! - [`app`]: wiring, listener, drain on SIGTERM.
-//! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+//! - [`error`]: the domain errors with the protocol's codes ([`error::ChatError`]).
+//! - [`ids`]: identifier rules (user and conversation ids, `dm:<a>:<b>`).
+//! - [`metrics`]: Prometheus metrics; [`telemetry`]: logs, OpenTelemetry
+//!   traces and OTLP metrics.
 //!
-//! Files over ~450 lines: `config/mod.rs` (474: the settings table, each
-//! field with its documented default).
+//! Files over ~450 lines: `config/mod.rs` (606: the settings table, each
+//! field with its documented default), `engine/durable/writer.rs` (675),
+//! `engine/memory.rs` (492), `engine/durable/mod.rs` (456).
 
 pub mod app;
 pub mod auth;

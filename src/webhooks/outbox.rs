@@ -89,7 +89,7 @@ pub trait Outbox: Send + Sync + 'static {
 }
 
 /// The embedded engine's outbox: in process memory, so events not delivered
-/// yet are lost when the process stops (the README says so).
+/// yet are lost when the process stops (docs/crm-integration.md says so).
 #[derive(Default)]
 pub struct MemoryOutbox {
     inner: Mutex<MemoryState>,
