@@ -6,7 +6,12 @@ hosts), while BENCHMARKS.md's bystander (`crm-chat-load pairs --pairs 1`)
 measures send->ack latency. Prints the server's peak RSS (from /proc) as JSON.
 
     python3 scripts/attack.py --url http://127.0.0.1:18800 --pid PID \
-        --secret ... --scenario history|junk|slowloris|reconnect|typing
+        --secret ... --scenario history|junk|slowloris|reconnect|typing|biggroup|fatbodies|churn \
+        [--api http://127.0.0.1:9090 --api-key ...]
+
+biggroup, fatbodies and churn are the findings 1, 3 and 7 of issue 22 (big
+groups through the service API, bodies that fill Valkey, connect churn of a
+user in many groups); biggroup and churn need --api (the internal listener).
 
 Needs `pip install websockets pyjwt` (a venv is fine).
 """
@@ -162,12 +167,99 @@ async def typing(a, stop):
     return {"typing_frames": n}
 
 
+def api_call(a, method, path, body):
+    """A service API call on the internal listener (blocking; run in a thread)."""
+    import urllib.request
+    req = urllib.request.Request(a.api + path, method=method, data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {a.api_key}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+async def biggroup(a, stop):
+    """PUTs a group of 20,000 members, then one of 90,000, again and again
+    (a new group id each time, every member added), while two members of it
+    are connected (finding 1)."""
+    held = [await ws(a.url, a.secret, "m00000"), await ws(a.url, a.secret, "m89999")]
+    puts, statuses, took = 0, {}, []
+    while time.time() < stop:
+        n = 20_000 if puts % 2 == 0 else 90_000
+        members = [f"m{i:05d}" for i in range(n)]
+        t = time.time()
+        st = await asyncio.to_thread(api_call, a, "PUT", f"/api/v1/conversations/big-{puts}-{random.random():.6f}",
+                                     {"title": "big", "members": members})
+        took.append(round(time.time() - t, 2))
+        statuses[st] = statuses.get(st, 0) + 1
+        puts += 1
+    events = 0
+    for w in held:
+        try:
+            while True:
+                m = json.loads(await asyncio.wait_for(w.recv(), 0.5))
+                events += m.get("type") == "conversation"
+        except Exception:
+            pass
+        await w.close()
+    return {"puts": puts, "statuses": statuses, "put_seconds": took, "conversation_events_at_2_members": events}
+
+
+async def fatbodies(a, stop):
+    """One user sends 4000-character bodies of control characters (~24 KB of
+    JSON each) as fast as the server lets it (finding 3)."""
+    body = "\u0001" * 4000
+    acked = limited = n = 0
+    w = await ws(a.url, a.secret, "filler")
+    while time.time() < stop:
+        await w.send(json.dumps({"type": "send", "id": n, "conversation": "dm:filler:victim",
+                                 "client_msg_id": f"f{n}-{random.random()}", "body": body}))
+        n += 1
+        try:
+            while True:
+                m = json.loads(await asyncio.wait_for(w.recv(), 0.001 if n % 50 else 0.2))
+                if m.get("type") == "ack":
+                    acked += 1
+                elif m.get("type") == "error" and m["error"]["code"] == "rate_limited":
+                    limited += 1
+                    await asyncio.sleep(m["error"].get("retry_after_ms", 100) / 1000)
+        except asyncio.TimeoutError:
+            pass
+        except Exception:
+            w = await ws(a.url, a.secret, "filler")
+    await w.close()
+    return {"sent": n, "acked": acked, "rate_limited": limited, "body_bytes_acked": acked * 4000 * 6}
+
+
+async def churn(a, stop):
+    """A user who belongs to 300 groups connects and closes in a loop (finding 7)."""
+    for g in range(300):
+        await asyncio.to_thread(api_call, a, "PUT", f"/api/v1/conversations/churn-{g}",
+                                {"title": "g", "members": ["churner", f"other{g}"]})
+    cycles = refused = 0
+    while time.time() < stop:
+        try:
+            w = await ws(a.url, a.secret, "churner")
+            await w.recv()
+            await w.close()
+            cycles += 1
+        except Exception:
+            refused += 1
+            await asyncio.sleep(0.01)
+    return {"cycles": cycles, "refused": refused}
+
+
 async def main():
     p = argparse.ArgumentParser()
     p.add_argument("--url", required=True)
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--secret", required=True)
-    p.add_argument("--scenario", required=True, choices=["history", "junk", "slowloris", "reconnect", "typing"])
+    p.add_argument("--scenario", required=True, choices=["history", "junk", "slowloris", "reconnect", "typing",
+                                                               "biggroup", "fatbodies", "churn"])
+    p.add_argument("--api", default="http://127.0.0.1:9090")
+    p.add_argument("--api-key", default="crm-chat-local-development-api-key")
     p.add_argument("--seconds", type=float, default=20)
     a = p.parse_args()
     if urlparse(a.url).hostname not in ("127.0.0.1", "localhost", "::1"):
