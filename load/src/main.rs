@@ -7,6 +7,8 @@
 //! - `fanout`: one group of M members, S senders, K messages at R msgs/s; delivery,
 //!   loss, duplicates, order and latency at every member.
 //! - `pairs`: P direct conversations ping-ponging; round trips/s and latency.
+//! - `floor-server`: not a load but a server: the floor of a fan-out (only the
+//!   socket work), to run `fanout` against (see [`floor`]).
 //! - `reactions`: the reaction storm (v1.2): M members each toggle a reaction on
 //!   one message within a second; every member must end with the stored state.
 //!
@@ -20,6 +22,7 @@
 
 mod conns;
 mod fanout;
+mod floor;
 mod pairs;
 mod reactions;
 mod stats;
@@ -103,6 +106,8 @@ enum Scenario {
     Fanout(fanout::Opts),
     /// P direct conversations `dm:<a>:<b>`; in each, a sends, b replies on receipt, and so on.
     Pairs(pairs::Opts),
+    /// Serve the floor of a fan-out (only its socket work) for `fanout --jwt-secret x` to run against.
+    FloorServer(floor::Opts),
     /// The reaction storm: M members each toggle a reaction on the same message within `--spread-ms`.
     Reactions(reactions::Opts),
 }
@@ -114,6 +119,7 @@ impl Scenario {
             Scenario::Fanout(_) => "fanout",
             Scenario::Pairs(_) => "pairs",
             Scenario::Reactions(_) => "reactions",
+            Scenario::FloorServer(_) => "floor-server",
         }
     }
 
@@ -124,6 +130,7 @@ impl Scenario {
             Scenario::Fanout(o) => o.members,
             Scenario::Pairs(o) => o.pairs.saturating_mul(2),
             Scenario::Reactions(o) => o.members,
+            Scenario::FloorServer(_) => 0,
         }
     }
 
@@ -134,6 +141,7 @@ impl Scenario {
             Scenario::Fanout(_) => 120,
             Scenario::Pairs(_) => 10,
             Scenario::Reactions(_) => 120,
+            Scenario::FloorServer(_) => 600,
         };
         Duration::from_secs(duration_s.unwrap_or(default))
     }
@@ -142,7 +150,7 @@ impl Scenario {
     fn watchdog_s(&self, duration_s: Option<u64>) -> u64 {
         let d = self.duration(duration_s).as_secs();
         match self {
-            Scenario::Conns(_) | Scenario::Fanout(_) | Scenario::Reactions(_) => d + 60,
+            Scenario::Conns(_) | Scenario::Fanout(_) | Scenario::Reactions(_) | Scenario::FloorServer(_) => d + 60,
             Scenario::Pairs(o) => d + o.setup_timeout_s + o.rt_timeout_s + 60,
         }
     }
@@ -263,6 +271,16 @@ fn main() -> ExitCode {
         println!("{}", json!({"scenario": scenario, "error": format!("watchdog: still running after {cap} s")}));
         std::process::exit(3);
     });
+    if let Scenario::FloorServer(o) = &cli.scenario {
+        let d = cli.scenario.duration(cli.common.duration_s);
+        return match rt.block_on(floor::serve(o, d)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Fatal(e)) => {
+                eprintln!("crm-chat-load: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let started = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let load = sys::loadavg();
     let result = rt.block_on(run(cli));
@@ -339,6 +357,7 @@ async fn run(cli: Cli) -> Result<(Value, Value), Fatal> {
         Scenario::Fanout(o) => fanout::run(&ctx, o, duration).await?,
         Scenario::Pairs(o) => pairs::run(&ctx, o, duration).await?,
         Scenario::Reactions(o) => reactions::run(&ctx, o, duration).await?,
+        Scenario::FloorServer(_) => return Err(fatal("floor-server is served by main")),
     };
     Ok((common, figures))
 }

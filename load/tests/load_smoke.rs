@@ -110,3 +110,39 @@ async fn refuses_remote_targets_and_reports_one_json_line() {
     let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     assert!(v["error"].as_str().unwrap().contains("--allow-remote"), "{v}");
 }
+
+/// The floor server (issue 20) serves the `fanout` scenario: every message
+/// to every member, nothing lost, duplicated or reordered, in both write modes.
+#[tokio::test]
+async fn fanout_against_the_floor_server() {
+    for writev in ["false", "true"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut floor = tokio::process::Command::new(LOAD_BIN)
+            .args(["floor-server", "--listen", &listen, "--writev", writev, "--duration-s", "60"])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the floor server");
+        let url = format!("http://{listen}");
+        let mut up = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&listen).await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(up, "floor server listening on {listen}");
+        let out = tokio::process::Command::new(LOAD_BIN)
+            .args(["--url", &url, "--jwt-secret", "x", "fanout", "--members", "20", "--senders", "2"])
+            .args(["--messages", "20", "--rate", "50", "--settle-ms", "100", "--drain-s", "2"])
+            .output()
+            .await
+            .expect("run crm-chat-load");
+        let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON line");
+        assert!(v.get("error").is_none(), "{v}");
+        assert_clean(&v);
+        assert_eq!((v["acked"].as_u64(), v["delivered"].as_u64()), (Some(20), Some(400)), "writev {writev}: {v}");
+        floor.kill().await.ok();
+    }
+}
