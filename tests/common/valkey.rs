@@ -113,6 +113,38 @@ impl Valkey {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A replica of `primary`, without persistence, syncing at once.
+    pub async fn start_replica_of(primary: &Valkey) -> Valkey {
+        let port = primary.port.to_string();
+        let r = Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--replicaof",
+            "127.0.0.1",
+            &port,
+            "--repl-diskless-sync-delay",
+            "0",
+        ])
+        .await;
+        for _ in 0..100 {
+            let info = r.cli(&["INFO", "replication"]).await.unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("replica on {} never synced with {}", r.port, primary.port);
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+        let ok = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+        assert!(ok.unwrap().success(), "kill -{sig} {pid}");
+    }
+
     pub async fn ping(&self) -> bool {
         self.cli(&["PING"]).await.is_some_and(|o| o.trim() == "PONG")
     }

@@ -98,6 +98,8 @@ impl MessageStore for ValkeyEngine {
         if !in_script && !dup {
             i.publish_payload(route, format!("{payload_head}{seq}:{epoch}\n{head}{seq}{tail}")).await?;
         }
+        // A repeat waits too: the first write may not be replicated yet.
+        i.replicated(conv).await?;
         Ok(Some(Appended { seq, ts_ms, duplicate: dup }))
     }
 
