@@ -262,3 +262,98 @@ impl ValkeyCluster {
         format!("redis://127.0.0.1:{}", self.masters[0].port)
     }
 }
+
+/// A real Sentinel (`valkey-server <conf> --sentinel`) watching one primary
+/// under `name`, with quorum 2.
+pub struct Sentinel {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    pub async fn start(primary_port: u16, name: &str, down_after_ms: u64) -> Sentinel {
+        Self::start_on(None, primary_port, name, down_after_ms).await
+    }
+
+    /// On `port` (a restart), else on a free one.
+    pub async fn start_on(port: Option<u16>, primary_port: u16, name: &str, down_after_ms: u64) -> Sentinel {
+        for _ in 0..20 {
+            let port = port.unwrap_or_else(free_port);
+            let dir = std::env::temp_dir().join(format!("crm-chat-sentinel-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\nloglevel warning\ndir {}\n\
+                     sentinel monitor {name} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {name} {down_after_ms}\n\
+                     sentinel failover-timeout {name} 10000\nsentinel parallel-syncs {name} 1\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new(server_binary())
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn sentinel");
+            let s = Sentinel { child: Some(child), port, dir };
+            for _ in 0..100 {
+                if s.cli(&["PING"]).await.is_some_and(|o| o.trim() == "PONG") {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("could not start a sentinel");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new(cli_binary())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// The primary's port as this Sentinel sees it.
+    pub async fn primary_port(&self, name: &str) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "get-master-addr-by-name", name]).await?;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// Whether this Sentinel knows `replicas` replicas and `others` other Sentinels.
+    pub async fn sees(&self, name: &str, replicas: usize, others: usize) -> bool {
+        let out = self.cli(&["SENTINEL", "master", name]).await.unwrap_or_default();
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        let field = |k: &str| lines.iter().position(|l| *l == k).and_then(|i| lines.get(i + 1)?.parse::<usize>().ok());
+        field("num-slaves") == Some(replicas) && field("num-other-sentinels") == Some(others)
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
