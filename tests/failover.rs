@@ -264,3 +264,72 @@ async fn losing_every_sentinel_makes_the_node_unready_and_it_recovers_alone() {
     };
     assert_eq!(r["type"], "ack", "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_a_replica_that_missed_writes_is_announced_with_ack_replicas_0() {
+    let mut ha = Ha::start().await;
+    let nodes = ha.nodes(2, &[]).await;
+    let conv = unique("deal");
+    nodes[0].put_group(&conv, &["sender", "w0", "w1"]).await;
+    let mut sender = nodes[0].client("sender").await;
+    let mut watchers = vec![nodes[0].client("w0").await, nodes[1].client("w1").await];
+    for i in 1..=10 {
+        assert_eq!(sender.say(&conv, &format!("replicated {i}")).await["type"], "ack");
+    }
+    let h = sender.request(json!({"type":"history","conversation":conv,"limit":1})).await;
+    let epoch = h["epoch"].as_str().expect("history carries the epoch").to_string();
+    // The replica stops and its link is cut: what follows reaches the primary only.
+    ha.replica.signal("STOP");
+    ha.primary.cli(&["CLIENT", "KILL", "TYPE", "replica"]).await.expect("client kill");
+    let mut acked = Vec::new();
+    for i in 11..=20 {
+        let r = sender.say(&conv, &format!("primary only {i}")).await;
+        assert_eq!(r["type"], "ack", "{r}");
+        acked.push(r["seq"].as_u64().unwrap());
+    }
+    for w in &mut watchers {
+        let mut got = BTreeMap::new();
+        let until = Instant::now() + Duration::from_secs(5);
+        while !got.contains_key(&20) {
+            assert!(Instant::now() < until, "live delivery before the failover");
+            watch(w, &conv, &mut got, Duration::from_millis(100)).await;
+        }
+    }
+    ha.primary.kill().await;
+    ha.replica.signal("CONT");
+    let until = Instant::now() + Duration::from_secs(30);
+    while ha.sentinels[0].primary_port(NAME).await != Some(ha.replica.port) {
+        assert!(Instant::now() < until, "no failover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The nodes follow the new primary (they may not have yet).
+    let until = Instant::now() + Duration::from_secs(15);
+    let path = format!("/api/v1/conversations/{conv}/messages?limit=100");
+    let kept = loop {
+        let (status, v) = nodes[1].api(Method::GET, &path, None).await;
+        if status == 200 {
+            break v["messages"].as_array().unwrap().len() as u64;
+        }
+        assert!(Instant::now() < until, "the node never followed the new primary: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("the promoted replica holds {kept} of 20 messages");
+    if kept >= 20 {
+        return; // Nothing was lost.
+    }
+    // Lost: every client that saw the lost seqs is told. Its connection is
+    // closed (1012), and after reconnecting its sync answers reset.
+    for (i, mut w) in watchers.into_iter().enumerate() {
+        let (_, end) = w.until_closed(Duration::from_secs(20)).await;
+        assert_eq!(end, common::Ended::Close(1012), "watcher {i}");
+        let mut again = nodes[i].client(&format!("w{i}")).await;
+        let entry = again.conversation(&conv).expect("listed").clone();
+        assert_ne!(entry["epoch"].as_str(), Some(epoch.as_str()), "a new epoch: {entry}");
+        let r = again.request(json!({"type":"sync","conversation":conv,"after":20,"limit":100,"epoch":epoch})).await;
+        assert_eq!(r["reset"], true, "{r}");
+    }
+    // New messages get seqs the clients hold no stale copy of.
+    let mut sender = nodes[0].client("sender").await;
+    let r = sender.say(&conv, "after the loss").await;
+    assert_eq!(r["type"], "ack", "{r}");
+}

@@ -5,6 +5,7 @@
 //! Every key of a conversation carries the hash tag `{c:<id>}`, so a Cluster
 //! keeps them on one slot and each Lua script touches one slot only:
 //! - `<p>:{c:<id>}:meta`  hash: `last` (last seq), `group`, `title`
+//!   (and `epoch`; `prev`: the epoch a history regression replaced, `lost.rs`)
 //! - `<p>:{c:<id>}:msgs`  stream: entry `<seq>-0` with the rendered frame
 //!   (`f`), ts (`t`), sender (`u`) and idempotency key (`k`); an erased
 //!   message's entry holds its erased frame and `d` = 1 (`erase.lua` rewrites
@@ -56,6 +57,8 @@
 //!   ([`Presence`](super::Presence), leases, sweep), `outbox.rs` (the
 //!   webhook [`Outbox`](crate::webhooks::Outbox)).
 //! - `scripts.rs` and `lua/`: the atomic scripts.
+//! - `lost.rs`: a history that went back after a failover is announced
+//!   (new epoch, followers reconnect), never a silent gap.
 //! - `acks.rs`: acks after replication (`valkey.ack_replicas`, group commit
 //!   over `WAIT`); [`Inner::replicated`] is the hook a write calls before
 //!   its client is answered.
@@ -65,6 +68,7 @@ mod errors;
 mod fanout;
 mod groups;
 mod keys;
+mod lost;
 mod outbox;
 mod payload;
 mod presence;
