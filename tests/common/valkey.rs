@@ -200,8 +200,15 @@ impl ValkeyCluster {
     /// port taken in between, say), which leaves `--cluster create` waiting
     /// forever: every attempt is bounded, and a failed one starts afresh.
     pub async fn start(n: usize) -> ValkeyCluster {
+        Self::start_with_replicas(n, 0, 5000).await
+    }
+
+    /// `primaries` masters with `replicas` replicas each (all in `masters`,
+    /// in `--cluster create` order), with `--cluster-node-timeout`.
+    pub async fn start_with_replicas(primaries: usize, replicas: usize, node_timeout_ms: u64) -> ValkeyCluster {
+        let n = primaries * (1 + replicas);
         for attempt in 1..=3 {
-            match Self::try_start(n).await {
+            match Self::try_start(n, replicas, node_timeout_ms).await {
                 Ok(c) => return c,
                 Err(why) => eprintln!("valkey cluster attempt {attempt} failed: {why}"),
             }
@@ -209,8 +216,9 @@ impl ValkeyCluster {
         panic!("could not start a {n}-master Valkey cluster");
     }
 
-    async fn try_start(n: usize) -> Result<ValkeyCluster, String> {
+    async fn try_start(n: usize, replicas: usize, node_timeout_ms: u64) -> Result<ValkeyCluster, String> {
         let mut masters = Vec::new();
+        let timeout = node_timeout_ms.to_string();
         for _ in 0..n {
             let conf = format!("nodes-{}.conf", free_port());
             masters.push(
@@ -224,7 +232,9 @@ impl ValkeyCluster {
                     "--cluster-config-file",
                     &conf,
                     "--cluster-node-timeout",
-                    "5000",
+                    &timeout,
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
                 .await,
             );
@@ -234,7 +244,7 @@ impl ValkeyCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .kill_on_drop(true)
             .output();
         let out = tokio::time::timeout(Duration::from_secs(30), create)
