@@ -215,6 +215,7 @@ fn new_message(conv: &str, sender: &str, client_msg_id: &str, body: &str) -> New
         ts_ms: protocol::now_ms(),
         participants: None,
         require_member: false,
+        send_budget: false,
     }
 }
 

@@ -348,6 +348,15 @@ pub struct ValkeyConfig {
     /// Prefix of every key, so several deployments can share one Valkey.
     /// Default `chat`.
     pub key_prefix: String,
+    /// Replicas that must confirm a stored write (`WAIT`) before the client
+    /// is answered (a `send`'s ack, the service API's post). Default 0: the
+    /// primary's word is enough. Signed so a negative value is refused by
+    /// name rather than by the parser.
+    pub ack_replicas: i64,
+    /// How long the replicas may take to confirm, in milliseconds; past it
+    /// the answer is `unavailable` (the client retries with the same
+    /// `client_msg_id`). Default 1000.
+    pub ack_timeout_ms: i64,
 }
 
 impl Default for ValkeyConfig {
@@ -363,6 +372,8 @@ impl Default for ValkeyConfig {
             node_lease_s: 30,
             command_timeout_ms: 5000,
             key_prefix: "chat".into(),
+            ack_replicas: 0,
+            ack_timeout_ms: 1000,
         }
     }
 }

@@ -207,3 +207,24 @@ fn webhooks_need_a_long_secret_and_known_events() {
         Ok(())
     });
 }
+
+#[test]
+fn ack_replicas_refuses_negative_counts_and_a_zero_timeout() {
+    Jail::expect_with(|jail| {
+        let c = Config::load(None).unwrap();
+        assert_eq!((c.valkey.ack_replicas, c.valkey.ack_timeout_ms), (0, 1000), "defaults: today's behaviour");
+        for bad in ["-1", "101", "one"] {
+            jail.set_env("CHAT_VALKEY__ACK_REPLICAS", bad);
+            assert_eq!(Config::load(None).unwrap_err().key, "valkey.ack_replicas", "{bad}");
+        }
+        jail.set_env("CHAT_VALKEY__ACK_REPLICAS", "1");
+        for bad in ["0", "-5", "60001"] {
+            jail.set_env("CHAT_VALKEY__ACK_TIMEOUT_MS", bad);
+            assert_eq!(Config::load(None).unwrap_err().key, "valkey.ack_timeout_ms", "{bad}");
+        }
+        jail.set_env("CHAT_VALKEY__ACK_TIMEOUT_MS", "250");
+        let c = Config::load(None).unwrap();
+        assert_eq!((c.valkey.ack_replicas, c.valkey.ack_timeout_ms), (1, 250));
+        Ok(())
+    });
+}

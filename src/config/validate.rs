@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// `valkey.ack_replicas` at most (Valkey has no fixed limit; more replicas
+/// than this per primary is not a deployment anyone runs).
+const ACK_REPLICAS_MAX: i64 = 100;
+/// `valkey.ack_timeout_ms` at most: an answer is never held longer.
+const ACK_TIMEOUT_MS_MAX: i64 = 60_000;
+
 impl Config {
     pub(super) fn validate(&mut self) -> Result<(), ConfigError> {
         self.listen_addr()?;
@@ -186,6 +192,12 @@ impl Config {
         }
         if v.key_prefix.is_empty() || v.key_prefix.contains(['{', '}', ' ']) {
             return Err(err("valkey.key_prefix", "non-empty, without braces or spaces"));
+        }
+        if !(0..=ACK_REPLICAS_MAX).contains(&v.ack_replicas) {
+            return Err(err("valkey.ack_replicas", format!("must be between 0 and {ACK_REPLICAS_MAX}")));
+        }
+        if !(1..=ACK_TIMEOUT_MS_MAX).contains(&v.ack_timeout_ms) {
+            return Err(err("valkey.ack_timeout_ms", format!("must be between 1 and {ACK_TIMEOUT_MS_MAX}")));
         }
         self.validate_webhooks()?;
         if !(0.0..=1.0).contains(&self.otel.sample_ratio) {

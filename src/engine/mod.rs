@@ -60,6 +60,11 @@ pub struct NewMessage {
     /// Group conversations: store only if the sender is a member (checked in
     /// the same atomic step as the write).
     pub require_member: bool,
+    /// Draw one token from the sender's send budget (`limits.send_per_s`,
+    /// `limits.send_burst`) where the engine keeps it (the Valkey engine's
+    /// cluster-wide bucket): true for a WebSocket `send`, false for the
+    /// service API, which is not rate-limited (docs/protocol.md).
+    pub send_budget: bool,
 }
 
 /// What became of a receipt.

@@ -299,7 +299,9 @@ impl Node {
         Ok(())
     }
 
-    /// Stores a message and broadcasts it to every member's connections.
+    /// Stores a message and broadcasts it to every member's connections: the
+    /// service API's post, which is not rate-limited (it draws nothing from
+    /// the sender's send budget).
     pub async fn send(
         &self,
         sender: &UserRef,
@@ -308,16 +310,29 @@ impl Node {
         body: String,
     ) -> Result<Appended, ChatError> {
         self.validate_message(&client_msg_id, &body)?;
-        self.store_message(sender, conversation, client_msg_id, body).await
+        self.append(sender, conversation, client_msg_id, body, false).await
     }
 
-    /// [`Node::send`] for a message whose fields were validated already.
+    /// A WebSocket `send` whose fields were validated already: like
+    /// [`Node::send`], and it draws from the sender's send budget where the
+    /// engine keeps one across nodes (the session checked this node's).
     pub async fn store_message(
         &self,
         sender: &UserRef,
         conversation: &str,
         client_msg_id: String,
         body: String,
+    ) -> Result<Appended, ChatError> {
+        self.append(sender, conversation, client_msg_id, body, true).await
+    }
+
+    async fn append(
+        &self,
+        sender: &UserRef,
+        conversation: &str,
+        client_msg_id: String,
+        body: String,
+        send_budget: bool,
     ) -> Result<Appended, ChatError> {
         // Group membership is checked by the engine in the same step as the write.
         let kind = self.classify(conversation)?;
@@ -337,6 +352,7 @@ impl Node {
             ts_ms: protocol::now_ms(),
             participants,
             require_member: kind == Kind::Group,
+            send_budget,
         };
         let span = tracing::debug_span!("store", conversation, seq = tracing::field::Empty);
         let stored = self.engine.append(msg, &route).instrument(span.clone()).await?;

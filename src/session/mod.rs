@@ -23,12 +23,14 @@
 
 mod budget;
 mod closing;
+mod echo;
 mod hello;
 mod writer;
 
 use budget::{Bucket, Strikes};
 use closing::read_error;
 pub use closing::{End, finish};
+pub use echo::echo;
 use hello::authenticate;
 
 use std::{io, sync::Arc, time::Duration};

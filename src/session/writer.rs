@@ -34,8 +34,13 @@ struct Header {
 
 impl Header {
     fn text(payload: usize) -> Header {
+        Header::new(0x81, payload)
+    }
+
+    /// FIN and `opcode` in the first byte (0x81 text, 0x82 binary).
+    fn new(first: u8, payload: usize) -> Header {
         let mut bytes = [0u8; 10];
-        bytes[0] = 0x81;
+        bytes[0] = first;
         let len = if payload < 126 {
             bytes[1] = payload as u8;
             2
@@ -68,6 +73,13 @@ impl Writer {
     pub fn push(&mut self, frame: impl Into<Outgoing>) {
         let frame = frame.into();
         self.frames.push_back((Header::text(frame.len()), frame));
+    }
+
+    /// A binary frame (the chat sends none; the conformance echo does, see
+    /// [`echo`](super::echo)).
+    pub fn push_binary(&mut self, payload: tungstenite::Bytes) {
+        let len = payload.len();
+        self.frames.push_back((Header::new(0x82, len), Outgoing::Cut(Box::new([payload, Default::default()]))));
     }
 
     pub fn is_empty(&self) -> bool {

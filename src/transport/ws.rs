@@ -68,7 +68,7 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap, cookie: bool) -> bool
 }
 
 /// Whether the request asks for a WebSocket upgrade we can do; the key.
-fn handshake_key(headers: &HeaderMap) -> Result<&HeaderValue, &'static str> {
+pub fn handshake_key(headers: &HeaderMap) -> Result<&HeaderValue, &'static str> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers
             .get_all(name)
@@ -138,14 +138,7 @@ pub async fn upgrade(
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return api_error(&ChatError::bad_request("this connection cannot be upgraded"));
     };
-    let limits = &node.cfg.limits;
-    let mut config = WebSocketConfig::default();
-    config.max_frame_size = Some(limits.max_frame_bytes);
-    config.max_message_size = Some(limits.max_frame_bytes);
-    // Frames are small; the buffer grows for a large one. Keeps idle
-    // connections cheap.
-    config.read_buffer_size = 1024;
-    config.write_buffer_size = 0;
+    let config = websocket_config(node.cfg.limits.max_frame_bytes);
     let tracked = {
         let node = node.clone();
         async move {
@@ -178,6 +171,25 @@ pub async fn upgrade(
         }
     };
     node.sessions.spawn(tracked.instrument(tracing::info_span!("ws", %ip)));
+    switching_protocols(&key)
+}
+
+/// The WebSocket layer's settings of a session: messages (and frames) up to
+/// `max_frame_bytes`, a small read buffer and no write buffer (the session
+/// writes through its own [`Writer`](crate::session)).
+pub fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
+    let mut config = WebSocketConfig::default();
+    config.max_frame_size = Some(max_frame_bytes);
+    config.max_message_size = Some(max_frame_bytes);
+    // Frames are small; the buffer grows for a large one. Keeps idle
+    // connections cheap.
+    config.read_buffer_size = 1024;
+    config.write_buffer_size = 0;
+    config
+}
+
+/// The 101 answer to an upgrade request with this `Sec-WebSocket-Key`.
+pub fn switching_protocols(key: &HeaderValue) -> Response {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     (
         StatusCode::SWITCHING_PROTOCOLS,

@@ -113,6 +113,38 @@ impl Valkey {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A replica of `primary`, without persistence, syncing at once.
+    pub async fn start_replica_of(primary: &Valkey) -> Valkey {
+        let port = primary.port.to_string();
+        let r = Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--replicaof",
+            "127.0.0.1",
+            &port,
+            "--repl-diskless-sync-delay",
+            "0",
+        ])
+        .await;
+        for _ in 0..100 {
+            let info = r.cli(&["INFO", "replication"]).await.unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("replica on {} never synced with {}", r.port, primary.port);
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+        let ok = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+        assert!(ok.unwrap().success(), "kill -{sig} {pid}");
+    }
+
     pub async fn ping(&self) -> bool {
         self.cli(&["PING"]).await.is_some_and(|o| o.trim() == "PONG")
     }
@@ -168,8 +200,15 @@ impl ValkeyCluster {
     /// port taken in between, say), which leaves `--cluster create` waiting
     /// forever: every attempt is bounded, and a failed one starts afresh.
     pub async fn start(n: usize) -> ValkeyCluster {
+        Self::start_with_replicas(n, 0, 5000).await
+    }
+
+    /// `primaries` masters with `replicas` replicas each (all in `masters`,
+    /// in `--cluster create` order), with `--cluster-node-timeout`.
+    pub async fn start_with_replicas(primaries: usize, replicas: usize, node_timeout_ms: u64) -> ValkeyCluster {
+        let n = primaries * (1 + replicas);
         for attempt in 1..=3 {
-            match Self::try_start(n).await {
+            match Self::try_start(n, replicas, node_timeout_ms).await {
                 Ok(c) => return c,
                 Err(why) => eprintln!("valkey cluster attempt {attempt} failed: {why}"),
             }
@@ -177,8 +216,9 @@ impl ValkeyCluster {
         panic!("could not start a {n}-master Valkey cluster");
     }
 
-    async fn try_start(n: usize) -> Result<ValkeyCluster, String> {
+    async fn try_start(n: usize, replicas: usize, node_timeout_ms: u64) -> Result<ValkeyCluster, String> {
         let mut masters = Vec::new();
+        let timeout = node_timeout_ms.to_string();
         for _ in 0..n {
             let conf = format!("nodes-{}.conf", free_port());
             masters.push(
@@ -192,7 +232,9 @@ impl ValkeyCluster {
                     "--cluster-config-file",
                     &conf,
                     "--cluster-node-timeout",
-                    "5000",
+                    &timeout,
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
                 .await,
             );
@@ -202,7 +244,7 @@ impl ValkeyCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .kill_on_drop(true)
             .output();
         let out = tokio::time::timeout(Duration::from_secs(30), create)
@@ -228,5 +270,100 @@ impl ValkeyCluster {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.masters[0].port)
+    }
+}
+
+/// A real Sentinel (`valkey-server <conf> --sentinel`) watching one primary
+/// under `name`, with quorum 2.
+pub struct Sentinel {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    pub async fn start(primary_port: u16, name: &str, down_after_ms: u64) -> Sentinel {
+        Self::start_on(None, primary_port, name, down_after_ms).await
+    }
+
+    /// On `port` (a restart), else on a free one.
+    pub async fn start_on(port: Option<u16>, primary_port: u16, name: &str, down_after_ms: u64) -> Sentinel {
+        for _ in 0..20 {
+            let port = port.unwrap_or_else(free_port);
+            let dir = std::env::temp_dir().join(format!("crm-chat-sentinel-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\nloglevel warning\ndir {}\n\
+                     sentinel monitor {name} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {name} {down_after_ms}\n\
+                     sentinel failover-timeout {name} 10000\nsentinel parallel-syncs {name} 1\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new(server_binary())
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn sentinel");
+            let s = Sentinel { child: Some(child), port, dir };
+            for _ in 0..100 {
+                if s.cli(&["PING"]).await.is_some_and(|o| o.trim() == "PONG") {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("could not start a sentinel");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new(cli_binary())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// The primary's port as this Sentinel sees it.
+    pub async fn primary_port(&self, name: &str) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "get-master-addr-by-name", name]).await?;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// Whether this Sentinel knows `replicas` replicas and `others` other Sentinels.
+    pub async fn sees(&self, name: &str, replicas: usize, others: usize) -> bool {
+        let out = self.cli(&["SENTINEL", "master", name]).await.unwrap_or_default();
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        let field = |k: &str| lines.iter().position(|l| *l == k).and_then(|i| lines.get(i + 1)?.parse::<usize>().ok());
+        field("num-slaves") == Some(replicas) && field("num-other-sentinels") == Some(others)
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -336,11 +336,17 @@ async fn followed(inner: &Inner) -> EngineResult<Vec<(Topic, String)>> {
 async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> EngineResult<usize> {
     let conv: Arc<str> = conv.into();
     let client = inner.pool.next();
-    let epoch: Option<String> = client.hget(inner.keys.conv(&conv, "meta"), "epoch").await.map_err(err)?;
+    let (epoch, last, prev): (Option<String>, Option<u64>, Option<String>) =
+        client.hmget(inner.keys.conv(&conv, "meta"), vec!["epoch", "last", "prev"]).await.map_err(err)?;
     let Some(epoch) = epoch.map(Arc::<str>::from) else {
         // Nothing stored (or it was lost and nothing new came yet).
         return Ok(0);
     };
+    let meta = super::lost::Meta { epoch: epoch.clone(), last: last.unwrap_or(0), prev };
+    let mark = inner.delivered.lock().get(&(topic.clone(), conv.clone())).cloned();
+    if super::lost::regressed(inner, topic, &conv, &meta, mark.as_ref()).await? {
+        return Ok(0);
+    }
     let from = match inner.delivered.lock().get(&(topic.clone(), conv.clone())) {
         Some((e, seq)) if *e == epoch => Some(*seq),
         Some(_) => Some(0),

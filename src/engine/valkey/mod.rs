@@ -5,6 +5,7 @@
 //! Every key of a conversation carries the hash tag `{c:<id>}`, so a Cluster
 //! keeps them on one slot and each Lua script touches one slot only:
 //! - `<p>:{c:<id>}:meta`  hash: `last` (last seq), `group`, `title`
+//!   (and `epoch`; `prev`: the epoch a history regression replaced, `lost.rs`)
 //! - `<p>:{c:<id>}:msgs`  stream: entry `<seq>-0` with the rendered frame
 //!   (`f`), ts (`t`), sender (`u`) and idempotency key (`k`); an erased
 //!   message's entry holds its erased frame and `d` = 1 (`erase.lua` rewrites
@@ -56,11 +57,18 @@
 //!   ([`Presence`](super::Presence), leases, sweep), `outbox.rs` (the
 //!   webhook [`Outbox`](crate::webhooks::Outbox)).
 //! - `scripts.rs` and `lua/`: the atomic scripts.
+//! - `lost.rs`: a history that went back after a failover is announced
+//!   (new epoch, followers reconnect), never a silent gap.
+//! - `acks.rs`: acks after replication (`valkey.ack_replicas`, group commit
+//!   over `WAIT`); [`Inner::replicated`] is the hook a write calls before
+//!   its client is answered.
 
+mod acks;
 mod errors;
 mod fanout;
 mod groups;
 mod keys;
+mod lost;
 mod outbox;
 mod payload;
 mod presence;
@@ -125,6 +133,23 @@ struct Inner {
     healthy_at_ms: AtomicI64,
     /// Set when this node's presence must be written again (after a lease loss).
     presence_lost: AtomicBool,
+    /// With `valkey.ack_replicas` > 0: confirms writes on replicas.
+    acks: Option<acks::Acks>,
+}
+
+impl Inner {
+    /// The hook every stored write a client waits on calls before it is
+    /// answered (a message, a repeat of one, an update): returns once
+    /// `valkey.ack_replicas` replicas hold every write this node completed in
+    /// the conversation's slot, `unavailable` when they did not confirm in
+    /// `valkey.ack_timeout_ms` (the write stays stored; a retry with the same
+    /// idempotency key finds it). At once with `ack_replicas` 0.
+    pub(super) async fn replicated(&self, conversation: &str) -> EngineResult<()> {
+        match &self.acks {
+            Some(acks) => acks.confirm(&self.keys.conv(conversation, "ack")).await,
+            None => Ok(()),
+        }
+    }
 }
 
 pub struct ValkeyEngine {
@@ -184,6 +209,18 @@ impl ValkeyEngine {
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
         let pool = builder.build_pool(v.pool_size)?;
+        // Acks after replication: a client of its own, as WAIT blocks its
+        // connection (acks.rs); its commands may take the WAIT's timeout.
+        let acks = if v.ack_replicas > 0 {
+            let ack_timeout = Duration::from_millis(v.ack_timeout_ms as u64);
+            builder.with_performance_config(|p| p.default_command_timeout = timeout + ack_timeout);
+            let client = builder.build()?;
+            client.connect();
+            let bump = format!("{}:ack:{}", v.key_prefix, cfg.node_id());
+            Some(acks::Acks::new(client, v.ack_replicas, v.ack_timeout_ms, timeout, bump))
+        } else {
+            None
+        };
         // The subscriber's message channel absorbs bursts while the receive
         // task dispatches; a lag beyond it triggers the re-send recovery.
         builder.with_performance_config(|p| {
@@ -220,6 +257,7 @@ impl ValkeyEngine {
             delivered: Mutex::default(),
             healthy_at_ms: AtomicI64::new(crate::protocol::now_ms()),
             presence_lost: AtomicBool::new(true),
+            acks,
         });
         let engine = ValkeyEngine { inner: inner.clone(), tasks: Mutex::default() };
         engine.tasks.lock().push(tokio::spawn(receive(inner.clone())));
@@ -230,6 +268,7 @@ impl ValkeyEngine {
             retention_max_messages = v.retention_max_messages,
             retention_max_age_s = v.retention_max_age_s,
             node_lease_s = v.node_lease_s,
+            ack_replicas = v.ack_replicas,
             "valkey engine: durable history, fan-out across nodes"
         );
         Ok(engine)
@@ -271,6 +310,9 @@ impl Engine for ValkeyEngine {
             t.abort();
         }
         let i = &self.inner;
+        if let Some(acks) = &i.acks {
+            acks.shutdown();
+        }
         let client = i.pool.next();
         let _: Result<(), _> = client.zrem(i.keys.nodes(), i.node_id.as_str()).await;
         let _: Result<(), _> = client.del(format!("{}{}", i.keys.node_prefix(), i.node_id)).await;

@@ -60,7 +60,8 @@ impl MessageStore for ValkeyEngine {
             if in_script { i.publish_cmd() } else { "n" }.to_string(),
             payload_head.clone(),
             crate::engine::new_epoch(),
-            i.send_per_s.to_string(),
+            // The service API does not draw from the sender's send budget.
+            if msg.send_budget { i.send_per_s.to_string() } else { "0".to_string() },
             i.send_burst.to_string(),
         ];
         args.extend(route.iter().map(|t| k.channel(t)));
@@ -97,6 +98,8 @@ impl MessageStore for ValkeyEngine {
         if !in_script && !dup {
             i.publish_payload(route, format!("{payload_head}{seq}:{epoch}\n{head}{seq}{tail}")).await?;
         }
+        // A repeat waits too: the first write may not be replicated yet.
+        i.replicated(conv).await?;
         Ok(Some(Appended { seq, ts_ms, duplicate: dup }))
     }
 

@@ -17,7 +17,7 @@
 -- ARGV[12] a fresh epoch, used when the conversation has none (first message,
 --          or its history was lost: seqs start again, under a new epoch)
 -- ARGV[13] sends per second per user, ARGV[14] burst (token bucket, across
---          every node; Valkey's clock)
+--          every node; Valkey's clock); rate "0": no bucket (the service API)
 -- ARGV[15..] channels
 -- Returns {seq, ts, duplicate(0|1), epoch}, {-1} when the sender is not a
 -- member, {-2, retry_after_ms} when the sender's bucket is empty. Nothing is
@@ -46,12 +46,15 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate, burst = tonumber(ARGV[13]), tonumber(ARGV[14])
-local bucket = redis.call('HMGET', KEYS[5], 'tk', 'ts')
-local tokens = tonumber(bucket[1]) or burst
-local last_take = tonumber(bucket[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - last_take) * rate / 1000)
-if tokens < 1 then
-  return {-2, math.ceil((1 - tokens) * 1000 / rate)}
+local tokens = 0
+if rate > 0 then
+  local bucket = redis.call('HMGET', KEYS[5], 'tk', 'ts')
+  tokens = tonumber(bucket[1]) or burst
+  local last_take = tonumber(bucket[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - last_take) * rate / 1000)
+  if tokens < 1 then
+    return {-2, math.ceil((1 - tokens) * 1000 / rate)}
+  end
 end
 
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -60,8 +63,10 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
-redis.call('HSET', KEYS[5], 'tk', tostring(tokens - 1), 'ts', now)
-redis.call('PEXPIRE', KEYS[5], math.ceil(burst * 1000 / rate) + 1000)
+if rate > 0 then
+  redis.call('HSET', KEYS[5], 'tk', tostring(tokens - 1), 'ts', now)
+  redis.call('PEXPIRE', KEYS[5], math.ceil(burst * 1000 / rate) + 1000)
+end
 local frame = ARGV[4] .. seq .. ARGV[5]
 redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame, 't', ARGV[2], 'u', ARGV[3], 'k', ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)
