@@ -2,7 +2,9 @@
 //!
 //! The algorithm is pinned: a token whose header names `none`, RS256 or any
 //! other algorithm is rejected before its signature is looked at. `exp` is
-//! required; `iss`/`aud` are checked when configured.
+//! required; `iss`/`aud` are checked when configured. A header with a
+//! `crit` parameter is rejected: it names extensions that must be understood
+//! (RFC 7515 §4.1.11), and this verifier understands none.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -105,7 +107,13 @@ impl Authenticator {
     /// Verifies a token: signature, algorithm, `exp` (and that it lies at
     /// most `auth.max_token_ttl_s` ahead), `nbf`, `iss`/`aud` when configured.
     pub fn verify_token(&self, token: &str) -> Result<Verified, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.decoding, &self.validation).map_err(|e| {
+        let token = token.trim();
+        // Signature and claims are checked below; `crit` first, as jsonwebtoken
+        // ignores it.
+        if jsonwebtoken::decode_header(token).is_ok_and(|h| h.crit.is_some()) {
+            return Err(AuthError::Invalid("critical header extension not understood ('crit')".into()));
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -218,6 +226,24 @@ mod tests {
         )
         .unwrap();
         assert!(a.verify(&hs512).is_err());
+    }
+
+    #[test]
+    fn a_critical_header_extension_is_rejected() {
+        let a = auth(|_| {});
+        let claims = serde_json::json!({"sub":"alice","exp":now() + 3600});
+        let key = EncodingKey::from_secret(crate::config::LOCAL_DEV_JWT_SECRET.as_bytes());
+        let mut h = Header::new(Algorithm::HS256);
+        h.crit = Some(vec!["exp-ext".into()]);
+        h.extras.insert("exp-ext".into(), "1".into());
+        let crit = jsonwebtoken::encode(&h, &claims, &key).unwrap();
+        assert!(matches!(a.verify(&crit), Err(AuthError::Invalid(m)) if m.contains("crit")));
+        h.crit = Some(Vec::new());
+        assert!(a.verify(&jsonwebtoken::encode(&h, &claims, &key).unwrap()).is_err(), "an empty 'crit' is invalid too");
+        // The same header without `crit` passes: unknown non-critical
+        // parameters are ignored.
+        h.crit = None;
+        assert!(a.verify(&jsonwebtoken::encode(&h, &claims, &key).unwrap()).is_ok());
     }
 
     #[test]
