@@ -107,13 +107,7 @@ impl Authenticator {
     /// Verifies a token: signature, algorithm, `exp` (and that it lies at
     /// most `auth.max_token_ttl_s` ahead), `nbf`, `iss`/`aud` when configured.
     pub fn verify_token(&self, token: &str) -> Result<Verified, AuthError> {
-        let token = token.trim();
-        // Signature and claims are checked below; `crit` first, as jsonwebtoken
-        // ignores it.
-        if jsonwebtoken::decode_header(token).is_ok_and(|h| h.crit.is_some()) {
-            return Err(AuthError::Invalid("critical header extension not understood ('crit')".into()));
-        }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+        let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.decoding, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -126,6 +120,11 @@ impl Authenticator {
                 _ => AuthError::Invalid("malformed token".into()),
             }
         })?;
+        // jsonwebtoken parses `crit` but does not act on it: any extension it
+        // names is one this verifier does not understand.
+        if data.header.crit.is_some() {
+            return Err(AuthError::Invalid("critical header extension not understood ('crit')".into()));
+        }
         let c = data.claims;
         if !ids::valid_user_id(&c.sub) {
             return Err(AuthError::Invalid("'sub' must be 1-128 chars of [A-Za-z0-9_.@-]".into()));

@@ -244,3 +244,24 @@ async fn serve_one(
     // Closed, or upgraded: the WebSocket no longer counts as plain HTTP.
     drop(plain);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_plain_pool_closes_its_oldest_connection() {
+        let plain = Arc::new(Plain::default());
+        let first = plain.enter(2);
+        let second = plain.enter(2);
+        assert!(!first.evict.is_cancelled());
+        let third = plain.enter(2);
+        assert!(first.evict.is_cancelled(), "the oldest makes room");
+        assert!(!second.evict.is_cancelled() && !third.evict.is_cancelled());
+        // One that closed (or upgraded) leaves the count: no eviction then.
+        drop(second);
+        let fourth = plain.enter(2);
+        assert!(!third.evict.is_cancelled() && !fourth.evict.is_cancelled());
+        assert_eq!(plain.open.lock().len(), 2);
+    }
+}
