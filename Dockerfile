@@ -93,7 +93,7 @@ RUN . /rust-cross.env \
     && target=$(cat /rust-target) \
     && cargo build --release --locked --target "$target" --bin crm-chat \
     && install -D -m 0755 "target/$target/release/crm-chat" /out/crm-chat \
-    && install -d -m 0750 /out/data
+    && install -d -m 0700 /out/data
 
 FROM ${RUNTIME_IMAGE} AS runtime
 # Filled in by CI (docker/metadata-action sets the same keys on published images).

@@ -83,11 +83,7 @@ pub async fn serve(node: Arc<Node>, listeners: Listeners, shutdown: impl Future<
     metrics::install(&node.node_id);
     let (public, internal) = transport::routers(node.clone());
     let stop_http = CancellationToken::new();
-    let limits = listener::Limits {
-        header_timeout: Duration::from_secs(node.cfg.server.header_timeout_s),
-        max_tcp: node.cfg.limits.max_connections.saturating_add(listener::HTTP_HEADROOM),
-        send_buffer: node.cfg.limits.socket_send_buffer,
-    };
+    let limits = listener::Limits::of(&node.cfg);
     let mut servers = vec![listener::spawn(listeners.public, public, limits, stop_http.clone())];
     if let (Some(l), Some(router)) = (listeners.internal, internal) {
         servers.push(listener::spawn(l, router, limits, stop_http.clone()));

@@ -2,7 +2,9 @@
 //!
 //! The algorithm is pinned: a token whose header names `none`, RS256 or any
 //! other algorithm is rejected before its signature is looked at. `exp` is
-//! required; `iss`/`aud` are checked when configured.
+//! required; `iss`/`aud` are checked when configured. A header with a
+//! `crit` parameter is rejected: it names extensions that must be understood
+//! (RFC 7515 §4.1.11), and this verifier understands none.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -118,6 +120,11 @@ impl Authenticator {
                 _ => AuthError::Invalid("malformed token".into()),
             }
         })?;
+        // jsonwebtoken parses `crit` but does not act on it: any extension it
+        // names is one this verifier does not understand.
+        if data.header.crit.is_some() {
+            return Err(AuthError::Invalid("critical header extension not understood ('crit')".into()));
+        }
         let c = data.claims;
         if !ids::valid_user_id(&c.sub) {
             return Err(AuthError::Invalid("'sub' must be 1-128 chars of [A-Za-z0-9_.@-]".into()));
@@ -218,6 +225,24 @@ mod tests {
         )
         .unwrap();
         assert!(a.verify(&hs512).is_err());
+    }
+
+    #[test]
+    fn a_critical_header_extension_is_rejected() {
+        let a = auth(|_| {});
+        let claims = serde_json::json!({"sub":"alice","exp":now() + 3600});
+        let key = EncodingKey::from_secret(crate::config::LOCAL_DEV_JWT_SECRET.as_bytes());
+        let mut h = Header::new(Algorithm::HS256);
+        h.crit = Some(vec!["exp-ext".into()]);
+        h.extras.insert("exp-ext".into(), "1".into());
+        let crit = jsonwebtoken::encode(&h, &claims, &key).unwrap();
+        assert!(matches!(a.verify(&crit), Err(AuthError::Invalid(m)) if m.contains("crit")));
+        h.crit = Some(Vec::new());
+        assert!(a.verify(&jsonwebtoken::encode(&h, &claims, &key).unwrap()).is_err(), "an empty 'crit' is invalid too");
+        // The same header without `crit` passes: unknown non-critical
+        // parameters are ignored.
+        h.crit = None;
+        assert!(a.verify(&jsonwebtoken::encode(&h, &claims, &key).unwrap()).is_ok());
     }
 
     #[test]

@@ -95,7 +95,8 @@ fn serve(cfg: Config) -> ExitCode {
         let local = listeners.public.local_addr()?;
         let internal = listeners.internal.as_ref().map(|l| l.local_addr()).transpose()?;
         let node = app::build(cfg).await?;
-        tracing::info!(%local, internal = ?internal, node = %node.node_id, engine = node.engine_name(), profile = ?node.cfg.profile, "crm-chat listening");
+        let tag = crm_chat::transport::public_node_tag(&node.node_id, node.cfg.jwt_secret());
+        tracing::info!(%local, internal = ?internal, node = %node.node_id, public_tag = %tag, engine = node.engine_name(), profile = ?node.cfg.profile, "crm-chat listening");
         // Machine-readable lines for scripts and tests that listen on port 0.
         if let Some(i) = internal {
             println!("crm-chat internal listening on http://{i}");

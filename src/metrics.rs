@@ -90,6 +90,10 @@ fn describe() {
     describe_gauge!("chat_storage_bytes", "Bytes the durable embedded engine's store takes on disk (database and WAL)");
     describe_counter!("chat_closes_total", "Connections closed by the server, by close code");
     describe_counter!("chat_upgrades_rejected_total", "WebSocket upgrades refused, by reason");
+    describe_counter!(
+        "chat_http_evicted_total",
+        "Plain HTTP connections closed to make room for newer ones (limits.max_http_connections)"
+    );
     describe_histogram!("chat_outbound_queue_depth", "Outbound queue depth seen by a connection writer");
     describe_histogram!("chat_valkey_command_seconds", "Latency of the Valkey engine's atomic scripts, by script");
     describe_counter!("chat_valkey_errors_total", "Valkey script calls that failed, by script");
@@ -201,6 +205,9 @@ pub fn queue_depth(depth: usize) {
 }
 pub fn close(code: u16) {
     counter!("chat_closes_total", "code" => code.to_string()).increment(1);
+}
+pub fn http_evicted() {
+    counter!("chat_http_evicted_total").increment(1);
 }
 pub fn upgrade_rejected(reason: &'static str) {
     counter!("chat_upgrades_rejected_total", "reason" => reason).increment(1);

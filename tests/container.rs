@@ -16,7 +16,8 @@
 //!
 //! The test stops and starts one chat container with the `docker` CLI. It finds
 //! the containers by their compose labels and matches them to the `x-chat-node`
-//! response header: in compose the node id is the container's host name.
+//! response header: in compose the node id is the container's host name, and
+//! the public listener says its opaque tag (`public_node_tag`).
 //!
 //! Self-contained on purpose: the harness in `tests/common` starts local
 //! processes, and its `Client` does not expose the upgrade response (which
@@ -96,7 +97,17 @@ async fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The project's chat containers (running or not): host name (= node id) -> container id.
+/// The public `x-chat-node` of a node: an opaque tag keyed with the JWT secret.
+fn public_tag(node_id: &str) -> String {
+    let secret = std::env::var("CHAT_AUTH__JWT_SECRET")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| crm_chat::config::LOCAL_DEV_JWT_SECRET.into());
+    crm_chat::transport::public_node_tag(node_id, &secret)
+}
+
+/// The project's chat containers (running or not): public tag of the host
+/// name (= node id, see [`public_tag`]) -> container id.
 async fn chat_containers() -> BTreeMap<String, String> {
     let project = compose_project();
     let ids = docker(&[
@@ -111,7 +122,7 @@ async fn chat_containers() -> BTreeMap<String, String> {
     .await;
     let mut out = BTreeMap::new();
     for id in ids.split_whitespace() {
-        out.insert(docker(&["inspect", "-f", "{{.Config.Hostname}}", id]).await, id.to_string());
+        out.insert(public_tag(&docker(&["inspect", "-f", "{{.Config.Hostname}}", id]).await), id.to_string());
     }
     out
 }
@@ -396,7 +407,7 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
         "compose project '{}' should have two chat containers (deploy.replicas: 2): {containers:?}",
         compose_project()
     );
-    println!("{} chat replicas (host name = node id -> container): {containers:?}", at(t0));
+    println!("{} chat replicas (public tag of the node id -> container): {containers:?}", at(t0));
 
     // Fresh users per run, so a re-run against the same stack starts from seq 1.
     let run = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
@@ -417,7 +428,7 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
     for n in [&node_a, &node_b] {
         assert!(
             containers.contains_key(n),
-            "x-chat-node '{n}' is not the host name of a chat container ({containers:?}): is CHAT_SERVER__NODE_ID set?"
+            "x-chat-node '{n}' is not the public tag of a chat container's host name ({containers:?}): is CHAT_SERVER__NODE_ID set?"
         );
     }
     let id_b = containers[&node_b].clone();
@@ -552,8 +563,9 @@ async fn two_replicas_behind_nginx_survive_a_replica_restart() {
     let mut seen = Vec::new();
     loop {
         let r = readyz(&http, &internal).await;
+        // The internal side names the node id; the public side its tag.
         if let Ok((200, n)) = &r
-            && *n == node_b
+            && public_tag(n) == node_b
         {
             break;
         }

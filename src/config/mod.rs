@@ -114,6 +114,11 @@ pub struct ServerConfig {
     /// Seconds a client has to send a whole HTTP request head (slowloris
     /// guard). Default 10.
     pub header_timeout_s: u64,
+    /// Seconds a request on the public listener (and `/healthz`, `/readyz`,
+    /// `/metrics`) has, its body included, once its head arrived: a body still
+    /// trickling in then gets 408 and the connection is closed. The service
+    /// API allows 30 s. Default 10.
+    pub body_timeout_s: u64,
     /// Seconds between SIGTERM and the start of the drain, during which
     /// `/readyz` answers 503 so load balancers stop routing here first.
     /// Default 5 (no `preStop` hook needed).
@@ -131,6 +136,7 @@ impl Default for ServerConfig {
             node_id: None,
             internal_listen: None,
             header_timeout_s: 10,
+            body_timeout_s: 10,
             shutdown_delay_s: 5,
         }
     }
@@ -229,6 +235,18 @@ pub struct LimitsConfig {
     /// WebSocket connections (authenticated or not) open on this node;
     /// further upgrades get HTTP 503. Default 16000.
     pub max_connections: usize,
+    /// Plain HTTP connections (not upgraded: page loads, API calls, upgrade
+    /// requests not yet answered) open per listener, counted apart from
+    /// WebSockets. One more arriving closes the oldest plain connection, so
+    /// slow or idle requests never crowd out an upgrade. Default 1024.
+    pub max_http_connections: usize,
+    /// Sustained WebSocket connects per second per user (token bucket
+    /// refill; across the cluster on Valkey). Over it the upgrade gets HTTP
+    /// 429 `rate_limited` with `retry_after_ms` (a `hello` gets the error
+    /// frame and close 4008). Default 2.
+    pub connects_per_s: f64,
+    /// Connect bucket size per user. Default 30.
+    pub connects_burst: u32,
     /// Conversations with more members than this get presence and receipt
     /// pushes batched. Default 50.
     pub batch_members: usize,
@@ -260,6 +278,9 @@ impl Default for LimitsConfig {
             write_timeout_s: 10,
             socket_send_buffer: 256 << 10,
             max_connections: 16_000,
+            max_http_connections: 1024,
+            connects_per_s: 2.0,
+            connects_burst: 30,
             batch_members: 50,
             batch_interval_ms: 1000,
             max_group_members: 100_000,

@@ -64,6 +64,9 @@ impl Config {
         if !(1..=3600).contains(&s.header_timeout_s) {
             return Err(err("server.header_timeout_s", "must be between 1 and 3600"));
         }
+        if !(1..=3600).contains(&s.body_timeout_s) {
+            return Err(err("server.body_timeout_s", "must be between 1 and 3600"));
+        }
         if s.shutdown_delay_s > 3600 {
             return Err(err("server.shutdown_delay_s", "must be at most 3600"));
         }
@@ -100,6 +103,7 @@ impl Config {
         for (key, rate, burst) in [
             ("limits.send_per_s", l.send_per_s, ("limits.send_burst", l.send_burst)),
             ("limits.requests_per_s", l.requests_per_s, ("limits.requests_burst", l.requests_burst)),
+            ("limits.connects_per_s", l.connects_per_s, ("limits.connects_burst", l.connects_burst)),
         ] {
             // The bounds the token buckets are built for: at most one token
             // per 1000 s, at most a million per second.
@@ -139,6 +143,9 @@ impl Config {
         }
         if !(1..=10_000_000).contains(&l.max_connections) {
             return Err(err("limits.max_connections", "must be between 1 and 10000000"));
+        }
+        if !(1..=1_000_000).contains(&l.max_http_connections) {
+            return Err(err("limits.max_http_connections", "must be between 1 and 1000000"));
         }
         if !(10..=60_000).contains(&l.batch_interval_ms) {
             return Err(err("limits.batch_interval_ms", "must be between 10 and 60000"));

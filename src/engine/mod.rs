@@ -358,6 +358,16 @@ pub trait Presence: Send + Sync + 'static {
     /// Open connections of `user` on every node (this node's for an engine
     /// that has one node).
     async fn connection_count(&self, user: &str) -> EngineResult<usize>;
+
+    /// Takes one connect token of `user` across the cluster (a token bucket of
+    /// `per_s` and `burst`), or fails with [`EngineError::RateLimited`]. The
+    /// node checks its own bucket first; an engine with one node has nothing
+    /// to add.
+    ///
+    /// [`EngineError::RateLimited`]: crate::error::EngineError::RateLimited
+    async fn connect_gate(&self, _user: &str, _per_s: f64, _burst: u32) -> EngineResult<()> {
+        Ok(())
+    }
 }
 
 /// A whole engine: the four concerns plus its lifecycle. Used as

@@ -68,6 +68,8 @@ pub struct Node {
     pub node_id: String,
     open: HashSet<String>,
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
+    /// Per-user connect bucket on this node (`limits.connects_per_s`).
+    connects: DefaultKeyedRateLimiter<Arc<str>>,
     draining: AtomicBool,
     next_conn: AtomicU64,
     /// Every WebSocket session task, so shutdown can wait for them.
@@ -149,6 +151,7 @@ impl Node {
             node_id: cfg.node_id(),
             open: cfg.chat.open_conversations.iter().cloned().collect(),
             limiter: RateLimiter::keyed(quota),
+            connects: RateLimiter::keyed(self::quota(l.connects_per_s, l.connects_burst)),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -197,6 +200,8 @@ impl Node {
     pub fn prune_rate_limits(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        self.connects.retain_recent();
+        self.connects.shrink_to_fit();
         let now = Instant::now();
         self.typing_seen.lock().retain(|_, t| now.duration_since(*t) < TYPING_EVERY);
         self.member_counts.lock().retain(|_, (_, t)| now.duration_since(*t) < MEMBER_COUNT_TTL);

@@ -6,6 +6,33 @@ use std::{collections::HashSet, sync::Arc};
 use super::*;
 
 impl Node {
+    /// Takes one connect token of `user` (`limits.connects_per_s` and
+    /// `connects_burst`): this node's bucket, then the engine's across the
+    /// cluster. The error (`rate_limited`) says when to retry.
+    pub async fn check_connect_rate(&self, user: &str) -> Result<(), ChatError> {
+        let limited = |ms: u64| {
+            ChatError::rate_limited(ms).with_message(format!(
+                "too many connects for this user (limits.connects_per_s {}, burst {}); retry in {ms} ms",
+                self.cfg.limits.connects_per_s, self.cfg.limits.connects_burst
+            ))
+        };
+        self.connects.check_key(&Arc::from(user)).map_err(|not_until| {
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            limited((wait.as_millis() as u64).max(1))
+        })?;
+        let l = &self.cfg.limits;
+        match self.engine.connect_gate(user, l.connects_per_s, l.connects_burst).await {
+            Ok(()) => Ok(()),
+            Err(crate::error::EngineError::RateLimited(ms)) => Err(limited(ms)),
+            // Fails open: a store that refuses writes (full, say) must not
+            // refuse connects too; this node's bucket still holds.
+            Err(e) => {
+                tracing::debug!(error = %e, "connect bucket unavailable; node-local bucket only");
+                Ok(())
+            }
+        }
+    }
+
     /// Opens a session. The connect-time ordering rule, which makes
     /// membership exact under races and faults, lives here and nowhere else:
     ///

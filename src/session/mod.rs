@@ -84,6 +84,8 @@ where
 {
     let write_timeout = Duration::from_secs(node.cfg.limits.write_timeout_s);
     let mut strikes = Strikes { bad: 0, rate: 0, max: node.cfg.limits.max_bad_frames };
+    // A token given at upgrade took its connect token there.
+    let via_hello = pre_auth.is_none();
     let (token, hello_id) = match pre_auth {
         Some(v) => (v, None),
         // Boxed sub-futures: only the running phase's state stays in the
@@ -101,6 +103,10 @@ where
     if node.hub.user_connections(&user.id) >= limits.connections_per_user {
         let f = protocol::error(hello_id.as_ref(), &too_many_connections(limits.connections_per_user));
         Box::pin(write_direct(&mut ws, f, kind::ERROR, write_timeout)).await;
+        return Box::pin(finish(&mut ws, End::Close(close::POLICY), None, write_timeout)).await;
+    }
+    if via_hello && let Err(e) = node.check_connect_rate(&user.id).await {
+        Box::pin(write_direct(&mut ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout)).await;
         return Box::pin(finish(&mut ws, End::Close(close::POLICY), None, write_timeout)).await;
     }
     let (conn, mut rx) =

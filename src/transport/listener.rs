@@ -2,20 +2,31 @@
 //! authentication.
 //!
 //! - A request head must arrive within `server.header_timeout_s` (idle or
-//!   trickling connections are closed; slowloris).
-//! - At most `limits.max_connections` + [`HTTP_HEADROOM`] TCP connections are
-//!   open on a listener (WebSockets included); beyond that a new connection is
-//!   closed at once, so file descriptors are never exhausted and the internal
-//!   listener (health, metrics) keeps answering.
+//!   trickling connections are closed; slowloris); a body is bounded by the
+//!   routers' timeouts (`server.body_timeout_s`, see [`super`]).
+//! - Plain HTTP connections (not upgraded: page loads, API calls, upgrades not
+//!   yet answered) are counted apart from upgraded WebSockets: at most
+//!   `limits.max_http_connections` per listener. One more arriving closes the
+//!   *oldest* plain connection instead of being refused, so idle or slow
+//!   requests can never crowd out a WebSocket upgrade: a new connection is
+//!   always accepted, and an attacker must open that many connections in the
+//!   time a real client takes to send its request head to push it out.
+//!   Upgraded WebSockets leave the count (`limits.max_connections` bounds them
+//!   at the upgrade).
+//! - As a file-descriptor backstop, at most `limits.max_connections` + twice
+//!   `limits.max_http_connections` TCP connections are open on a listener;
+//!   beyond that a new connection is closed at once, so the internal listener
+//!   (health, metrics) keeps answering.
 //! - On stop, idle keep-alive connections are closed and requests in flight
 //!   finish; upgraded WebSockets are drained by the node, not here.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -27,6 +38,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use parking_lot::Mutex;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -37,17 +49,66 @@ use tower::ServiceExt;
 
 use crate::metrics;
 
-/// TCP connections allowed beyond `limits.max_connections` for plain HTTP
-/// (page loads, API calls) and upgrades that will be answered 503.
-pub const HTTP_HEADROOM: usize = 1024;
-
 /// Settings of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_timeout: Duration,
+    /// TCP connections open at most (the backstop).
     pub max_tcp: usize,
+    /// Plain HTTP connections open at most; one more evicts the oldest.
+    pub max_http: usize,
     /// `SO_SNDBUF` of accepted connections; 0: the OS's autotuning.
     pub send_buffer: usize,
+}
+
+impl Limits {
+    /// The limits of `cfg`.
+    pub fn of(cfg: &crate::config::Config) -> Limits {
+        let l = &cfg.limits;
+        Limits {
+            header_timeout: Duration::from_secs(cfg.server.header_timeout_s),
+            max_tcp: l.max_connections.saturating_add(l.max_http_connections.saturating_mul(2)),
+            max_http: l.max_http_connections,
+            send_buffer: l.socket_send_buffer,
+        }
+    }
+}
+
+/// The plain HTTP connections of a listener, oldest first: each can be told
+/// to close.
+#[derive(Default)]
+struct Plain {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, CancellationToken>>,
+}
+
+impl Plain {
+    /// Counts a new connection in; closes the oldest beyond `max`.
+    fn enter(self: &Arc<Self>, max: usize) -> PlainGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evict = CancellationToken::new();
+        let mut open = self.open.lock();
+        open.insert(id, evict.clone());
+        while open.len() > max {
+            let Some((_, oldest)) = open.pop_first() else { break };
+            oldest.cancel();
+            metrics::http_evicted();
+        }
+        PlainGuard { plain: self.clone(), id, evict }
+    }
+}
+
+/// A connection's place among the plain ones; left when it closes or upgrades.
+struct PlainGuard {
+    plain: Arc<Plain>,
+    id: u64,
+    evict: CancellationToken,
+}
+
+impl Drop for PlainGuard {
+    fn drop(&mut self) {
+        self.plain.open.lock().remove(&self.id);
+    }
 }
 
 /// A TCP stream that counts itself while open (it lives on inside an
@@ -104,6 +165,7 @@ impl AsyncWrite for Counted {
 pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
         let open = Arc::new(AtomicUsize::new(0));
+        let plain = Arc::new(Plain::default());
         let conns = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
@@ -135,7 +197,8 @@ pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: Cancel
                 let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(limits.send_buffer);
             }
             let io = TokioIo::new(Counted { tcp, open: open.clone() });
-            conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone()));
+            let guard = plain.enter(limits.max_http);
+            conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone(), guard));
         }
         conns.close();
         if tokio::time::timeout(Duration::from_secs(5), conns.wait()).await.is_err() {
@@ -144,7 +207,14 @@ pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: Cancel
     })
 }
 
-async fn serve_one(io: TokioIo<Counted>, peer: SocketAddr, router: Router, limits: Limits, stop: CancellationToken) {
+async fn serve_one(
+    io: TokioIo<Counted>,
+    peer: SocketAddr,
+    router: Router,
+    limits: Limits,
+    stop: CancellationToken,
+    plain: PlainGuard,
+) {
     let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         req
@@ -165,5 +235,33 @@ async fn serve_one(io: TokioIo<Counted>, peer: SocketAddr, router: Router, limit
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         }
+        // Pushed out by newer plain connections: closed now (dropping the
+        // connection closes the socket).
+        _ = plain.evict.cancelled() => {
+            tracing::debug!(%peer, "oldest plain http connection closed (limits.max_http_connections)");
+        }
+    }
+    // Closed, or upgraded: the WebSocket no longer counts as plain HTTP.
+    drop(plain);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_plain_pool_closes_its_oldest_connection() {
+        let plain = Arc::new(Plain::default());
+        let first = plain.enter(2);
+        let second = plain.enter(2);
+        assert!(!first.evict.is_cancelled());
+        let third = plain.enter(2);
+        assert!(first.evict.is_cancelled(), "the oldest makes room");
+        assert!(!second.evict.is_cancelled() && !third.evict.is_cancelled());
+        // One that closed (or upgraded) leaves the count: no eviction then.
+        drop(second);
+        let fourth = plain.enter(2);
+        assert!(!third.evict.is_cancelled() && !fourth.evict.is_cancelled());
+        assert_eq!(plain.open.lock().len(), 2);
     }
 }

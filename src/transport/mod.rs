@@ -31,12 +31,21 @@ use crate::{error::ChatError, node::Node};
 
 /// The routes of the public listener: the WebSocket, the demo page and its
 /// files, and dev tokens (a 404 unless `auth.dev_tokens`).
-fn public_routes() -> Router<Arc<Node>> {
+fn public_routes(node: &Arc<Node>) -> Router<Arc<Node>> {
     Router::new()
         .route("/ws/chat", get(ws::upgrade))
         .route("/api/v1/dev/token", post(api::dev_token))
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::file))
+        .layer(body_timeout(node))
+}
+
+/// A request (its body included) must be read and answered within
+/// `server.body_timeout_s`: a body still trickling in then gets 408 and the
+/// connection is closed (its body was not read to the end). The service API
+/// has its own, longer bound ([`API_TIMEOUT`]).
+fn body_timeout(node: &Node) -> TimeoutLayer {
+    TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(node.cfg.server.body_timeout_s))
 }
 
 /// The routes of the internal listener: the service API, health and metrics.
@@ -58,6 +67,7 @@ fn internal_routes(node: &Arc<Node>) -> Router<Arc<Node>> {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .layer(body_timeout(node))
         .nest("/api/v1", service)
 }
 
@@ -70,20 +80,47 @@ const API_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn routers(node: Arc<Node>) -> (Router, Option<Router>) {
     let split = node.cfg.server.internal_listen.is_some();
     if split {
-        let public = finish(public_routes(), &node);
-        let internal = finish(internal_routes(&node), &node);
+        let public = finish(public_routes(&node), &node, Side::Public);
+        let internal = finish(internal_routes(&node), &node, Side::Internal);
         (public, Some(internal))
     } else {
-        (finish(public_routes().merge(internal_routes(&node)), &node), None)
+        (finish(public_routes(&node).merge(internal_routes(&node)), &node, Side::Public), None)
     }
 }
 
 /// Every route on one router (tests, single-port setups).
 pub fn router(node: Arc<Node>) -> Router {
-    finish(public_routes().merge(internal_routes(&node)), &node)
+    finish(public_routes(&node).merge(internal_routes(&node)), &node, Side::Public)
 }
 
-fn finish(routes: Router<Arc<Node>>, node: &Arc<Node>) -> Router {
+/// Which listener a router serves: it decides what `x-chat-node` says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Reachable by anyone (a single-port setup is public too).
+    Public,
+    /// `server.internal_listen`: operators and the CRM backend.
+    Internal,
+}
+
+/// The `x-chat-node` of the public listener: an opaque tag of the node,
+/// `n-` and 16 hex digits of HMAC-SHA256(`auth.jwt_secret`, node id). Stable
+/// per node (a client or load-balancer log can still tell nodes apart) but
+/// reveals nothing of the host name, and cannot be confirmed against guessed
+/// host names without the secret. The internal listener says the node id.
+pub fn public_node_tag(node_id: &str, jwt_secret: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(jwt_secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(b"x-chat-node\n");
+    mac.update(node_id.as_bytes());
+    let tag = mac.finalize().into_bytes();
+    format!("n-{}", tag[..8].iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn finish(routes: Router<Arc<Node>>, node: &Arc<Node>, side: Side) -> Router {
+    let name = match side {
+        Side::Public => public_node_tag(&node.node_id, node.cfg.jwt_secret()),
+        Side::Internal => node.node_id.clone(),
+    };
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -92,10 +129,11 @@ fn finish(routes: Router<Arc<Node>>, node: &Arc<Node>) -> Router {
         // the request log stays at debug.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         // Which node answered (upgrade responses included): for operators
-        // behind a load balancer, and for tests that must cross nodes.
+        // behind a load balancer, and for tests that must cross nodes. The
+        // public listener says an opaque tag, not the host name.
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("x-chat-node"),
-            HeaderValue::from_str(&node.node_id).unwrap_or_else(|_| HeaderValue::from_static("invalid-node-id")),
+            HeaderValue::from_str(&name).unwrap_or_else(|_| HeaderValue::from_static("invalid-node-id")),
         ))
         .with_state(node.clone())
 }

@@ -130,6 +130,12 @@ pub async fn upgrade(
             &ChatError::rate_limited(5000).with_message(format!("too many connections for this user (limit {limit})")),
         );
     }
+    if let Some(v) = &verified
+        && let Err(e) = node.check_connect_rate(&v.user.id).await
+    {
+        metrics::upgrade_rejected("connect_rate");
+        return api_error(&e);
+    }
     let Some(slot) = node.session_slot() else {
         metrics::upgrade_rejected("max_connections");
         return api_error(&ChatError::unavailable("this node is at limits.max_connections; retry later"));

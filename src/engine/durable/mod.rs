@@ -1,7 +1,8 @@
 //! The durable embedded engine: one node, history on disk (`chat.data_dir`).
 //!
 //! - Store: SQLite (bundled) in WAL mode, one file `chat.db` (see
-//!   [`store`] for the schema and the epoch rules).
+//!   [`store`] for the schema and the epoch rules); the directory is `0700`
+//!   and its files `0600` whatever the umask ([`perms`]).
 //! - Writes: one writer thread owns the write connection and commits every
 //!   queued change in one transaction (group commit, [`writer`]); callers
 //!   get their answer (the `ack`) only after the commit returned, and with
@@ -17,6 +18,7 @@
 //! - A full disk fails the batch (`unavailable`, nothing acked); reads go on
 //!   and writes succeed again once space returns.
 
+mod perms;
 mod store;
 mod writer;
 

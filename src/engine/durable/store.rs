@@ -121,9 +121,11 @@ pub struct Opened {
 /// rules and loads the hot state. Refuses to start, naming the file, when
 /// the database cannot be read.
 pub fn open(dir: &Path, fsync: Fsync) -> anyhow::Result<Opened> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating chat.data_dir {}", dir.display()))?;
+    super::perms::prepare_dir(dir)?;
     let lock = lock(dir)?;
     let path = db_path(dir);
+    // 0600 before SQLite opens it: the WAL and its index inherit the mode.
+    super::perms::prepare_db(&path)?;
     let unreadable = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "chat.data_dir: {} cannot be read as a crm-chat store ({e}). Nothing was changed. Restore a backup, or \
@@ -198,12 +200,7 @@ pub fn close_cleanly(conn: &Connection) -> rusqlite::Result<()> {
 
 fn lock(dir: &Path) -> anyhow::Result<File> {
     let path = dir.join(LOCK_FILE);
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let f = super::perms::private_file(&path)?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {

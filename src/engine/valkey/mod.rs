@@ -19,6 +19,8 @@
 //! - `<p>:{c:<id>}:own:<user>` sorted set of the user's own seqs (unread
 //!   counts; erasure finds a user's conversations by SCAN for these keys)
 //! - `<p>:{u:<user>}:convs` set: the user's groups and direct conversations
+//! - `<p>:{u:<user>}:connects` hash: the user's connect bucket
+//!   (`limits.connects_per_s`, `connect.lua`), expiring when full again
 //! - `<p>:{presence}:nodes` / `<p>:{presence}:n:<node>`: node leases and
 //!   per-node connection counts
 //! - `<p>:{wh}:out` stream (consumer group `delivery`), `<p>:{wh}:retry`,

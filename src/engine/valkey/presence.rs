@@ -76,6 +76,18 @@ impl Presence for ValkeyEngine {
         Ok(n.max(0) as usize)
     }
 
+    async fn connect_gate(&self, user: &str, per_s: f64, burst: u32) -> EngineResult<()> {
+        // The user's own slot (`{u:<id>}`), like the send bucket off Cluster.
+        let key = format!("{}:{{u:{user}}}:connects", self.inner.keys.prefix);
+        let args = vec![per_s.to_string(), burst.to_string()];
+        let wait: i64 =
+            self.inner.scripts.connect.run(&self.inner.pool, vec![key], args).await?.convert().map_err(err)?;
+        match wait {
+            0 => Ok(()),
+            ms => Err(crate::error::EngineError::RateLimited(ms.max(1) as u64)),
+        }
+    }
+
     async fn presence_up(&self, user: &str) -> EngineResult<bool> {
         let r: i64 = self.inner.presence("up", &[user]).await?.convert().map_err(err)?;
         Ok(r == 1)

@@ -36,6 +36,7 @@ pub struct Scripts {
     pub erase: Lua,
     pub delete: Lua,
     pub regress: Lua,
+    pub connect: Lua,
 }
 
 impl Scripts {
@@ -51,6 +52,7 @@ impl Scripts {
             erase: Lua::new("erase", include_str!("lua/erase.lua")),
             delete: Lua::new("delete", include_str!("lua/delete.lua")),
             regress: Lua::new("regress", include_str!("lua/regress.lua")),
+            connect: Lua::new("connect", include_str!("lua/connect.lua")),
         }
     }
 }
