@@ -234,6 +234,11 @@ pub struct LimitsConfig {
     pub batch_members: usize,
     /// Milliseconds between batched presence/receipt pushes. Default 1000.
     pub batch_interval_ms: u64,
+    /// Seconds after its `ts` a message may still be edited by its sender
+    /// (v1.2); 0: no limit. The service API's moderation is exempt. Default 86400.
+    pub edit_window_s: u64,
+    /// Distinct emoji one message may hold (v1.2). Default 20.
+    pub reactions_per_message: usize,
 }
 
 impl Default for LimitsConfig {
@@ -257,6 +262,8 @@ impl Default for LimitsConfig {
             max_connections: 16_000,
             batch_members: 50,
             batch_interval_ms: 1000,
+            edit_window_s: 86_400,
+            reactions_per_message: 20,
         }
     }
 }

@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod changes;
 mod groups;
 mod reads;
 mod sessions;
@@ -306,9 +307,10 @@ impl Node {
         conversation: &str,
         client_msg_id: String,
         body: String,
+        reply_to: Option<i64>,
     ) -> Result<Appended, ChatError> {
         self.validate_message(&client_msg_id, &body)?;
-        self.store_message(sender, conversation, client_msg_id, body).await
+        self.store_message(sender, conversation, client_msg_id, body, reply_to).await
     }
 
     /// [`Node::send`] for a message whose fields were validated already.
@@ -318,6 +320,7 @@ impl Node {
         conversation: &str,
         client_msg_id: String,
         body: String,
+        reply_to: Option<i64>,
     ) -> Result<Appended, ChatError> {
         // Group membership is checked by the engine in the same step as the write.
         let kind = self.classify(conversation)?;
@@ -326,6 +329,12 @@ impl Node {
             Kind::Direct(..) => return Err(ChatError::forbidden(format!("not a member of '{conversation}'"))),
             _ => None,
         };
+        if reply_to.is_some() {
+            if kind == Kind::Group {
+                self.authorize(&sender.id, conversation).await?;
+            }
+            self.check_reply_to(conversation, reply_to).await?;
+        }
         let route = kind.route(conversation);
         // Kept for the webhook only when it is sent.
         let hook = self.wants_created().then(|| (body.clone(), client_msg_id.clone()));
@@ -337,6 +346,7 @@ impl Node {
             ts_ms: protocol::now_ms(),
             participants,
             require_member: kind == Kind::Group,
+            reply_to: reply_to.map(|r| r as u64),
         };
         let span = tracing::debug_span!("store", conversation, seq = tracing::field::Empty);
         let stored = self.engine.append(msg, &route).instrument(span.clone()).await?;
@@ -356,6 +366,9 @@ impl Node {
                     body,
                     client_msg_id,
                     deleted: false,
+                    reply_to: reply_to.map(|r| r as u64),
+                    edited_at: None,
+                    reactions: &[],
                 },
                 kind,
             );
@@ -415,6 +428,8 @@ impl Node {
     }
 }
 
+pub use self::changes::{Changed, MAX_EMOJI_CHARS, SYSTEM_USER};
+
 pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMessage) -> MessageFrame<'a> {
     MessageFrame {
         conversation,
@@ -424,5 +439,29 @@ pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMess
         deleted: m.deleted,
         body: &m.body,
         client_msg_id: &m.client_msg_id,
+        reply_to: m.reply_to,
+        edited_at: m.edited_at,
+        reactions: &m.reactions,
+    }
+}
+
+/// The `update` frame of a stored change (v1.2).
+pub fn update_frame<'a>(conversation: &'a str, u: &'a crate::engine::StoredUpdate) -> protocol::UpdateFrame<'a> {
+    use crate::engine::Change;
+    let (body, emoji, on) = match &u.change {
+        Change::Edit(b) => (Some(&**b), None, None),
+        Change::Delete => (None, None, None),
+        Change::Reaction { emoji, on } => (None, Some(&**emoji), Some(*on)),
+    };
+    protocol::UpdateFrame {
+        conversation,
+        seq: u.seq,
+        ts: u.ts_ms,
+        target: u.target,
+        kind: u.change.kind(),
+        user: SenderRef { id: &u.user_id, name: &u.user_name },
+        body,
+        emoji,
+        on,
     }
 }

@@ -19,7 +19,7 @@ use crate::{config::Fsync, engine::Group};
 pub const DB_FILE: &str = "chat.db";
 /// Held (flock) for as long as a process uses the directory.
 const LOCK_FILE: &str = "LOCK";
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "2";
 
 /// Bodies are kept with a `deleted` flag so erasing a user's messages keeps
 /// `seq`, `ts` and `client_msg_id` (and so idempotency and gap-free paging).
@@ -45,6 +45,26 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL,
     client_msg_id TEXT NOT NULL,
     deleted INTEGER NOT NULL DEFAULT 0,
+    -- v1.2 (schema 2): the current state of a message people can change.
+    reply_to INTEGER,
+    edited_at INTEGER,
+    reactions TEXT NOT NULL DEFAULT '',
+    last_update INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conv, seq)
+);
+-- v1.2: every change of a message, under the conversation's seq counter
+-- (seqs of `messages` and `updates` never overlap).
+CREATE TABLE IF NOT EXISTS updates (
+    conv INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    target INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    body TEXT,
+    emoji TEXT,
+    on_ INTEGER,
     PRIMARY KEY (conv, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conv, sender_id, client_msg_id);
@@ -67,6 +87,14 @@ CREATE TABLE IF NOT EXISTS user_conversations (
     conv TEXT NOT NULL,
     PRIMARY KEY (user, conv)
 ) WITHOUT ROWID;
+";
+
+/// Schema 1 to 2 (v1.2): `updates` comes from [`SCHEMA`], the new columns here.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE messages ADD COLUMN reply_to INTEGER;
+ALTER TABLE messages ADD COLUMN edited_at INTEGER;
+ALTER TABLE messages ADD COLUMN reactions TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN last_update INTEGER NOT NULL DEFAULT 0;
 ";
 
 pub fn db_path(dir: &Path) -> PathBuf {
@@ -150,7 +178,10 @@ pub fn open(dir: &Path, fsync: Fsync) -> anyhow::Result<Opened> {
         conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0)).optional()
     };
     let version = meta("schema_version").map_err(|e| unreadable(&e))?;
-    if let Some(v) = &version
+    if version.as_deref() == Some("1") {
+        // Schema 1 (v1.1) to 2: the current-state columns of messages.
+        conn.execute_batch(MIGRATE_1_TO_2).map_err(|e| unreadable(&e))?;
+    } else if let Some(v) = &version
         && v != SCHEMA_VERSION
     {
         bail!("chat.data_dir: {} has store schema {v}; this build reads schema {SCHEMA_VERSION}", path.display());

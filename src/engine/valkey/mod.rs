@@ -57,6 +57,7 @@
 //!   webhook [`Outbox`](crate::webhooks::Outbox)).
 //! - `scripts.rs` and `lua/`: the atomic scripts.
 
+mod changes;
 mod errors;
 mod fanout;
 mod groups;

@@ -35,12 +35,14 @@ pub struct Scripts {
     pub unread: Lua,
     pub erase: Lua,
     pub delete: Lua,
+    pub update: Lua,
+    pub page: Lua,
 }
 
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            append: Lua::new("append", include_str!("lua/append.lua")),
+            append: Lua::new("append", concat!(include_str!("lua/retention.lua"), include_str!("lua/append.lua"))),
             receipt: Lua::new("receipt", include_str!("lua/receipt.lua")),
             group: Lua::new("group", include_str!("lua/group.lua")),
             presence: Lua::new("presence", include_str!("lua/presence.lua")),
@@ -49,6 +51,8 @@ impl Scripts {
             unread: Lua::new("unread", include_str!("lua/unread.lua")),
             erase: Lua::new("erase", include_str!("lua/erase.lua")),
             delete: Lua::new("delete", include_str!("lua/delete.lua")),
+            update: Lua::new("update", concat!(include_str!("lua/retention.lua"), include_str!("lua/update.lua"))),
+            page: Lua::new("page", include_str!("lua/page.lua")),
         }
     }
 }
