@@ -167,3 +167,24 @@ fn refusal(r: Refusal, conversation: &str, target: u64) -> ChatError {
         }
     }
 }
+
+/// The `update` frame of a stored change (v1.2).
+pub fn update_frame<'a>(conversation: &'a str, u: &'a crate::engine::StoredUpdate) -> protocol::UpdateFrame<'a> {
+    use crate::engine::Change;
+    let (body, emoji, on) = match &u.change {
+        Change::Edit(b) => (Some(&**b), None, None),
+        Change::Delete => (None, None, None),
+        Change::Reaction { emoji, on } => (None, Some(&**emoji), Some(*on)),
+    };
+    protocol::UpdateFrame {
+        conversation,
+        seq: u.seq,
+        ts: u.ts_ms,
+        target: u.target,
+        kind: u.change.kind(),
+        user: SenderRef { id: &u.user_id, name: &u.user_name },
+        body,
+        emoji,
+        on,
+    }
+}

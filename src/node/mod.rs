@@ -428,7 +428,7 @@ impl Node {
     }
 }
 
-pub use self::changes::{Changed, MAX_EMOJI_CHARS, SYSTEM_USER};
+pub use self::changes::{Changed, MAX_EMOJI_CHARS, SYSTEM_USER, update_frame};
 
 pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMessage) -> MessageFrame<'a> {
     MessageFrame {
@@ -442,26 +442,5 @@ pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMess
         reply_to: m.reply_to,
         edited_at: m.edited_at,
         reactions: &m.reactions,
-    }
-}
-
-/// The `update` frame of a stored change (v1.2).
-pub fn update_frame<'a>(conversation: &'a str, u: &'a crate::engine::StoredUpdate) -> protocol::UpdateFrame<'a> {
-    use crate::engine::Change;
-    let (body, emoji, on) = match &u.change {
-        Change::Edit(b) => (Some(&**b), None, None),
-        Change::Delete => (None, None, None),
-        Change::Reaction { emoji, on } => (None, Some(&**emoji), Some(*on)),
-    };
-    protocol::UpdateFrame {
-        conversation,
-        seq: u.seq,
-        ts: u.ts_ms,
-        target: u.target,
-        kind: u.change.kind(),
-        user: SenderRef { id: &u.user_id, name: &u.user_name },
-        body,
-        emoji,
-        on,
     }
 }

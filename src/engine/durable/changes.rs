@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use rusqlite::{OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 use super::{
     State,
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     engine::{
-        Appended, Change, NewUpdate, Reaction, Refusal, Route, StoredMessage, StoredUpdate, UpdateOutcome,
+        Appended, Change, NewUpdate, Page, Reaction, Refusal, Route, StoredMessage, StoredUpdate, UpdateOutcome,
         changes::{self},
         membership,
     },
@@ -158,4 +158,50 @@ pub(super) fn apply_update(
             Ok(UpdateOutcome::Applied(Appended { seq, ts_ms: up.ts_ms, duplicate: false }))
         }
     }
+}
+
+/// One page: messages only (history), or messages and updates merged by seq
+/// (sync: each table read up to `limit + 1` rows, then the oldest `limit`).
+pub(super) fn page_of(
+    c: &Connection,
+    id: i64,
+    page: Page,
+) -> rusqlite::Result<(Vec<StoredMessage>, Vec<crate::engine::StoredUpdate>, bool)> {
+    let (sql, bound, limit, newest_first) = match page {
+        Page::Before(before, limit) => (
+            "WHERE conv = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+            before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64),
+            limit,
+            true,
+        ),
+        Page::After(after, limit) | Page::Sync(after, limit) => {
+            ("WHERE conv = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3", after.min(i64::MAX as u64) as i64, limit, false)
+        }
+    };
+    let n = limit.saturating_add(1).min(i64::MAX as usize) as i64;
+    let mut v = c
+        .prepare_cached(&format!("{MESSAGE_COLUMNS} {sql}"))?
+        .query_map(params![id, bound, n], message)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if let Page::Sync(..) = page {
+        let mut u = c
+            .prepare_cached(&format!("{UPDATE_COLUMNS} {sql}"))?
+            .query_map(params![id, bound, n], update)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let more = v.len() + u.len() > limit;
+        // The oldest `limit` of both: the seq below which everything is kept.
+        let mut seqs: Vec<u64> = v.iter().map(|m| m.seq).chain(u.iter().map(|u| u.seq)).collect();
+        seqs.sort_unstable();
+        if let Some(&cut) = seqs.get(limit) {
+            v.retain(|m| m.seq < cut);
+            u.retain(|x| x.seq < cut);
+        }
+        return Ok((v, u, more));
+    }
+    let more = v.len() > limit;
+    v.truncate(limit);
+    if newest_first {
+        v.reverse();
+    }
+    Ok((v, Vec::new(), more))
 }

@@ -43,7 +43,7 @@ use self::{
 };
 use super::{
     Appended, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, NewUpdate,
-    Page, ReceiptOutcome, ReceiptRow, Route, StoredMessage, UpdateOutcome, local::LocalPresence, membership,
+    Page, ReceiptOutcome, ReceiptRow, Route, UpdateOutcome, local::LocalPresence, membership,
 };
 use crate::{
     config::Config,
@@ -225,7 +225,7 @@ impl MessageStore for DurableEngine {
         let Some((id, _)) = self.conv_id(conversation) else {
             return Ok(MessagePage { epoch, ..MessagePage::default() });
         };
-        let (messages, updates, has_more) = self.read(move |c| page_of(c, id, page)).await?;
+        let (messages, updates, has_more) = self.read(move |c| changes::page_of(c, id, page)).await?;
         Ok(MessagePage { messages, updates, has_more, epoch })
     }
 
@@ -436,51 +436,4 @@ impl Engine for DurableEngine {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
     }
-}
-
-/// One page: messages only (history), or messages and updates merged by seq
-/// (sync: each table read up to `limit + 1` rows, then the oldest `limit`).
-fn page_of(
-    c: &Connection,
-    id: i64,
-    page: Page,
-) -> rusqlite::Result<(Vec<StoredMessage>, Vec<crate::engine::StoredUpdate>, bool)> {
-    use changes::{MESSAGE_COLUMNS, UPDATE_COLUMNS};
-    let (sql, bound, limit, newest_first) = match page {
-        Page::Before(before, limit) => (
-            "WHERE conv = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-            before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64),
-            limit,
-            true,
-        ),
-        Page::After(after, limit) | Page::Sync(after, limit) => {
-            ("WHERE conv = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3", after.min(i64::MAX as u64) as i64, limit, false)
-        }
-    };
-    let n = limit.saturating_add(1).min(i64::MAX as usize) as i64;
-    let mut v = c
-        .prepare_cached(&format!("{MESSAGE_COLUMNS} {sql}"))?
-        .query_map(params![id, bound, n], changes::message)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    if let Page::Sync(..) = page {
-        let mut u = c
-            .prepare_cached(&format!("{UPDATE_COLUMNS} {sql}"))?
-            .query_map(params![id, bound, n], changes::update)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let more = v.len() + u.len() > limit;
-        // The oldest `limit` of both: the seq below which everything is kept.
-        let mut seqs: Vec<u64> = v.iter().map(|m| m.seq).chain(u.iter().map(|u| u.seq)).collect();
-        seqs.sort_unstable();
-        if let Some(&cut) = seqs.get(limit) {
-            v.retain(|m| m.seq < cut);
-            u.retain(|x| x.seq < cut);
-        }
-        return Ok((v, u, more));
-    }
-    let more = v.len() > limit;
-    v.truncate(limit);
-    if newest_first {
-        v.reverse();
-    }
-    Ok((v, Vec::new(), more))
 }
