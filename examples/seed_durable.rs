@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
                     ts_ms: protocol::now_ms(),
                     participants: None,
                     require_member: true,
+                    reply_to: None,
                 };
                 let route = vec![Topic::Conv(msg.conversation.as_str().into())];
                 engine.append(msg, &route).await?.expect("a member");

@@ -109,7 +109,7 @@ pub(super) async fn changes_are_idempotent_by_state(e: Arc<dyn Engine>, hub: Arc
     bob.next().await;
     let dup = |seq| move |o: UpdateOutcome| matches!(o, UpdateOutcome::Applied(a) if a.duplicate && a.seq == seq);
     // Nothing changed yet: the target's own seq.
-    assert!(dup(m)(outcome(&e, edit("general", "alice", m, &format!("body of c1"))).await));
+    assert!(dup(m)(outcome(&e, edit("general", "alice", m, "body of c1")).await));
     assert!(dup(m)(outcome(&e, react("general", "bob", m, "👍", false)).await));
     let u = apply(&e, edit("general", "alice", m, "fixed")).await;
     bob.next().await;

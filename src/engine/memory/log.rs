@@ -176,7 +176,7 @@ impl Conversation {
         }
     }
 
-    pub(super) fn into_page(&self, page: Page, epoch: Arc<str>) -> MessagePage {
+    pub(super) fn page_with(&self, page: Page, epoch: Arc<str>) -> MessagePage {
         let (messages, updates, has_more) = self.page(page);
         MessagePage { messages, updates, has_more, epoch }
     }

@@ -149,7 +149,7 @@ impl MessageStore for MemoryEngine {
         };
         let c = conv.lock();
         let epoch = c.epoch(&self.epoch);
-        Ok(c.into_page(page, epoch))
+        Ok(c.page_with(page, epoch))
     }
 
     async fn update(&self, u: NewUpdate, route: &Route) -> EngineResult<UpdateOutcome> {
