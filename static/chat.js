@@ -610,6 +610,7 @@ export class ChatClient extends EventTarget {
       case 'welcome': return this._onWelcome(f);
       case 'ack': return this._onAck(f);
       case 'message': return this._store.onMessage(f);
+      case 'update': return this._store.onUpdate(f);
       case 'receipt': return this._store.onReceipt(f);
       case 'typing': return this._onTyping(f);
       case 'presence': return this._onPresence(f);
@@ -723,14 +724,43 @@ export class ChatClient extends EventTarget {
    * reconnects) or rejects with a ChatError for a permanent failure.
    * @returns {{client_msg_id:string, promise:Promise<object>}}
    */
-  send(conversation, body) {
-    const { client_msg_id, promise, entry } = this._outbox.add(conversation, body);
+  send(conversation, body, { replyTo } = {}) {
+    const { client_msg_id, promise, entry } = this._outbox.add(conversation, body, replyTo);
     if (entry) this._store.conv(conversation).lastTypingSent = 0;
     return { client_msg_id, promise };
   }
 
   /** Messages still waiting for their ack: [{client_msg_id, conversation, body, createdAt, state}]. */
   pending(conversation) { return this._outbox.pending(conversation); }
+
+  /**
+   * v1.2: change one's own message's body (within the server's edit window).
+   * Resolves with the ack `{seq, ts, duplicate}` (the change's own seq); a
+   * retry of the same edit is a duplicate. Rejects with a ChatError
+   * (`forbidden`: not yours or too old; `bad_request`: deleted or unknown).
+   */
+  edit(conversation, seq, body) { return this._change({ type: 'edit', conversation, seq, body }); }
+
+  /** v1.2: take one's own message back ("message deleted" for everyone). */
+  deleteMessage(conversation, seq) { return this._change({ type: 'delete', conversation, seq }); }
+
+  /** v1.2: add (`on`, default true) or remove one's reaction with `emoji`. */
+  react(conversation, seq, emoji, on = true) {
+    return this._change({ type: 'react', conversation, seq, emoji, on: !!on });
+  }
+
+  /** The message with this seq as held (current state), or undefined. */
+  message(conversation, seq) {
+    const c = this._store.get(conversation);
+    return c ? c.messages.get(seq) : undefined;
+  }
+
+  async _change(frame) {
+    if (!CONV_RE.test(frame.conversation) || !Number.isInteger(frame.seq)) {
+      throw new ChatError('bad_request', 'a conversation and the seq of a message');
+    }
+    return this._request(frame);
+  }
 
   /**
    * Mark messages up to `seq` (default: the newest held) as read. Clamped to
