@@ -306,6 +306,7 @@ function startChat(mode, options) {
   on('state', onState);
   on('welcome', onWelcome);
   on('message', onMessage);
+  on('update', ({ update }) => rememberName(update.user));
   on('ack', onAck);
   on('receipt', onReceipt);
   on('typing', onTyping);

@@ -406,13 +406,11 @@ export class ConversationStore {
     if (seq > c.serverLastSeq) c.serverLastSeq = seq;
     if (c.loaded) while (this.holds(c, c.lastSeq + 1)) c.lastSeq++;
     const held = c.messages.get(u.target);
-    let message = null;
-    if (held) {
-      message = applyChange(held, u);
-      c.messages.set(u.target, message);
-      this.link.emit('message', { conversation: c.id, message, own: this.isOwn(message), source, replaced: true });
-    }
+    const message = held ? applyChange(held, u) : null;
+    if (message) c.messages.set(u.target, message);
+    // `update` first: a page learns the changer's name before it redraws.
     this.link.emit('update', { conversation: c.id, update: { ...u, conversation: c.id }, message, source });
+    if (message) this.link.emit('message', { conversation: c.id, message, own: this.isOwn(message), source, replaced: true });
     return true;
   }
 
