@@ -16,7 +16,8 @@
 //! - [`auth`]: HS256 tokens with the algorithm pinned.
 //! - [`node`]: the transport-agnostic core and the only holder of the engine
 //!   (the transport reaches storage through [`node::Node`]'s methods).
-//!   `mod.rs`: membership rules, send, receipts, typing; `sessions.rs`: the
+//!   `mod.rs`: membership rules, send, receipts, typing; `changes.rs`: edit,
+//!   delete, react, `reply_to` and the API's moderation (v1.2); `sessions.rs`: the
 //!   connect-time ordering rule, presence announcements, disconnects;
 //!   `reads.rs`: history/sync pages bounded in bytes, presence queries, the
 //!   conversation list; `groups.rs`: the service API's group operations and
@@ -34,10 +35,15 @@
 //! - [`engine`]: the storage and fan-out boundary, four narrow traits with
 //!   their contracts ([`engine::MessageStore`], [`engine::Groups`],
 //!   [`engine::Broker`], [`engine::Presence`]) summed up by [`engine::Engine`];
-//!   implemented by [`engine::memory`] (one file) and `engine::valkey`, one
-//!   file per concern (`keys`, `payload`, `errors`, `store`, `groups`,
-//!   `fanout`, `presence`, `scripts` + `lua/`). `tests/engine_conformance.rs`
-//!   runs every contract on both.
+//!   `changes.rs`: the rules of a change of a message (v1.2), written once;
+//!   `local.rs`: broker and presence of a single-node engine. Implemented by
+//!   [`engine::memory`] (`mod.rs`; `log.rs`: a conversation's events),
+//!   [`engine::durable`] (SQLite: `mod.rs`, `store.rs` schema and start,
+//!   `writer.rs` the group-commit thread, `ops.rs` each operation in the
+//!   batch's transaction, `changes.rs` changes and pages) and
+//!   `engine::valkey`, one file per concern (`keys`, `payload`, `errors`,
+//!   `store`, `changes`, `groups`, `fanout`, `presence`, `outbox`, `scripts`
+//!   + `lua/`). `tests/engine_conformance.rs` runs every contract on all three.
 //! - [`transport`]: the public and internal routers, the accept loop
 //!   (header timeout, connection caps), the WebSocket upgrade, service API,
 //!   health.
