@@ -7,6 +7,8 @@
 //! - `fanout`: one group of M members, S senders, K messages at R msgs/s; delivery,
 //!   loss, duplicates, order and latency at every member.
 //! - `pairs`: P direct conversations ping-ponging; round trips/s and latency.
+//! - `reactions`: a reaction storm (v1.2): M members each react to one message
+//!   within a second; every member must end with the server's final state.
 //!
 //! It prints exactly one JSON line of figures on stdout; progress goes to stderr.
 //! Several `--url`s make clients alternate between nodes.
@@ -19,6 +21,7 @@
 mod conns;
 mod fanout;
 mod pairs;
+mod reactions;
 mod stats;
 mod sys;
 mod target;
@@ -100,6 +103,7 @@ enum Scenario {
     Fanout(fanout::Opts),
     /// P direct conversations `dm:<a>:<b>`; in each, a sends, b replies on receipt, and so on.
     Pairs(pairs::Opts),
+    Reactions(reactions::Opts),
 }
 
 impl Scenario {
@@ -108,6 +112,7 @@ impl Scenario {
             Scenario::Conns(_) => "conns",
             Scenario::Fanout(_) => "fanout",
             Scenario::Pairs(_) => "pairs",
+            Scenario::Reactions(_) => "reactions",
         }
     }
 
@@ -117,6 +122,7 @@ impl Scenario {
             Scenario::Conns(o) => o.n,
             Scenario::Fanout(o) => o.members,
             Scenario::Pairs(o) => o.pairs.saturating_mul(2),
+            Scenario::Reactions(o) => o.members,
         }
     }
 
@@ -126,6 +132,7 @@ impl Scenario {
             Scenario::Conns(_) => 300,
             Scenario::Fanout(_) => 120,
             Scenario::Pairs(_) => 10,
+            Scenario::Reactions(_) => 60,
         };
         Duration::from_secs(duration_s.unwrap_or(default))
     }
@@ -134,7 +141,7 @@ impl Scenario {
     fn watchdog_s(&self, duration_s: Option<u64>) -> u64 {
         let d = self.duration(duration_s).as_secs();
         match self {
-            Scenario::Conns(_) | Scenario::Fanout(_) => d + 60,
+            Scenario::Conns(_) | Scenario::Fanout(_) | Scenario::Reactions(_) => d + 60,
             Scenario::Pairs(o) => d + o.setup_timeout_s + o.rt_timeout_s + 60,
         }
     }
@@ -330,6 +337,7 @@ async fn run(cli: Cli) -> Result<(Value, Value), Fatal> {
         Scenario::Conns(o) => conns::run(&ctx, o, duration).await?,
         Scenario::Fanout(o) => fanout::run(&ctx, o, duration).await?,
         Scenario::Pairs(o) => pairs::run(&ctx, o, duration).await?,
+        Scenario::Reactions(o) => reactions::run(&ctx, o, duration).await?,
     };
     Ok((common, figures))
 }
