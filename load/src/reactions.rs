@@ -149,13 +149,18 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
                         if let Some(t) = sender.and_then(|i| sent_at.get(i)).map(|a| a.load(Ordering::Relaxed)) {
                             latency.record_us(now.saturating_sub(t));
                         }
-                        if m.updates >= members && sent {
+                        // Done: every reaction seen and our own answered (the
+                        // order of an ack and the updates is not fixed).
+                        if m.updates >= members && m.ack_ok {
                             break;
                         }
                     }
                     Some("ack") if f["id"] == 1 => {
                         m.ack_ok = true;
                         ack_latency.record_us(now.saturating_sub(sent_at[i].load(Ordering::Relaxed)));
+                        if m.updates >= members {
+                            break;
+                        }
                     }
                     Some("error") => bump(&mut m.errors, f["code"].as_str().unwrap_or("unknown")),
                     _ => {}

@@ -312,3 +312,53 @@ fn load(conn: &Connection) -> rusqlite::Result<State> {
     }
     Ok(State { convs: convs.into(), user_index: index.into() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written by v1.1 (schema 1: no current-state columns, no
+    /// `updates`) opens, keeps its epoch and messages, and takes changes.
+    #[test]
+    fn a_schema_1_store_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("crm-chat-schema1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let conn = Connection::open(db_path(&dir)).unwrap();
+            let v1 = SCHEMA
+                .replace(
+                    "    reply_to INTEGER,\n    edited_at INTEGER,\n    reactions TEXT NOT NULL DEFAULT '',\n    last_update INTEGER NOT NULL DEFAULT 0,\n",
+                    "",
+                );
+            let v1 = &v1[..v1.find("-- v1.2: every change").unwrap()];
+            assert!(!v1.contains("reply_to"), "the schema-1 shape");
+            conn.execute_batch(v1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO meta VALUES ('schema_version', '1'), ('epoch', 'e1'), ('clean_shutdown', '1'), ('fsync', 'always');
+                 INSERT INTO conversations (id, name, last_seq) VALUES (1, 'general', 1);
+                 INSERT INTO messages (conv, seq, ts_ms, sender_id, sender_name, body, client_msg_id)
+                   VALUES (1, 1, 5, 'alice', 'Alice', 'hi', 'c1');",
+            )
+            .unwrap();
+        }
+        let opened = open(&dir, Fsync::Always).unwrap();
+        assert_eq!(opened.epoch, "e1", "the epoch is kept");
+        let (body, reactions, last): (String, String, i64) = opened
+            .conn
+            .query_row("SELECT body, reactions, last_update FROM messages WHERE seq = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((body.as_str(), reactions.as_str(), last), ("hi", "", 0));
+        let n: i64 = opened.conn.query_row("SELECT count(*) FROM updates", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
+        let v: String =
+            opened.conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(opened);
+        // And again: schema 2 opens as it is.
+        drop(open(&dir, Fsync::Always).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
