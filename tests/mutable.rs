@@ -108,6 +108,17 @@ async fn changes_reach_every_member_on_every_node(engine: Engine) {
     assert!(msgs[0]["edited_at"].is_string());
     assert_eq!(msgs[0]["reactions"], json!([{"emoji":"👍","users":["bob"]}]));
     assert_eq!(msgs[1]["reply_to"], m);
+
+    // A direct conversation (user topics; on Cluster published after the script).
+    let dm = "dm:alice:bob";
+    let (d1, _) = ack(&a.say(dm, "direct").await);
+    b.expect("the direct message", |v| v["type"] == "message" && v["conversation"] == dm).await;
+    let (r, _) = ack(&react(&mut b, dm, d1, "🙏", true).await);
+    let u = a.expect("the direct update", |v| v["type"] == "update" && v["conversation"] == dm && v["seq"] == r).await;
+    assert_eq!((u["target"].as_u64(), u["emoji"].as_str()), (Some(d1), Some("🙏")));
+    let (e, _) = ack(&edit(&mut a, dm, d1, "direct, edited").await);
+    b.expect("the direct edit", |v| v["type"] == "update" && v["conversation"] == dm && v["seq"] == e).await;
+    assert_eq!(edit(&mut b, dm, d1, "not mine").await["code"], "forbidden");
 }
 
 async fn sync_after_reconnect_replays_changes_in_order(engine: Engine) {
