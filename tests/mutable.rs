@@ -21,6 +21,7 @@ engine_suite!(
     bad_changes_store_and_broadcast_nothing,
     edit_window_and_reaction_limit_apply,
     moderation_through_the_service_api,
+    a_flood_of_changes_draws_from_the_send_budget,
 );
 
 async fn edit(c: &mut Client, conv: &str, seq: u64, body: &str) -> Value {
@@ -280,4 +281,23 @@ async fn moderation_through_the_service_api(engine: Engine) {
     let (_, v) = chat.api(Method::GET, &format!("/api/v1/conversations/{conv}/messages"), None).await;
     assert_eq!(v["messages"].as_array().unwrap().len(), 1);
     assert_eq!(v["messages"][0]["deleted"], true);
+}
+
+async fn a_flood_of_changes_draws_from_the_send_budget(engine: Engine) {
+    let env = [("CHAT_LIMITS__SEND_PER_S", "0.2"), ("CHAT_LIMITS__SEND_BURST", "4")];
+    let chat = engine.start(&env).await;
+    let mut a = chat.client("alice").await;
+    let conv = room(&chat).await;
+    let (m, _) = ack(&a.say(&conv, "react to me").await);
+    // The message took one token; three changes take the rest.
+    for on in [true, false, true] {
+        ack(&react(&mut a, &conv, m, "👍", on).await);
+    }
+    let before = last_seq(&mut a, &conv).await;
+    let r = react(&mut a, &conv, m, "👍", false).await;
+    assert_eq!(r["code"], "rate_limited", "{r}");
+    assert!(r["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{r}");
+    let r = edit(&mut a, &conv, m, "edited").await;
+    assert_eq!(r["code"], "rate_limited", "edits share the bucket: {r}");
+    assert_eq!(last_seq(&mut a, &conv).await, before, "nothing stored");
 }

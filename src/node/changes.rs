@@ -34,6 +34,22 @@ impl Node {
         Ok(())
     }
 
+    /// The change an `edit`, `delete` or `react` frame asks for, checked
+    /// for what the frame alone decides (body, emoji).
+    pub fn change_of(&self, cmd: &protocol::Command) -> Result<Change, ChatError> {
+        match cmd {
+            protocol::Command::Edit { body, .. } => {
+                self.validate_body(body)?;
+                Ok(Change::Edit(body.as_str().into()))
+            }
+            protocol::Command::React { emoji, on, .. } => {
+                Self::validate_emoji(emoji)?;
+                Ok(Change::Reaction { emoji: emoji.as_str().into(), on: *on })
+            }
+            _ => Ok(Change::Delete),
+        }
+    }
+
     /// Checks the body of a send or an edit.
     pub fn validate_body(&self, body: &str) -> Result<(), ChatError> {
         self.validate_message("-", body)

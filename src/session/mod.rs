@@ -50,7 +50,7 @@ use tungstenite::{
 
 use crate::{
     auth::Verified,
-    engine::{Change, Page},
+    engine::Page,
     error::{ChatError, ErrorCode},
     hub::Conn,
     metrics,
@@ -383,17 +383,7 @@ impl Session<'_> {
             Command::Edit { conversation, seq, .. }
             | Command::Delete { conversation, seq }
             | Command::React { conversation, seq, .. } => {
-                let change = match &inbound.cmd {
-                    Command::Edit { body, .. } => {
-                        node.validate_body(body)?;
-                        Change::Edit(body.as_str().into())
-                    }
-                    Command::React { emoji, on, .. } => {
-                        Node::validate_emoji(emoji)?;
-                        Change::Reaction { emoji: emoji.as_str().into(), on: *on }
-                    }
-                    _ => Change::Delete,
-                };
+                let change = node.change_of(&inbound.cmd)?;
                 node.classify(conversation)?;
                 self.send_budget()?;
                 let a = node.change(user, conversation, *seq, change).await?;
