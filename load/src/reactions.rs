@@ -42,8 +42,9 @@ pub struct Opts {
     /// How many different emoji (1-6) the members take in turn.
     #[arg(long, default_value_t = 1)]
     pub emoji: usize,
-    /// Seconds without a new update after which the storm counts as over.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds without a new update after which a member stops waiting
+    /// (it stops at once when it saw every reaction and its own ack).
+    #[arg(long, default_value_t = 30)]
     pub drain_s: u64,
 }
 
