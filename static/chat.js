@@ -38,6 +38,11 @@
  *     const { client_msg_id, promise } = chat.send('general', 'Hello');
  *     promise.then((ack) => console.log('stored as seq', ack.seq));
  *     chat.markRead('general');                   // when the conversation is on screen
+ *     // v1.2: replies, edits, deletes and reactions (promises of the ack)
+ *     chat.send('general', 'Agreed', { replyTo: 42 });
+ *     await chat.edit('general', 43, 'Agreed!');
+ *     await chat.react('general', 42, '\u{1F44D}', true);
+ *     await chat.deleteMessage('general', 43);
  *
  * Without a `token` or `getToken` option the client sends no `hello` and
  * relies on the server authenticating the upgrade by cookie (`chat_token`).
@@ -79,10 +84,15 @@
  * - `welcome`      {user:{id,name}, conversations:[...], heartbeat_s, max_body_chars,
  *                   exp (unix seconds or null), reconnect:boolean}
  * - `message`      {conversation, message:{conversation,seq,ts,sender:{id,name},body,client_msg_id?,
- *                   deleted?}, own:boolean, source:'live'|'sync'|'history'|'ack', replaced?:true}
- *                  (`deleted: true`, body '': erased by the CRM; keeps seq, ts and ticks.
- *                  `replaced: true`: a message already emitted, now erased — a history
- *                  or sync page brought its erased form; show it in place)
+ *                   deleted?, reply_to?, edited_at?, reactions?:[{emoji,users}]}, own:boolean,
+ *                   source:'live'|'sync'|'history'|'ack', replaced?:true}
+ *                  (`deleted: true`, body '': erased by the CRM or deleted by its sender;
+ *                  keeps seq, ts and ticks. `replaced: true`: a message already emitted,
+ *                  now in a new state (edited, deleted, reacted to, erased); show it in place)
+ * - `update`       {conversation, update:{seq,ts,target,kind:'edit'|'delete'|'reaction',
+ *                   user:{id,name},body?,emoji?,on?}, message (the target's new state, or
+ *                   null when it is not held), source} (v1.2; emitted once per seq, before
+ *                   the `message` with `replaced: true`)
  * - `ack`          {conversation, client_msg_id, seq, ts, duplicate}
  * - `receipt`      {conversation, user, delivered_seq, read_seq} (one event per user, also
  *                   for the batched `receipts:[...]` frames of large conversations)
