@@ -301,3 +301,44 @@ async fn a_flood_of_changes_draws_from_the_send_budget(engine: Engine) {
     assert_eq!(r["code"], "rate_limited", "edits share the bucket: {r}");
     assert_eq!(last_seq(&mut a, &conv).await, before, "nothing stored");
 }
+
+/// Stream range reads (XRANGE and XREVRANGE) Valkey served so far, scripts'
+/// calls included.
+async fn xrange_calls(v: &common::valkey::Valkey) -> u64 {
+    let stats = v.cli(&["INFO", "commandstats"]).await.expect("info");
+    ["cmdstat_xrange:calls=", "cmdstat_xrevrange:calls="]
+        .iter()
+        .filter_map(|p| stats.lines().find_map(|l| l.strip_prefix(p)))
+        .filter_map(|rest| rest.split(',').next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// A history page costs its messages, not the changes between them: with
+/// 400 reactions between two messages, the page of both reads two stream
+/// entries (counted by Valkey itself), and a sync page reads `limit` entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_history_page_reads_its_messages_only() {
+    let env = [("CHAT_LIMITS__SEND_PER_S", "100000"), ("CHAT_LIMITS__SEND_BURST", "100000")];
+    let chat = Engine::Valkey { nodes: 1 }.start(&env).await;
+    let v = chat.valkey.as_ref().expect("valkey");
+    let mut a = chat.client("alice").await;
+    let conv = room(&chat).await;
+    let (m1, _) = ack(&a.say(&conv, "first").await);
+    for i in 0..400 {
+        ack(&react(&mut a, &conv, m1, "👍", i % 2 == 0).await);
+    }
+    let (m2, _) = ack(&a.say(&conv, "second").await);
+    assert_eq!(m2, m1 + 401);
+    let before = xrange_calls(v).await;
+    let h = a.request(json!({"type":"history","conversation":conv,"limit":50})).await;
+    let seqs: Vec<u64> = h["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![m1, m2]);
+    let reads = xrange_calls(v).await - before;
+    assert!(reads <= 2, "a page of two messages read {reads} stream ranges");
+    // Sync: one range of limit + 1 entries.
+    let before = xrange_calls(v).await;
+    let s = a.request(json!({"type":"sync","conversation":conv,"after":0,"limit":50})).await;
+    assert_eq!(s["messages"].as_array().unwrap().len(), 50);
+    assert_eq!(s["has_more"], true);
+    assert_eq!(xrange_calls(v).await - before, 1);
+}
