@@ -51,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
                     participants: None,
                     require_member: true,
                     send_budget: false,
+                    reply_to: None,
                 };
                 let route = vec![Topic::Conv(msg.conversation.as_str().into())];
                 engine.append(msg, &route).await?.expect("a member");

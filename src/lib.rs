@@ -16,7 +16,8 @@
 //! - [`auth`]: HS256 tokens with the algorithm pinned.
 //! - [`node`]: the transport-agnostic core and the only holder of the engine
 //!   (the transport reaches storage through [`node::Node`]'s methods).
-//!   `mod.rs`: membership rules, send, receipts, typing; `sessions.rs`: the
+//!   `mod.rs`: membership rules, send, receipts, typing; `changes.rs`: edit,
+//!   delete, react, `reply_to` and the API's moderation (v1.2); `sessions.rs`: the
 //!   connect-time ordering rule, presence announcements, disconnects;
 //!   `reads.rs`: history/sync pages bounded in bytes, presence queries, the
 //!   conversation list; `groups.rs`: the service API's group operations and
@@ -33,26 +34,19 @@
 //!   6455 closing.
 //! - [`engine`]: the storage and fan-out boundary, four narrow traits with
 //!   their contracts ([`engine::MessageStore`], [`engine::Groups`],
-//!   [`engine::Broker`], [`engine::Presence`]) summed up by [`engine::Engine`].
-//!   Three engines implement it:
-//!   - [`engine::memory`]: the embedded engine in process memory (one file;
-//!     it also holds the single-node `Broker` + `Presence` that the durable
-//!     engine shares);
-//!   - [`engine::durable`]: the durable embedded engine, one node with its
-//!     history in SQLite (`chat.data_dir`). `mod.rs`: the engine, hot state
-//!     and reads; `store.rs`: the schema, opening (lock, epoch rules) and
-//!     loading the hot state; `writer.rs`: the writer thread (group commit,
-//!     `seq`s, idempotency) and the fsync syncer. Design: `docs/durability.md`;
-//!   - `engine::valkey`: one file per concern (`keys`, `payload`, `errors`,
-//!     `store`, `groups`, `fanout`, `presence`, `outbox`, `scripts` + `lua/`).
-//!
-//!   `engine::membership`: membership arithmetic (what `put_group` or
-//!   `update_group` changes) shared by the two embedded engines.
-//!   `tests/engine_conformance.rs` runs every contract on every engine.
-//! - [`transport`]: the public and internal routers (`mod.rs`), the accept
-//!   loop (`listener.rs`: header timeout, connection caps), the WebSocket
-//!   upgrade (`ws.rs`), the service API (`api.rs`), health (`health.rs`), and
-//!   `chat.js` with the demo page compiled in from `static/` (`assets.rs`).
+//!   [`engine::Broker`], [`engine::Presence`]) summed up by [`engine::Engine`];
+//!   `changes.rs`: the rules of a change of a message (v1.2), written once;
+//!   `local.rs`: broker and presence of a single-node engine. Implemented by
+//!   [`engine::memory`] (`mod.rs`; `log.rs`: a conversation's events),
+//!   [`engine::durable`] (SQLite: `mod.rs`, `store.rs` schema and start,
+//!   `writer.rs` the group-commit thread, `ops.rs` each operation in the
+//!   batch's transaction, `changes.rs` changes and pages) and
+//!   `engine::valkey`, one file per concern (`keys`, `payload`, `errors`,
+//!   `store`, `changes`, `groups`, `fanout`, `presence`, `outbox`, `scripts`
+//!   + `lua/`). `tests/engine_conformance.rs` runs every contract on all three.
+//! - [`transport`]: the public and internal routers, the accept loop
+//!   (header timeout, connection caps), the WebSocket upgrade, service API,
+//!   health.
 //! - [`webhooks`]: signed webhooks to the CRM backend: the hand-off queue,
 //!   the [`webhooks::Outbox`] contract (in process here, a Valkey stream with
 //!   a consumer group in `engine/valkey/outbox.rs`), delivery with backoff,

@@ -9,6 +9,10 @@ const BLANK_RE = /^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f
 // Until the server's welcome says (ChatClient#maxBodyChars).
 const DEFAULT_MAX_BODY_CHARS = 4000;
 const DELETED_TEXT = 'message deleted';
+/** The reactions offered (v1.2). */
+const REACTIONS = ['\u{1F44D}', '\u2764\uFE0F', '\u{1F602}', '\u{1F62E}', '\u{1F622}', '\u{1F64F}'];
+/** limits.edit_window_s by default: Edit is offered this long (the server decides). */
+const EDIT_WINDOW_MS = 86_400_000;
 const TYPING_SHOW_MS = 5000;
 const LOGIN_KEY = 'crm-chat.dev-login';
 const DEFAULT_CONVERSATION = 'general';
@@ -55,6 +59,9 @@ const els = {
   composer: $('composer'),
   send: $('send'),
   composerError: $('composer-error'),
+  composeContext: $('compose-context'),
+  composeContextText: $('compose-context-text'),
+  composeCancel: $('compose-cancel'),
 };
 
 const ui = {
@@ -78,6 +85,7 @@ const ui = {
   unsubscribe: [],
   insertCounter: 0,
   composerEnabled: false,
+  compose: null, // {kind: 'reply'|'edit', conversation, seq} while replying or editing
   ticksScheduled: false,
   presenceScheduled: false,
 };
@@ -298,6 +306,7 @@ function startChat(mode, options) {
   on('state', onState);
   on('welcome', onWelcome);
   on('message', onMessage);
+  on('update', ({ update }) => rememberName(update.user));
   on('ack', onAck);
   on('receipt', onReceipt);
   on('typing', onTyping);
@@ -530,6 +539,7 @@ function openConversation(id, { focus = false, show = true, force = false } = {}
     maybeMarkRead();
     return;
   }
+  cancelCompose();
   if (ui.current) ui.drafts.set(ui.current, els.composer.value);
   ui.current = id;
   for (const it of ui.convs.values()) {
@@ -698,34 +708,49 @@ function isOwnSender(senderId) {
   return !!(ui.me && senderId === ui.me.id) || (!ui.me && ui.login && senderId === ui.login.user);
 }
 
-/** Put one stored message into the list (once per seq). */
+/** Put one stored message into the list (once per seq); a changed one (v1.2) is redrawn in place. */
 function placeMessage(m) {
   if (m.conversation !== ui.current || !Number.isInteger(m.seq)) return null;
   const shown = ui.bySeq.get(m.seq);
   if (shown) {
-    // Erased since it was shown: keep its place, time and ticks, drop its text.
-    if (m.deleted && !shown.classList.contains('deleted')) {
-      shown.classList.add('deleted');
-      const body = shown.querySelector('.body');
-      if (body) body.textContent = DELETED_TEXT;
-    }
+    refreshMessage(shown, m);
     return null;
   }
   const own = isOwnSender(m.sender && m.sender.id);
-  let li = m.client_msg_id ? ui.byCmid.get(m.client_msg_id) : null;
-  if (li && !li.dataset.seq) {
-    li.classList.remove('pending');
-    setTime(li, m.ts);
-  } else {
-    li = buildMessage(m, own);
-    if (m.client_msg_id) ui.byCmid.set(m.client_msg_id, li);
-  }
+  const pending = m.client_msg_id ? ui.byCmid.get(m.client_msg_id) : null;
+  const li = buildMessage(m, own);
+  if (pending && !pending.dataset.seq) pending.replaceWith(li);
+  if (m.client_msg_id) ui.byCmid.set(m.client_msg_id, li);
   li.dataset.seq = String(m.seq);
   insertSorted(li, m.seq);
   ui.bySeq.set(m.seq, li);
   if (own) updateTicks(li);
+  refreshQuotes(m);
   const next = li.nextElementSibling;
   return { appended: !next || !next.dataset.seq, own, live: true };
+}
+
+/** Redraws a shown message in its new state, keeping keyboard focus on the same action. */
+function refreshMessage(shown, m) {
+  const own = isOwnSender(m.sender && m.sender.id);
+  const li = buildMessage(m, own);
+  li.dataset.seq = String(m.seq);
+  const active = document.activeElement;
+  const focused = active && shown.contains(active) ? active.dataset.action : null;
+  shown.replaceWith(li);
+  ui.bySeq.set(m.seq, li);
+  if (m.client_msg_id) ui.byCmid.set(m.client_msg_id, li);
+  if (own) updateTicks(li);
+  refreshQuotes(m);
+  if (focused) {
+    const again = li.querySelector(`[data-action="${CSS.escape(focused)}"]`) || li.querySelector('.actions button');
+    if (again) again.focus();
+  }
+}
+
+/** The quotes of the replies to `m`, drawn again from its current state. */
+function refreshQuotes(m) {
+  for (const q of els.messages.querySelectorAll(`.quote[data-target="${m.seq}"]`)) fillQuote(q, m);
 }
 
 function insertSorted(li, seq) {
@@ -750,12 +775,15 @@ function buildMessage(m, own) {
   } else {
     bubble.append(el('span', 'visually-hidden', `${senderName}: `));
   }
-  // An erased message keeps its place (seq), time and ticks; its text is gone.
+  if (Number.isInteger(m.reply_to)) bubble.append(buildQuote(m));
+  // An erased or deleted message keeps its place (seq), time and ticks; its text is gone.
   const body = el('div', 'body', m.deleted ? DELETED_TEXT : m.body);
   body.dir = 'auto';
   if (m.deleted) li.classList.add('deleted');
   bubble.append(body);
+  if (Array.isArray(m.reactions) && m.reactions.length) bubble.append(buildReactions(m));
   const meta = el('div', 'meta');
+  if (m.edited_at && !m.deleted) meta.append(el('span', 'edited', 'edited'));
   const time = el('time');
   meta.append(time);
   if (own) {
@@ -765,8 +793,127 @@ function buildMessage(m, own) {
   }
   bubble.append(meta);
   li.append(bubble);
+  if (Number.isInteger(m.seq) && !m.deleted) li.append(buildActions(m, own));
   setTime(li, m.ts);
   return li;
+}
+
+// ------------------------------------------------ replies, edits, reactions
+
+function buildQuote(m) {
+  const q = el('blockquote', 'quote');
+  q.dataset.target = String(m.reply_to);
+  fillQuote(q, ui.client && ui.client.message(m.conversation, m.reply_to));
+  return q;
+}
+
+function fillQuote(q, target) {
+  q.textContent = '';
+  const who = el('span', 'quote-sender', target ? displayName(target.sender && target.sender.id) : 'Reply to');
+  let text = 'an earlier message';
+  if (target) text = target.deleted ? DELETED_TEXT : target.body;
+  const body = el('span', 'quote-body', text.length > 140 ? `${text.slice(0, 140)}\u2026` : text);
+  body.dir = 'auto';
+  q.append(who, body);
+}
+
+function myReaction(m, emoji) {
+  const me = ui.me && ui.me.id;
+  return !!(me && (m.reactions || []).some((r) => r.emoji === emoji && r.users.includes(me)));
+}
+
+function buildReactions(m) {
+  const wrap = el('div', 'reactions');
+  for (const r of m.reactions) {
+    const mine = myReaction(m, r.emoji);
+    const names = r.users.map((u) => displayName(u)).join(', ');
+    const b = el('button', 'reaction', `${r.emoji} ${r.users.length}`);
+    b.type = 'button';
+    b.dataset.action = `reaction:${r.emoji}`;
+    b.title = names;
+    b.setAttribute('aria-pressed', mine ? 'true' : 'false');
+    b.setAttribute('aria-label', `${r.emoji} ${r.users.length}: ${names}`);
+    b.addEventListener('click', () => react(m, r.emoji, !mine));
+    wrap.append(b);
+  }
+  return wrap;
+}
+
+function buildActions(m, own) {
+  const bar = el('div', 'actions');
+  bar.setAttribute('role', 'group');
+  bar.setAttribute('aria-label', 'Message actions');
+  const add = (action, label, onClick) => {
+    const b = el('button', 'action', label);
+    b.type = 'button';
+    b.dataset.action = action;
+    b.addEventListener('click', onClick);
+    bar.append(b);
+    return b;
+  };
+  add('reply', 'Reply', () => startCompose('reply', m));
+  const picker = el('span', 'picker');
+  picker.hidden = true;
+  const open = add('react', 'React', () => {
+    picker.hidden = !picker.hidden;
+    open.setAttribute('aria-expanded', String(!picker.hidden));
+    if (!picker.hidden) picker.querySelector('button').focus();
+  });
+  open.setAttribute('aria-expanded', 'false');
+  for (const emoji of REACTIONS) {
+    const b = el('button', 'emoji', emoji);
+    b.type = 'button';
+    b.dataset.action = `pick:${emoji}`;
+    b.setAttribute('aria-label', `React with ${emoji}`);
+    b.addEventListener('click', () => {
+      picker.hidden = true;
+      open.setAttribute('aria-expanded', 'false');
+      open.focus();
+      react(m, emoji, !myReaction(m, emoji));
+    });
+    picker.append(b);
+  }
+  picker.addEventListener('keydown', (event) => {
+    if (event.key !== 'Escape') return;
+    picker.hidden = true;
+    open.setAttribute('aria-expanded', 'false');
+    open.focus();
+  });
+  bar.append(picker);
+  if (own && Date.now() - Date.parse(m.ts) < EDIT_WINDOW_MS) add('edit', 'Edit', () => startCompose('edit', m));
+  if (own) add('delete', 'Delete', () => changeFailed(ui.client.deleteMessage(m.conversation, m.seq)));
+  return bar;
+}
+
+function react(m, emoji, on) {
+  changeFailed(ui.client.react(m.conversation, m.seq, emoji, on));
+}
+
+function changeFailed(promise) {
+  showError(els.composerError, '');
+  promise.catch((err) => showError(els.composerError, `Not changed: ${failureReason(err)}`));
+}
+
+/** Reply to or edit `m` from the composer (Escape or Cancel leaves it). */
+function startCompose(kind, m) {
+  ui.compose = { kind, conversation: m.conversation, seq: m.seq };
+  const who = displayName(m.sender && m.sender.id);
+  els.composeContextText.textContent =
+    kind === 'edit' ? 'Editing your message' : `Replying to ${who}: ${m.body.length > 80 ? `${m.body.slice(0, 80)}\u2026` : m.body}`;
+  els.composeContext.hidden = false;
+  if (kind === 'edit') els.composer.value = m.body;
+  autosize();
+  checkComposerLength();
+  if (!els.composer.disabled) els.composer.focus();
+}
+
+function cancelCompose() {
+  if (!ui.compose) return;
+  if (ui.compose.kind === 'edit') els.composer.value = '';
+  ui.compose = null;
+  els.composeContext.hidden = true;
+  autosize();
+  checkComposerLength();
 }
 
 function setTime(li, ts) {
@@ -778,9 +925,9 @@ function setTime(li, ts) {
   if (f.full) time.title = f.full;
 }
 
-function appendPending(clientMsgId, conversation, body) {
+function appendPending(clientMsgId, conversation, body, replyTo) {
   const who = ui.me || (ui.login ? { id: ui.login.user, name: ui.login.name } : { id: '' });
-  const li = buildMessage({ conversation, sender: who, body, client_msg_id: clientMsgId }, true);
+  const li = buildMessage({ conversation, sender: who, body, client_msg_id: clientMsgId, reply_to: replyTo }, true);
   li.classList.add('pending');
   els.messages.append(li);
   ui.byCmid.set(clientMsgId, li);
@@ -884,8 +1031,22 @@ function sendCurrent() {
   const body = els.composer.value;
   if (!body || BLANK_RE.test(body)) return;
   if (!checkComposerLength()) return;
-  const { client_msg_id: cmid, promise } = ui.client.send(id, body);
-  if (!ui.byCmid.has(cmid)) appendPending(cmid, id, body);
+  const compose = ui.compose && ui.compose.conversation === id ? ui.compose : null;
+  if (compose) {
+    ui.compose = null;
+    els.composeContext.hidden = true;
+  }
+  if (compose && compose.kind === 'edit') {
+    changeFailed(ui.client.edit(id, compose.seq, body));
+    els.composer.value = '';
+    ui.drafts.delete(id);
+    checkComposerLength();
+    autosize();
+    return;
+  }
+  const replyTo = compose ? compose.seq : undefined;
+  const { client_msg_id: cmid, promise } = ui.client.send(id, body, { replyTo });
+  if (!ui.byCmid.has(cmid)) appendPending(cmid, id, body, replyTo);
   els.composer.value = '';
   ui.drafts.delete(id);
   checkComposerLength();
@@ -899,6 +1060,11 @@ function sendCurrent() {
 }
 
 function onComposerKeydown(event) {
+  if (event.key === 'Escape' && ui.compose) {
+    event.preventDefault();
+    cancelCompose();
+    return;
+  }
   if (event.key !== 'Enter' || event.isComposing || event.keyCode === 229) return;
   if (event.shiftKey || event.altKey) return; // newline
   event.preventDefault();
@@ -1120,6 +1286,10 @@ function bind() {
     els.composer.focus();
   });
   els.composer.addEventListener('keydown', onComposerKeydown);
+  els.composeCancel.addEventListener('click', () => {
+    cancelCompose();
+    els.composer.focus();
+  });
   els.composer.addEventListener('input', onComposerInput);
 
   els.scroller.addEventListener('scroll', onScroll, { passive: true });

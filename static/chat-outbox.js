@@ -25,7 +25,7 @@ export class Outbox {
    * {client_msg_id, promise, entry}; entry is null when the message was
    * refused locally (the promise is then rejected).
    */
-  add(conversation, body) {
+  add(conversation, body, replyTo) {
     const client_msg_id = uuid();
     let resolve;
     let reject;
@@ -33,6 +33,7 @@ export class Outbox {
     promise.catch(() => {}); // failures are also emitted as `error`
     const entry = {
       client_msg_id, conversation, body, resolve, reject, attempts: 0, state: 'queued', timer: null, createdAt: Date.now(),
+      reply_to: Number.isInteger(replyTo) && replyTo > 0 ? replyTo : undefined,
     };
     const err = this.validateSend(conversation, body, client_msg_id);
     if (err) {
@@ -76,6 +77,7 @@ export class Outbox {
     const frame = {
       type: 'send', id, conversation: entry.conversation, client_msg_id: entry.client_msg_id, body: entry.body,
     };
+    if (entry.reply_to) frame.reply_to = entry.reply_to;
     this.link.request(frame, { wait: false }).catch((err) => this.onSendError(entry, err));
   }
 

@@ -13,13 +13,43 @@
 
 import { CONV_RE, parseDm, sameMessage } from './chat-util.js';
 
+/** A message's changeable state, comparable as a string (v1.2). */
+function stateOf(m) {
+  return JSON.stringify([m.body, !!m.deleted, m.edited_at || null, m.reactions || []]);
+}
+
+/** A message with one change applied (v1.2); the change is idempotent. */
+export function applyChange(m, u) {
+  const out = { ...m };
+  if (u.kind === 'edit') {
+    out.body = typeof u.body === 'string' ? u.body : out.body;
+    out.edited_at = u.ts;
+  } else if (u.kind === 'delete') {
+    out.deleted = true;
+    out.body = '';
+  } else if (u.kind === 'reaction' && typeof u.emoji === 'string') {
+    const who = u.user && u.user.id;
+    const list = (out.reactions || []).map((r) => ({ emoji: r.emoji, users: [...r.users] }));
+    let r = list.find((x) => x.emoji === u.emoji);
+    if (u.on && who) {
+      if (!r) list.push((r = { emoji: u.emoji, users: [] }));
+      if (!r.users.includes(who)) r.users.push(who);
+    } else if (r) {
+      r.users = r.users.filter((x) => x !== who);
+    }
+    out.reactions = list.filter((x) => x.users.length);
+  }
+  return out;
+}
+
 function newConversation(id) {
   return {
     id,
     title: null,
     members: null, // string[] when the server told us (conversation event)
     member: true,
-    messages: new Map(), // seq -> message
+    messages: new Map(), // seq -> message (in its current state, v1.2)
+    updateSeqs: new Set(), // seqs of the changes (edit, delete, reaction) held
     loaded: false, // a baseline exists: lastSeq is meaningful
     lastSeq: 0, // every seq in (baseline, lastSeq] is held
     maxSeq: 0, // highest seq held
@@ -60,6 +90,9 @@ export class ConversationStore {
     return c;
   }
 
+  /** Whether the event with this seq (a message or a change) is held. */
+  holds(c, seq) { return c.messages.has(seq) || c.updateSeqs.has(seq); }
+
   isOwn(m) { return !!(this.link.user && m.sender && m.sender.id === this.link.user.id); }
 
   maxKnown(c) { return Math.max(c.maxSeq, c.serverLastSeq); }
@@ -73,7 +106,9 @@ export class ConversationStore {
       // Erased by the CRM since we took it in: a history or sync page that
       // covers it brings the erased form (same seq, sender and
       // client_msg_id, `deleted: true`, body ''), which replaces our copy.
-      if (m.deleted === true && !held.deleted && sameMessage(held, m)) {
+      // A page also brings the current state of a message changed since
+      // (v1.2: edited, deleted, reacted to).
+      if (sameMessage(held, m) && stateOf(m) !== stateOf(held)) {
         const msg = { ...m, conversation: c.id };
         c.messages.set(seq, msg);
         this.link.emit('message', { conversation: c.id, message: msg, own: this.isOwn(msg), source, replaced: true });
@@ -86,7 +121,7 @@ export class ConversationStore {
     if (seq > c.serverLastSeq) c.serverLastSeq = seq;
     if (!c.oldestSeq || seq < c.oldestSeq) c.oldestSeq = seq;
     if (seq === 1) c.hasMoreBefore = false;
-    if (c.loaded) while (c.messages.has(c.lastSeq + 1)) c.lastSeq++;
+    if (c.loaded) while (this.holds(c, c.lastSeq + 1)) c.lastSeq++;
     const own = this.isOwn(msg);
     this.link.emit('message', { conversation: c.id, message: msg, own, source });
     if (!own) {
@@ -126,15 +161,21 @@ export class ConversationStore {
     const msgs = (Array.isArray(r.messages) ? r.messages : [])
       .filter((m) => m && Number.isInteger(m.seq) && m.seq > 0)
       .sort((a, b) => a.seq - b.seq);
+    // sync replays changes (type `update`) between the messages, in seq order.
+    const isUpdate = (m) => m.type === 'update';
     if (newest && !c.loaded) {
       c.loaded = true;
       c.lastSeq = msgs.length ? msgs[0].seq - 1 : 0;
     }
     const oldestBefore = c.oldestSeq;
-    for (const m of msgs) this.ingest(c, m, source);
-    if (c.loaded) while (c.messages.has(c.lastSeq + 1)) c.lastSeq++;
+    for (const m of msgs) {
+      if (isUpdate(m)) this.applyUpdate(c, m, source);
+      else this.ingest(c, m, source);
+    }
+    if (c.loaded) while (this.holds(c, c.lastSeq + 1)) c.lastSeq++;
     if (newest || before != null) {
       const reachedOldest = !oldestBefore || !msgs.length || msgs[0].seq <= oldestBefore;
+      // (history pages hold messages only: their seqs may skip changes)
       if (reachedOldest) c.hasMoreBefore = msgs.length ? !!r.has_more && msgs[0].seq > 1 : false;
     }
     return msgs;
@@ -218,6 +259,7 @@ export class ConversationStore {
   reset(c, reason = 'gap') {
     c.gen++;
     c.messages.clear();
+    c.updateSeqs.clear();
     c.loaded = false;
     c.lastSeq = c.maxSeq = c.oldestSeq = 0;
     c.hasMoreBefore = true;
@@ -347,6 +389,35 @@ export class ConversationStore {
     // (e.g. Valkey restarted empty). The reload that follows learns the epoch.
     if (held && !sameMessage(held, f)) this.restart(c, 'data_lost');
     if (this.ingest(c, f, 'live')) this.learnEpoch(c);
+    if (!c.loaded || c.maxSeq > c.lastSeq) this.catchUp(c).catch(() => {});
+  }
+
+  /**
+   * Take in one change (v1.2), live or replayed by sync, once per seq: the
+   * held target takes its new state and is emitted again as `message` with
+   * `replaced: true`, and `update` is emitted. A target not held arrives
+   * later in its current state (history pages hold the current state).
+   */
+  applyUpdate(c, u, source) {
+    const seq = u && u.seq;
+    if (!Number.isInteger(seq) || seq < 1 || this.holds(c, seq)) return false;
+    c.updateSeqs.add(seq);
+    if (seq > c.maxSeq) c.maxSeq = seq;
+    if (seq > c.serverLastSeq) c.serverLastSeq = seq;
+    if (c.loaded) while (this.holds(c, c.lastSeq + 1)) c.lastSeq++;
+    const held = c.messages.get(u.target);
+    const message = held ? applyChange(held, u) : null;
+    if (message) c.messages.set(u.target, message);
+    // `update` first: a page learns the changer's name before it redraws.
+    this.link.emit('update', { conversation: c.id, update: { ...u, conversation: c.id }, message, source });
+    if (message) this.link.emit('message', { conversation: c.id, message, own: this.isOwn(message), source, replaced: true });
+    return true;
+  }
+
+  onUpdate(f) {
+    if (!CONV_RE.test(f.conversation)) return;
+    const c = this.conv(f.conversation);
+    this.applyUpdate(c, f, 'live');
     if (!c.loaded || c.maxSeq > c.lastSeq) this.catchUp(c).catch(() => {});
   }
 

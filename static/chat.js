@@ -38,6 +38,11 @@
  *     const { client_msg_id, promise } = chat.send('general', 'Hello');
  *     promise.then((ack) => console.log('stored as seq', ack.seq));
  *     chat.markRead('general');                   // when the conversation is on screen
+ *     // v1.2: replies, edits, deletes and reactions (promises of the ack)
+ *     chat.send('general', 'Agreed', { replyTo: 42 });
+ *     await chat.edit('general', 43, 'Agreed!');
+ *     await chat.react('general', 42, '\u{1F44D}', true);
+ *     await chat.deleteMessage('general', 43);
  *
  * Without a `token` or `getToken` option the client sends no `hello` and
  * relies on the server authenticating the upgrade by cookie (`chat_token`).
@@ -79,10 +84,15 @@
  * - `welcome`      {user:{id,name}, conversations:[...], heartbeat_s, max_body_chars,
  *                   exp (unix seconds or null), reconnect:boolean}
  * - `message`      {conversation, message:{conversation,seq,ts,sender:{id,name},body,client_msg_id?,
- *                   deleted?}, own:boolean, source:'live'|'sync'|'history'|'ack', replaced?:true}
- *                  (`deleted: true`, body '': erased by the CRM; keeps seq, ts and ticks.
- *                  `replaced: true`: a message already emitted, now erased — a history
- *                  or sync page brought its erased form; show it in place)
+ *                   deleted?, reply_to?, edited_at?, reactions?:[{emoji,users}]}, own:boolean,
+ *                   source:'live'|'sync'|'history'|'ack', replaced?:true}
+ *                  (`deleted: true`, body '': erased by the CRM or deleted by its sender;
+ *                  keeps seq, ts and ticks. `replaced: true`: a message already emitted,
+ *                  now in a new state (edited, deleted, reacted to, erased); show it in place)
+ * - `update`       {conversation, update:{seq,ts,target,kind:'edit'|'delete'|'reaction',
+ *                   user:{id,name},body?,emoji?,on?}, message (the target's new state, or
+ *                   null when it is not held), source} (v1.2; emitted once per seq, before
+ *                   the `message` with `replaced: true`)
  * - `ack`          {conversation, client_msg_id, seq, ts, duplicate}
  * - `receipt`      {conversation, user, delivered_seq, read_seq} (one event per user, also
  *                   for the batched `receipts:[...]` frames of large conversations)
@@ -610,6 +620,7 @@ export class ChatClient extends EventTarget {
       case 'welcome': return this._onWelcome(f);
       case 'ack': return this._onAck(f);
       case 'message': return this._store.onMessage(f);
+      case 'update': return this._store.onUpdate(f);
       case 'receipt': return this._store.onReceipt(f);
       case 'typing': return this._onTyping(f);
       case 'presence': return this._onPresence(f);
@@ -723,14 +734,43 @@ export class ChatClient extends EventTarget {
    * reconnects) or rejects with a ChatError for a permanent failure.
    * @returns {{client_msg_id:string, promise:Promise<object>}}
    */
-  send(conversation, body) {
-    const { client_msg_id, promise, entry } = this._outbox.add(conversation, body);
+  send(conversation, body, { replyTo } = {}) {
+    const { client_msg_id, promise, entry } = this._outbox.add(conversation, body, replyTo);
     if (entry) this._store.conv(conversation).lastTypingSent = 0;
     return { client_msg_id, promise };
   }
 
   /** Messages still waiting for their ack: [{client_msg_id, conversation, body, createdAt, state}]. */
   pending(conversation) { return this._outbox.pending(conversation); }
+
+  /**
+   * v1.2: change one's own message's body (within the server's edit window).
+   * Resolves with the ack `{seq, ts, duplicate}` (the change's own seq); a
+   * retry of the same edit is a duplicate. Rejects with a ChatError
+   * (`forbidden`: not yours or too old; `bad_request`: deleted or unknown).
+   */
+  edit(conversation, seq, body) { return this._change({ type: 'edit', conversation, seq, body }); }
+
+  /** v1.2: take one's own message back ("message deleted" for everyone). */
+  deleteMessage(conversation, seq) { return this._change({ type: 'delete', conversation, seq }); }
+
+  /** v1.2: add (`on`, default true) or remove one's reaction with `emoji`. */
+  react(conversation, seq, emoji, on = true) {
+    return this._change({ type: 'react', conversation, seq, emoji, on: !!on });
+  }
+
+  /** The message with this seq as held (current state), or undefined. */
+  message(conversation, seq) {
+    const c = this._store.get(conversation);
+    return c ? c.messages.get(seq) : undefined;
+  }
+
+  async _change(frame) {
+    if (!CONV_RE.test(frame.conversation) || !Number.isInteger(frame.seq)) {
+      throw new ChatError('bad_request', 'a conversation and the seq of a message');
+    }
+    return this._request(frame);
+  }
 
   /**
    * Mark messages up to `seq` (default: the newest held) as read. Clamped to

@@ -1183,3 +1183,114 @@ async fn erased_messages_show_as_deleted() {
     bob.snap("browser-erased-bob.png").await;
     tokio::join!(alice.quit(), bob.quit());
 }
+
+/// Presses a button from the keyboard: focus, then Enter (as a user tabbing to it).
+async fn press(b: &Browser, css: &str) {
+    let focused =
+        b.js("const e = document.querySelector(arguments[0]); if (e) e.focus(); return !!e;", json!([css])).await;
+    assert_eq!(focused, json!(true), "{}: no element {css}", b.name);
+    let enter = char::from(fantoccini::key::Key::Enter).to_string();
+    b.type_text(css, &enter).await;
+}
+
+/// Waits until `script` (with `arguments[0]` = the message's seq) is true.
+async fn wait_on_message(b: &Browser, what: &str, seq: u64, check: &str) {
+    let script = format!(
+        "const li = document.querySelector(`#messages li.msg[data-seq='${{arguments[0]}}']`); return !!li && ({check});"
+    );
+    b.wait_js(what, &script, json!([seq.to_string()]), WAIT).await;
+}
+
+/// v1.2: alice edits, bob sees the new text and "edited"; bob reacts, alice
+/// sees 👍 1; bob replies with a quote; everything survives a reload; alice
+/// deletes and bob sees "message deleted", after a reload too. Every action
+/// is taken from the keyboard (focus and Enter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_people_can_change() {
+    let _serial = serial().await;
+    let server = Server::start(&[]).await;
+    let driver = Chromedriver::start().await;
+    let (alice, bob) = tokio::join!(driver.browser("alice"), driver.browser("bob"));
+    tokio::join!(alice.login(&server, "alice", "Alice"), bob.login(&server, "bob", "Bob"));
+    tokio::join!(alice.open_dm("bob"), bob.open_dm("alice"));
+    alice.send("The price is 100 שקל").await;
+    bob.wait_body("The price is 100 שקל").await;
+    let m = "#messages li.msg[data-seq='1']";
+
+    // Alice edits from the keyboard; the composer holds the old text.
+    press(&alice, &format!("{m} [data-action='edit']")).await;
+    alice.js("document.getElementById('composer').value = '';", json!([])).await;
+    alice.type_text("#composer", "The price is 120 שקל").await;
+    alice.type_text("#composer", &char::from(fantoccini::key::Key::Enter).to_string()).await;
+    bob.wait_body("The price is 120 שקל").await;
+    wait_on_message(&bob, "the edited label", 1, "!!li.querySelector('.edited')").await;
+    assert_eq!(computed(&bob, &format!("{m} .body"), "direction").await, "ltr", "dir=auto keeps mixed text readable");
+
+    // Bob reacts 👍; alice sees it with its count.
+    press(&bob, &format!("{m} [data-action='react']")).await;
+    press(&bob, &format!("{m} [data-action='pick:👍']")).await;
+    wait_on_message(&alice, "👍 1", 1, "[...li.querySelectorAll('.reaction')].some((r) => r.textContent === '👍 1')")
+        .await;
+    let who = alice.js(&format!("return document.querySelector(\"{m} .reaction\").title;"), json!([])).await;
+    assert_eq!(who, json!("Bob"), "who reacted");
+
+    // Bob replies with a quote.
+    press(&bob, &format!("{m} [data-action='reply']")).await;
+    bob.send("Deal").await;
+    alice.wait_body("Deal").await;
+    wait_on_message(
+        &alice,
+        "the quote",
+        4,
+        "li.querySelector('.quote') && li.querySelector('.quote').textContent.includes('The price is 120')",
+    )
+    .await;
+
+    // A reload: the state comes back from history (current state) and sync.
+    bob.goto(&server.url("/")).await;
+    bob.wait_state("connected", WAIT).await;
+    bob.open_listed(DM).await;
+    bob.wait_body("The price is 120 שקל").await;
+    wait_on_message(&bob, "edited after reload", 1, "!!li.querySelector('.edited')").await;
+    wait_on_message(
+        &bob,
+        "👍 1 after reload",
+        1,
+        "li.querySelector('.reaction') && li.querySelector('.reaction').textContent === '👍 1'",
+    )
+    .await;
+    wait_on_message(
+        &bob,
+        "the quote after reload",
+        4,
+        "li.querySelector('.quote') && li.querySelector('.quote').textContent.includes('The price is 120')",
+    )
+    .await;
+
+    // Alice deletes; bob sees "message deleted", the quote too.
+    press(&alice, &format!("{m} [data-action='delete']")).await;
+    wait_on_message(&bob, "message deleted", 1, "li.querySelector('.body').textContent === 'message deleted'").await;
+    wait_on_message(
+        &bob,
+        "the quote of a deleted message",
+        4,
+        "li.querySelector('.quote').textContent.includes('message deleted')",
+    )
+    .await;
+    bob.goto(&server.url("/")).await;
+    bob.wait_state("connected", WAIT).await;
+    bob.open_listed(DM).await;
+    wait_on_message(
+        &bob,
+        "message deleted after reload",
+        1,
+        "li.querySelector('.body').textContent === 'message deleted'",
+    )
+    .await;
+    let shown: Vec<(Option<String>, String)> = bob.shown().await.into_iter().map(|m| (m.seq, m.body)).collect();
+    assert_eq!(shown, vec![(Some("1".into()), "message deleted".into()), (Some("4".into()), "Deal".into())]);
+    let errors: Vec<ConsoleEntry> = alice.read_console().await.into_iter().filter(|e| e.level == "SEVERE").collect();
+    assert!(errors.is_empty(), "alice's console: {errors:?}");
+    bob.snap("browser-changes-bob.png").await;
+    tokio::join!(alice.quit(), bob.quit());
+}

@@ -14,6 +14,11 @@
 #[path = "common/valkey.rs"]
 mod valkey_server;
 
+/// v1.2: messages people can change.
+#[path = "conformance/changes.rs"]
+mod changes;
+use changes::*;
+
 use std::{
     future::Future,
     sync::{
@@ -158,6 +163,14 @@ conformance!(
     erase_sender_erases_bodies_everywhere,
     erase_sender_in_a_long_history_while_others_send,
     delete_group_removes_history_and_starts_a_new_epoch,
+    updates_share_the_seq_counter_and_are_published,
+    changes_are_idempotent_by_state,
+    change_rules_refuse_and_store_nothing,
+    reactions_keep_order_and_history_costs_messages,
+    unread_counts_messages_only,
+    erase_sender_empties_edit_bodies,
+    delete_group_deletes_updates,
+    published_update_is_the_stored_frame,
 );
 
 /// A local connection as a session would hold it.
@@ -216,6 +229,7 @@ fn new_message(conv: &str, sender: &str, client_msg_id: &str, body: &str) -> New
         participants: None,
         require_member: false,
         send_budget: false,
+        reply_to: None,
     }
 }
 

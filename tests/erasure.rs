@@ -92,6 +92,11 @@ async fn erase_user_messages(engine: Engine) {
         })
         .await;
     }
+    // v1.2: an edit of alice's holds a body too; erasure empties it.
+    let edit = json!({"type":"edit","conversation":g,"seq":g1["seq"],"body":format!("{secret} edited")});
+    let edited = alice.request(edit).await;
+    assert_eq!((edited["type"].as_str(), edited["seq"].as_u64()), (Some("ack"), Some(3)), "{edited}");
+    bob.expect("the edit", |v| v["type"] == "update" && v["seq"] == 3).await;
     bob.barrier().await;
     bob.discard(|_| true);
     if !servers(&chat).is_empty() {
@@ -122,7 +127,10 @@ async fn erase_user_messages(engine: Engine) {
     erased(message_of(&h, 1), &g1, "a-g1");
     untouched(message_of(&h, 2), "bob keeps this");
     let s1 = bob.request(json!({"type":"sync","conversation":g,"after":0})).await;
-    assert_eq!(s1["messages"], h["messages"]);
+    let (synced, updates): (Vec<Value>, Vec<Value>) =
+        s1["messages"].as_array().unwrap().iter().cloned().partition(|m| m["type"] == "message");
+    assert_eq!(json!(synced), h["messages"]);
+    assert_eq!((updates.len(), &updates[0]["kind"], &updates[0]["body"]), (1, &json!("edit"), &json!("")), "{s1}");
     assert_eq!(s1["epoch"], h["epoch"], "erasure loses no history: same epoch");
     let general = bob.request(json!({"type":"sync","conversation":"general","after":0})).await;
     erased(message_of(&general, gen1["seq"].as_u64().unwrap()), &gen1, "a-gen");
@@ -156,7 +164,7 @@ async fn erase_user_messages(engine: Engine) {
     bob.assert_quiet(SHORT, is_presence).await;
     // New messages of alice are kept.
     let later = alice.request(send(&g, "a-g3", "after the erasure".into())).await;
-    assert_eq!(later["seq"], 3);
+    assert_eq!(later["seq"], 4);
     let m = bob.expect_type("message").await;
     assert!(m.get("deleted").is_none() && m["body"] == "after the erasure", "{m}");
 

@@ -262,6 +262,11 @@ async fn every_event_type_arrives_once_per_action_signed(engine: Engine) {
     // A read at the same mark again changes nothing and sends nothing.
     bob.send(json!({"type":"read","conversation":deal,"seq":seq})).await;
     bob.barrier().await;
+    // v1.2: an edit sends message.updated; its retry (a duplicate) nothing.
+    let edit = json!({"type":"edit","conversation":deal,"seq":seq,"body":"Hello, deal room!"});
+    let edited = alice.request(edit.clone()).await;
+    assert_eq!((edited["type"].as_str(), edited["duplicate"].as_bool()), (Some("ack"), Some(false)), "{edited}");
+    assert_eq!(alice.request(edit).await["duplicate"], true);
     // Carol never connects: after 2 s she has not delivered it.
     receiver
         .wait_for("message.unread for carol", Duration::from_secs(20), |s| {
@@ -299,6 +304,19 @@ async fn every_event_type_arrives_once_per_action_signed(engine: Engine) {
     assert_eq!(d["sender"]["id"], alice_id.as_str());
     assert_eq!(d["ts"], ack["ts"], "the stored message's ts");
     assert!(d["client_msg_id"].as_str().is_some_and(|c| !c.is_empty()));
+
+    let changed = receiver.of_type("message.updated");
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    let d = &changed[0].json["data"];
+    assert_eq!(
+        (d["conversation"].as_str(), d["seq"].as_u64(), d["target"].as_u64()),
+        (Some(deal.as_str()), edited["seq"].as_u64(), Some(seq))
+    );
+    assert_eq!(
+        (d["kind"].as_str(), d["body"].as_str(), d["user"]["id"].as_str()),
+        (Some("edit"), Some("Hello, deal room!"), Some(alice_id.as_str()))
+    );
+    assert_eq!(d["ts"], edited["ts"]);
 
     let read = receiver.of_type("message.read");
     assert_eq!(read.len(), 1, "the repeated read at the same mark sends nothing: {read:?}");

@@ -108,7 +108,7 @@ enum Scenario {
     Pairs(pairs::Opts),
     /// Serve the floor of a fan-out (only its socket work) for `fanout --jwt-secret x` to run against.
     FloorServer(floor::Opts),
-    /// The reaction storm: M members each toggle a reaction on the same message within `--spread-ms`.
+    /// The reaction storm: M members each toggle a reaction on the same message within `--window-ms`.
     Reactions(reactions::Opts),
 }
 

@@ -1,17 +1,17 @@
-//! `reactions`: the reaction storm of PROTOCOL v1.2. One group of M members
-//! and one message in it; every member toggles a reaction on that message
-//! (`react` with `on:true`, then with `--toggles 2` `on:false`, ...), the
-//! members' first toggles spread over `--spread-ms`. Every member follows
-//! the `update` frames; at the end every member's view of the message's
-//! reactions must be the same, and the same as the stored one (the service
-//! API's message list). Reports react -> ack and react -> update latency,
-//! and the server's RSS.
+//! `reactions`: a reaction storm (v1.2). M members of one group; one message;
+//! every member toggles a reaction on it within `--window-ms` (each at its
+//! own instant of the window), with `--emoji` kinds taken in turn. Every
+//! member applies every `update` it receives to its own copy of the
+//! message's reactions; at the end every copy must equal every other and the
+//! server's (the service API's list, current state). Figures: acks, ack
+//! latency, update deliveries and their latency, the storm's duration, the
+//! nodes' RSS.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -19,318 +19,219 @@ use std::{
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     Ctx, Fatal, fatal,
-    stats::{Counts, Recorder, SharedHist, bump, now_us, round2},
-    sys::{self, CpuMark},
-    target,
-    ws::{self, Message, WsRx, WsTx},
+    stats::{Counts, SharedHist, bump, merge, now_us, round2},
+    sys, target,
+    ws::{self, Message},
 };
+
+const EMOJI: [&str; 6] = ["👍", "❤️", "😂", "😮", "😢", "🙏"];
 
 #[derive(Args, Clone, Debug)]
 pub struct Opts {
-    /// Members of the group; each one reacts.
+    /// Members of the group; each toggles one reaction.
     #[arg(long, default_value_t = 1000)]
     pub members: usize,
-    /// The members' first reactions are spread over this many milliseconds.
+    /// The storm's length: member i reacts at i x window / members.
     #[arg(long, default_value_t = 1000)]
-    pub spread_ms: u64,
-    /// Toggles per member: on, off, on, ... (odd: every member ends reacted).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
-    pub toggles: u32,
-    /// The emoji.
-    #[arg(long, default_value = "👍")]
-    pub emoji: String,
-    /// Seconds without a new update after which the drain ends.
-    #[arg(long, default_value_t = 10)]
+    pub window_ms: u64,
+    /// How many different emoji (1-6) the members take in turn.
+    #[arg(long, default_value_t = 1)]
+    pub emoji: usize,
+    /// Seconds without a new update after which a member stops waiting
+    /// (it stops at once when it saw every reaction and its own ack).
+    #[arg(long, default_value_t = 30)]
     pub drain_s: u64,
 }
 
-/// The fields of the frames this scenario reads.
-#[derive(Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    ty: String,
-    #[serde(default)]
-    id: Option<u64>,
-    #[serde(default)]
-    kind: Option<String>,
-    #[serde(default)]
-    target: Option<u64>,
-    #[serde(default)]
-    user: Option<UserField>,
-    #[serde(default)]
-    emoji: Option<String>,
-    #[serde(default)]
-    on: Option<bool>,
-    #[serde(default)]
-    seq: Option<u64>,
-    #[serde(default)]
-    code: Option<String>,
-    #[serde(default)]
-    duplicate: Option<bool>,
-}
+/// One member's copy of the message's reactions: emoji -> users.
+type Reactions = BTreeMap<String, BTreeSet<String>>;
 
-#[derive(Deserialize)]
-struct UserField {
-    id: String,
-}
-
-/// What every member's task shares.
-struct Shared {
-    target_seq: u64,
-    emoji: String,
-    /// Per member and toggle: when it was sent (µs, tool clock).
-    sent_us: Vec<AtomicU64>,
-    toggles: usize,
-    updates_seen: AtomicU64,
-    last_update_us: AtomicU64,
-    ack_latency: SharedHist,
-    update_latency: SharedHist,
-}
-
-/// One member's end state.
-struct View {
-    /// User -> reacted, from the updates in seq order.
-    state: BTreeMap<String, bool>,
-    acks: u64,
-    duplicate_acks: u64,
+struct Member {
+    state: Reactions,
+    updates: u64,
+    ack_ok: bool,
     errors: Counts,
 }
 
 pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal> {
-    if o.members == 0 || o.members > crate::MAX_CONNS {
-        return Err(fatal(format!("--members must be 1..={}", crate::MAX_CONNS)));
+    if o.members == 0 || !(1..=EMOJI.len()).contains(&o.emoji) || o.window_ms > 60_000 {
+        return Err(fatal("--members at least 1, --emoji 1..=6, --window-ms at most 60000"));
     }
     let deadline = Instant::now() + duration;
-    let group = format!("{}-react", ctx.prefix);
+    let group = format!("{}-reactions", ctx.prefix);
     let users: Vec<String> = (0..o.members).map(|i| format!("{}-r{i}", ctx.prefix)).collect();
-    target::put_group(&ctx.http, &ctx.targets[0], &ctx.api_key, &group, "reaction storm", &users).await?;
-    let post = json!({"sender": users[0], "body": "react to me", "client_msg_id": format!("{}-m", ctx.prefix)});
+    target::put_group(&ctx.http, &ctx.targets[0], &ctx.api_key, &group, "load reactions", &users).await?;
+    let post = json!({"sender": users[0], "body": "react to me", "client_msg_id": "storm-target"});
     let path = format!("/api/v1/conversations/{group}/messages");
     let (status, v) = ctx.http.request(Method::POST, &ctx.targets[0], &path, Some(&ctx.api_key), Some(&post)).await?;
-    let target_seq =
-        v["seq"].as_u64().filter(|_| status == 201).ok_or_else(|| fatal(format!("POST {path}: {status} {v}")))?;
+    let Some(target_seq) = v["seq"].as_u64().filter(|_| status < 300) else {
+        return Err(fatal(format!("posting the target message: {status} {v}")));
+    };
     let tokens = ctx.tokens(&users, duration.as_secs() + 3600).await?;
-    let toggles = o.toggles as usize;
-    let shared = Arc::new(Shared {
-        target_seq,
-        emoji: o.emoji.clone(),
-        sent_us: (0..o.members * toggles).map(|_| AtomicU64::new(0)).collect(),
-        toggles,
-        updates_seen: AtomicU64::new(0),
-        last_update_us: AtomicU64::new(0),
-        ack_latency: SharedHist::default(),
-        update_latency: SharedHist::default(),
-    });
-    let index: Arc<BTreeMap<String, usize>> =
-        Arc::new(users.iter().cloned().enumerate().map(|(i, u)| (u, i)).collect());
 
-    // Connect everyone; the writing halves come back for the storm.
-    let stop = CancellationToken::new();
-    let connected = Arc::new(AtomicUsize::new(0));
-    let (side_tx, mut side_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, WsTx)>();
-    let ramp_start = Instant::now();
+    let latency = SharedHist::default();
+    let ack_latency = SharedHist::default();
+    let last_update_us = Arc::new(AtomicU64::new(0));
+    let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..o.members).map(|_| AtomicU64::new(0)).collect());
+    let rss_before = sys::servers_rss_kib(&ctx.server_pids);
+    // Every member connected first; then the storm starts for all at t0.
+    let (go_tx, go_rx) = tokio::sync::watch::channel::<Option<Instant>>(None);
     let handles = crate::ramp(o.members, ctx.concurrency, deadline, |i, permit| {
-        let (target, token, shared, index, stop, connected, side_tx) = (
-            ctx.target(i).clone(),
-            tokens[i].clone(),
-            shared.clone(),
-            index.clone(),
-            stop.clone(),
-            connected.clone(),
-            side_tx.clone(),
+        let (target, token, group) = (ctx.target(i).clone(), tokens[i].clone(), group.clone());
+        let (mut go, emoji) = (go_rx.clone(), EMOJI[i % o.emoji].to_string());
+        let (latency, ack_latency, last, sent_at) =
+            (latency.recorder(), ack_latency.recorder(), last_update_us.clone(), sent_at.clone());
+        let (offset, members, drain) = (
+            Duration::from_micros(o.window_ms * 1000 * i as u64 / o.members as u64),
+            o.members as u64,
+            Duration::from_secs(o.drain_s.clamp(1, 600)),
         );
         async move {
             let ws = ws::open(&target, &token, 64 * 1024).await?;
-            connected.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = ws.split();
-            let _ = side_tx.send((i, tx));
             drop(permit);
-            Ok::<_, String>(follow(rx, i, shared, index, stop).await)
+            let (mut tx, mut rx) = ws.split();
+            let t0 = loop {
+                if let Some(t0) = *go.borrow() {
+                    break t0;
+                }
+                if go.changed().await.is_err() {
+                    return Err("no start".to_string());
+                }
+            };
+            let mut m = Member { state: Reactions::new(), updates: 0, ack_ok: false, errors: Counts::new() };
+            let (mut latency, mut ack_latency) = (latency, ack_latency);
+            let send_at = t0 + offset;
+            let mut sent = false;
+            let mut quiet_since = Instant::now();
+            loop {
+                let wake = if sent { quiet_since + drain } else { send_at };
+                let frame = tokio::select! {
+                    f = rx.next() => f,
+                    _ = sleep_until(wake) => {
+                        if sent {
+                            break;
+                        }
+                        let react = json!({"type":"react","id":1,"conversation":group,"seq":target_seq,"emoji":emoji,"on":true});
+                        sent_at[i].store(now_us(), Ordering::Relaxed);
+                        if tx.send(Message::text(react.to_string())).await.is_err() {
+                            bump(&mut m.errors, "send");
+                            break;
+                        }
+                        sent = true;
+                        quiet_since = Instant::now();
+                        continue;
+                    }
+                };
+                let Some(Ok(Message::Text(t))) = frame else {
+                    bump(&mut m.errors, "closed");
+                    break;
+                };
+                let Ok(f) = serde_json::from_str::<Value>(&t) else { continue };
+                let now = now_us();
+                match f["type"].as_str() {
+                    Some("update") if f["conversation"] == group.as_str() => {
+                        m.updates += 1;
+                        quiet_since = Instant::now();
+                        last.fetch_max(now, Ordering::Relaxed);
+                        let (e, u) = (f["emoji"].as_str().unwrap_or(""), f["user"]["id"].as_str().unwrap_or(""));
+                        if f["on"] == true {
+                            m.state.entry(e.to_string()).or_default().insert(u.to_string());
+                        } else if let Some(s) = m.state.get_mut(e) {
+                            s.remove(u);
+                        }
+                        m.state.retain(|_, s| !s.is_empty());
+                        // The reacting member's index is in its user id (`...-r<i>`).
+                        let sender = u.rsplit_once("-r").and_then(|(_, i)| i.parse::<usize>().ok());
+                        if let Some(t) = sender.and_then(|i| sent_at.get(i)).map(|a| a.load(Ordering::Relaxed)) {
+                            latency.record_us(now.saturating_sub(t));
+                        }
+                        // Done: every reaction seen and our own answered (the
+                        // order of an ack and the updates is not fixed).
+                        if m.updates >= members && m.ack_ok {
+                            break;
+                        }
+                    }
+                    Some("ack") if f["id"] == 1 => {
+                        m.ack_ok = true;
+                        ack_latency.record_us(now.saturating_sub(sent_at[i].load(Ordering::Relaxed)));
+                        if m.updates >= members {
+                            break;
+                        }
+                    }
+                    Some("error") => bump(&mut m.errors, f["code"].as_str().unwrap_or("unknown")),
+                    _ => {}
+                }
+            }
+            Ok::<_, String>(m)
         }
     })
     .await;
-    drop(side_tx);
-    let up = connected.load(Ordering::Relaxed);
-    eprintln!("ramp: {up}/{} members connected in {:.1} s", o.members, ramp_start.elapsed().as_secs_f64());
     sleep(Duration::from_millis(500)).await;
-
-    // The storm: member i's toggle t at t0 + i * spread / M + t * spread.
-    let rss_before = sys::servers_rss_kib(&ctx.server_pids);
-    let cpu = CpuMark::now(&ctx.server_pids);
-    let t0 = Instant::now();
-    let spread = Duration::from_millis(o.spread_ms);
-    let mut senders = Vec::new();
-    while let Ok((i, mut tx)) = side_rx.try_recv() {
-        let (shared, group) = (shared.clone(), group.clone());
-        let n = o.members as u32;
-        senders.push(tokio::spawn(async move {
-            for t in 0..shared.toggles {
-                sleep_until(t0 + spread * i as u32 / n + spread * t as u32).await;
-                let k = i * shared.toggles + t;
-                shared.sent_us[k].store(now_us(), Ordering::Relaxed);
-                let frame = json!({"type": "react", "id": k, "conversation": group, "seq": shared.target_seq,
-                                   "emoji": shared.emoji, "on": t % 2 == 0});
-                if tx.send(Message::text(frame.to_string())).await.is_err() {
-                    return tx;
+    let first_us = now_us();
+    let _ = go_tx.send(Some(Instant::now()));
+    let rss_peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (pids, peak) = (ctx.server_pids.clone(), rss_peak.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(k) = sys::servers_rss_kib(&pids) {
+                    peak.fetch_max(k, Ordering::Relaxed);
                 }
+                sleep(Duration::from_millis(100)).await;
             }
-            tx
-        }));
-    }
-    let mut writers = Vec::new();
-    for s in senders {
-        if let Ok(tx) = s.await {
-            writers.push(tx);
-        }
-    }
-    // Drain: until every member saw every update, or nothing new came for drain_s.
-    let want = (o.members * toggles * up) as u64;
-    let quiet = Duration::from_secs(o.drain_s);
-    loop {
-        let seen = shared.updates_seen.load(Ordering::Relaxed);
-        let last = shared.last_update_us.load(Ordering::Relaxed);
-        if seen >= want
-            || Instant::now() >= deadline
-            || (now_us().saturating_sub(last) > quiet.as_micros() as u64 && last > 0)
-        {
-            break;
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-    let storm_s = (shared.last_update_us.load(Ordering::Relaxed) as f64 / 1e6)
-        - (shared.sent_us[0].load(Ordering::Relaxed) as f64 / 1e6);
-    let run_cpu = cpu.since(&ctx.server_pids);
-    let rss_after = sys::servers_rss_kib(&ctx.server_pids);
-    stop.cancel();
-    drop(writers);
-
-    // What is stored: the service API's page (history's form).
-    let (status, page) = ctx
-        .http
-        .request(
-            Method::GET,
-            &ctx.targets[0],
-            &format!("{path}?after={}&limit=1", target_seq - 1),
-            Some(&ctx.api_key),
-            None,
-        )
-        .await?;
-    let stored: BTreeMap<String, bool> = page["messages"][0]["reactions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["emoji"] == o.emoji.as_str())
-        .flat_map(|r| r["users"].as_array().cloned().unwrap_or_default())
-        .filter_map(|u| u.as_str().map(|u| (u.to_string(), true)))
-        .collect();
-    let mut agree = 0usize;
-    let (mut acks, mut dup_acks, mut errors) = (0u64, 0u64, Counts::new());
-    let mut views = 0usize;
+        })
+    };
+    let mut states: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut connected, mut acked, mut updates) = (0usize, 0usize, 0u64);
+    let mut errors = Counts::new();
+    let mut first_state = None;
     for h in handles {
-        if let Ok(Ok(v)) = h.await {
-            views += 1;
-            let reacted: BTreeMap<String, bool> = v.state.into_iter().filter(|(_, on)| *on).collect();
-            agree += usize::from(reacted == stored);
-            acks += v.acks;
-            dup_acks += v.duplicate_acks;
-            for (k, n) in v.errors {
-                *errors.entry(k).or_default() += n;
+        match timeout(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(10), h).await {
+            Ok(Ok(Ok(m))) => {
+                connected += 1;
+                acked += m.ack_ok as usize;
+                updates += m.updates;
+                merge(&mut errors, m.errors);
+                let key = serde_json::to_string(&m.state).unwrap_or_default();
+                first_state.get_or_insert_with(|| m.state.clone());
+                *states.entry(key).or_default() += 1;
             }
+            Ok(Ok(Err(e))) => bump(&mut errors, format!("connect_{e}")),
+            _ => bump(&mut errors, "member_task"),
         }
     }
-    let expected_reacted = if toggles % 2 == 1 { o.members } else { 0 };
+    sampler.abort();
+    let storm_s = last_update_us.load(Ordering::Relaxed).saturating_sub(first_us) as f64 / 1e6;
+    // The server's view: the message in its current state.
+    let list = format!("/api/v1/conversations/{group}/messages?after={}&limit=1", target_seq - 1);
+    let (_, v) = ctx.http.request(Method::GET, &ctx.targets[0], &list, Some(&ctx.api_key), None).await?;
+    let mut server = Reactions::new();
+    for r in v["messages"][0]["reactions"].as_array().into_iter().flatten() {
+        let users = r["users"].as_array().into_iter().flatten().filter_map(|u| u.as_str().map(String::from));
+        server.insert(r["emoji"].as_str().unwrap_or("").to_string(), users.collect());
+    }
+    let reacted: usize = server.values().map(BTreeSet::len).sum();
     Ok(json!({
         "members": o.members,
-        "members_connected": up,
-        "toggles_per_member": toggles,
-        "spread_ms": o.spread_ms,
-        "stored_status": status,
-        "stored_reacted": stored.len(),
-        "expected_reacted": expected_reacted,
-        "members_agreeing_with_stored": agree,
-        "members_reporting": views,
-        "all_agree": agree == views && stored.len() == expected_reacted,
-        "acks": acks,
-        "duplicate_acks": dup_acks,
-        "updates_delivered": shared.updates_seen.load(Ordering::Relaxed),
-        "updates_expected": want,
+        "members_connected": connected,
+        "window_ms": o.window_ms,
+        "emoji": o.emoji,
+        "acked": acked,
+        "server_reacted_users": reacted,
+        "update_deliveries": updates,
+        "expected_update_deliveries": (acked as u64) * connected as u64,
+        "distinct_final_states": states.len(),
+        "members_agree_with_server": first_state.as_ref() == Some(&server) && states.len() == 1,
         "storm_s": round2(storm_s),
-        "cpu": run_cpu,
-        "server_rss_kib_before": rss_before,
-        "server_rss_kib_after": rss_after,
-        "ack_latency": shared.ack_latency.summary(),
-        "update_latency": shared.update_latency.summary(),
+        "ack_latency": ack_latency.summary(),
+        "update_latency": latency.summary(),
+        "rss_kib_before": rss_before,
+        "rss_kib_peak": rss_peak.load(Ordering::Relaxed),
         "errors": errors,
     }))
-}
-
-/// Reads one member's connection until `stop`: its acks, and every reaction
-/// update of the target message (state per user, in seq order).
-async fn follow(
-    mut rx: WsRx,
-    me: usize,
-    shared: Arc<Shared>,
-    index: Arc<BTreeMap<String, usize>>,
-    stop: CancellationToken,
-) -> View {
-    let mut v = View { state: BTreeMap::new(), acks: 0, duplicate_acks: 0, errors: Counts::new() };
-    let (mut ack_rec, mut upd_rec): (Recorder, Recorder) =
-        (shared.ack_latency.recorder(), shared.update_latency.recorder());
-    let mut last_seq = 0u64;
-    loop {
-        let m = tokio::select! {
-            _ = stop.cancelled() => break,
-            m = timeout(Duration::from_secs(3600), rx.next()) => m,
-        };
-        let text = match m {
-            Ok(Some(Ok(Message::Text(t)))) => t,
-            Ok(Some(Ok(_))) => continue,
-            _ => break,
-        };
-        let now = now_us();
-        let Ok(f) = serde_json::from_str::<Frame>(&text) else { continue };
-        match f.ty.as_str() {
-            "update" if f.kind.as_deref() == Some("reaction") && f.target == Some(shared.target_seq) => {
-                if f.emoji.as_deref() != Some(shared.emoji.as_str()) {
-                    continue;
-                }
-                let seq = f.seq.unwrap_or(0);
-                if seq <= last_seq {
-                    bump(&mut v.errors, "update_out_of_order_or_repeated");
-                    continue;
-                }
-                last_seq = seq;
-                let (Some(user), Some(on)) = (f.user, f.on) else { continue };
-                if let Some(&i) = index.get(&user.id) {
-                    // The latest toggle of that member sent before now.
-                    let k = (0..shared.toggles)
-                        .rev()
-                        .map(|t| i * shared.toggles + t)
-                        .find(|k| shared.sent_us[*k].load(Ordering::Relaxed) != 0);
-                    if let Some(k) = k {
-                        upd_rec.record_us(now.saturating_sub(shared.sent_us[k].load(Ordering::Relaxed)));
-                    }
-                }
-                v.state.insert(user.id, on);
-                shared.updates_seen.fetch_add(1, Ordering::Relaxed);
-                shared.last_update_us.fetch_max(now, Ordering::Relaxed);
-            }
-            "ack" => {
-                let Some(k) = f.id.map(|k| k as usize).filter(|k| *k / shared.toggles == me) else { continue };
-                v.acks += 1;
-                ack_rec.record_us(now.saturating_sub(shared.sent_us[k].load(Ordering::Relaxed)));
-                v.duplicate_acks += u64::from(f.duplicate == Some(true));
-            }
-            "error" => bump(&mut v.errors, f.code.unwrap_or_else(|| "unknown".into())),
-            _ => {}
-        }
-    }
-    v
 }

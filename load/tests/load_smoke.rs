@@ -83,6 +83,16 @@ async fn every_scenario(servers: &[Server]) {
     assert_eq!(v["pairs_connected"], 5, "{v}");
     assert!(v["round_trips"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["timeouts"], 0, "{v}");
+
+    // reactions (v1.2): 30 members react within 300 ms, two emoji.
+    let args = ["--jwt-secret", JWT_SECRET, "reactions", "--members", "30", "--window-ms", "300", "--emoji", "2"];
+    let v = load(servers, &[&args[..], &["--drain-s", "2", "--duration-s", "60"]].concat()).await;
+    assert_eq!(v["errors"], serde_json::json!({}), "errors: {v}");
+    assert_eq!((v["members_connected"].as_u64(), v["acked"].as_u64()), (Some(30), Some(30)), "{v}");
+    assert_eq!(v["server_reacted_users"], 30, "{v}");
+    assert_eq!(v["update_deliveries"], 900, "every member saw every reaction: {v}");
+    assert_eq!(v["distinct_final_states"], 1, "{v}");
+    assert_eq!(v["members_agree_with_server"], true, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

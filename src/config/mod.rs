@@ -257,6 +257,11 @@ pub struct LimitsConfig {
     /// every member, so this also bounds that frame (~10 bytes a member).
     /// Default 100000.
     pub max_group_members: usize,
+    /// Seconds after its `ts` a message may still be edited by its sender
+    /// (v1.2); 0: no limit. The service API's moderation is exempt. Default 86400.
+    pub edit_window_s: u64,
+    /// Distinct emoji one message may hold (v1.2). Default 20.
+    pub reactions_per_message: usize,
 }
 
 impl Default for LimitsConfig {
@@ -284,6 +289,8 @@ impl Default for LimitsConfig {
             batch_members: 50,
             batch_interval_ms: 1000,
             max_group_members: 100_000,
+            edit_window_s: 86_400,
+            reactions_per_message: 20,
         }
     }
 }

@@ -114,6 +114,12 @@ impl Config {
                 return Err(err(burst.0, "must be between 1 and 1000000"));
             }
         }
+        if l.edit_window_s > 10 * 366 * 86_400 {
+            return Err(err("limits.edit_window_s", "must be at most 316224000 (ten years; 0 means no limit)"));
+        }
+        if !(1..=1000).contains(&l.reactions_per_message) {
+            return Err(err("limits.reactions_per_message", "must be between 1 and 1000"));
+        }
         if !(8..=1 << 20).contains(&l.outbound_queue) {
             return Err(err("limits.outbound_queue", "must be between 8 and 1048576"));
         }

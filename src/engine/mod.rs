@@ -29,7 +29,9 @@
 //! out of order. Every other event goes through [`Broker::publish`].
 //! Engines deliver events to this node's [`Hub`](crate::hub::Hub).
 
+pub mod changes;
 pub mod durable;
+pub(crate) mod local;
 pub(crate) mod membership;
 pub mod memory;
 pub mod valkey;
@@ -38,6 +40,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use self::changes::{Change, NewUpdate, Reaction, Refusal, StoredUpdate, UpdateOutcome};
 use crate::{
     error::EngineResult,
     hub::{Event, Topic},
@@ -65,6 +68,9 @@ pub struct NewMessage {
     /// cluster-wide bucket): true for a WebSocket `send`, false for the
     /// service API, which is not rate-limited (docs/protocol.md).
     pub send_budget: bool,
+    /// The seq of the message this one replies to (the node checked it is a
+    /// message of the conversation: [`MessageStore::is_message`]).
+    pub reply_to: Option<u64>,
 }
 
 /// What became of a receipt.
@@ -86,7 +92,9 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message in its current state (v1.2: edits, deletion and reactions
+/// applied; see [`changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredMessage {
     pub seq: u64,
     pub ts_ms: i64,
@@ -97,7 +105,16 @@ pub struct StoredMessage {
     pub client_msg_id: Arc<str>,
     /// The body was erased ([`MessageStore::erase_sender`]): `seq`, `ts`,
     /// sender and `client_msg_id` remain, the body is gone from storage.
+    /// Also set by a `delete` update.
     pub deleted: bool,
+    pub reply_to: Option<u64>,
+    /// When it was last edited.
+    pub edited_at: Option<i64>,
+    /// In the order the first reaction of each emoji came.
+    pub reactions: Vec<Reaction>,
+    /// The seq of the last update applied to it (0: none), what a no-op
+    /// change answers with.
+    pub last_update: u64,
 }
 
 /// Which page of a conversation's history.
@@ -107,12 +124,18 @@ pub enum Page {
     Before(Option<u64>, usize),
     /// Messages with `seq > after`, the oldest `limit` of them.
     After(u64, usize),
+    /// Messages *and updates* with `seq > after`, the oldest `limit` of them
+    /// together (`sync`, v1.2).
+    Sync(u64, usize),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MessagePage {
-    /// Ascending by `seq`.
+    /// Ascending by `seq`, each in its current state.
     pub messages: Vec<StoredMessage>,
+    /// [`Page::Sync`] only: the updates of the page, ascending by `seq`
+    /// (interleaved with `messages` by seq, together at most `limit`).
+    pub updates: Vec<StoredUpdate>,
     pub has_more: bool,
     /// The epoch of the conversation's stored history (see [`new_epoch`]).
     pub epoch: Arc<str>,
@@ -169,6 +192,11 @@ pub struct Counters {
 /// - Every history page carries the conversation's epoch: the same on every
 ///   call for as long as the stored history lasts (see [`new_epoch`]).
 /// - Receipts only rise, and only up to `last_seq` (checked in the same step).
+/// - Updates share the messages' `seq` counter; `history` pages
+///   ([`Page::Before`], [`Page::After`]) hold messages only, in their current
+///   state, and cost what their messages cost (no update is replayed);
+///   [`Page::Sync`] holds messages and updates. Retention
+///   (`chat.history_max_messages`) counts both.
 /// - [`erase_sender`](MessageStore::erase_sender) removes bodies from storage
 ///   for good, never a message: every erased message keeps its `seq`, `ts`,
 ///   sender and `client_msg_id` (so its idempotency record still answers a
@@ -192,6 +220,17 @@ pub trait MessageStore: Send + Sync + 'static {
 
     async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage>;
 
+    /// Stores a change of a message (v1.2) under the next `seq`, atomically
+    /// with the target's new current state, and publishes its `update` frame
+    /// to `route`; the rules of [`changes::check`] decide in the same step.
+    /// A change that changes nothing stores and publishes nothing
+    /// (`duplicate: true`); a refused one neither.
+    async fn update(&self, update: NewUpdate, route: &Route) -> EngineResult<UpdateOutcome>;
+
+    /// Whether `seq` is a retained message (not an update) of the
+    /// conversation: what `reply_to` may name.
+    async fn is_message(&self, conversation: &str, seq: u64) -> EngineResult<bool>;
+
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64>;
 
     /// Raises `user`'s delivered (and, when `read`, read) mark to `seq`, after
@@ -210,7 +249,8 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn user_conversations(&self, user: &str) -> EngineResult<Vec<String>>;
 
     /// Erases the body of every retained message `user` sent, in every
-    /// conversation (groups, direct and open ones), stored before the call.
+    /// conversation (groups, direct and open ones), stored before the call,
+    /// and the body of every edit update `user` made (those are not counted).
     /// Returns how many messages this call erased: a repeat answers 0. Nothing
     /// is published (clients see the erasure on their next history or sync).
     async fn erase_sender(&self, user: &str) -> EngineResult<u64>;

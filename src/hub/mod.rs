@@ -49,6 +49,8 @@ pub enum Topic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
     Message,
+    /// A change of a message (v1.2): like a message, it carries a seq.
+    Update,
     Receipt,
     Typing,
     Presence,
@@ -67,6 +69,7 @@ impl EventKind {
     pub fn frame_type(&self) -> &'static str {
         match self {
             EventKind::Message => kind::MESSAGE,
+            EventKind::Update => kind::UPDATE,
             EventKind::Receipt => kind::RECEIPT,
             EventKind::Typing => kind::TYPING,
             EventKind::Presence => kind::PRESENCE,

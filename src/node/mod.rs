@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod changes;
 mod groups;
 mod reads;
 mod sessions;
@@ -313,9 +314,10 @@ impl Node {
         conversation: &str,
         client_msg_id: String,
         body: String,
+        reply_to: Option<i64>,
     ) -> Result<Appended, ChatError> {
         self.validate_message(&client_msg_id, &body)?;
-        self.append(sender, conversation, client_msg_id, body, false).await
+        self.append(sender, conversation, client_msg_id, body, reply_to, false).await
     }
 
     /// A WebSocket `send` whose fields were validated already: like
@@ -327,8 +329,9 @@ impl Node {
         conversation: &str,
         client_msg_id: String,
         body: String,
+        reply_to: Option<i64>,
     ) -> Result<Appended, ChatError> {
-        self.append(sender, conversation, client_msg_id, body, true).await
+        self.append(sender, conversation, client_msg_id, body, reply_to, true).await
     }
 
     async fn append(
@@ -337,6 +340,7 @@ impl Node {
         conversation: &str,
         client_msg_id: String,
         body: String,
+        reply_to: Option<i64>,
         send_budget: bool,
     ) -> Result<Appended, ChatError> {
         // Group membership is checked by the engine in the same step as the write.
@@ -346,6 +350,12 @@ impl Node {
             Kind::Direct(..) => return Err(ChatError::forbidden(format!("not a member of '{conversation}'"))),
             _ => None,
         };
+        if reply_to.is_some() {
+            if kind == Kind::Group {
+                self.authorize(&sender.id, conversation).await?;
+            }
+            self.check_reply_to(conversation, reply_to).await?;
+        }
         let route = kind.route(conversation);
         // Kept for the webhook only when it is sent.
         let hook = self.wants_created().then(|| (body.clone(), client_msg_id.clone()));
@@ -358,6 +368,7 @@ impl Node {
             participants,
             require_member: kind == Kind::Group,
             send_budget,
+            reply_to: reply_to.map(|r| r as u64),
         };
         let span = tracing::debug_span!("store", conversation, seq = tracing::field::Empty);
         let stored = self.engine.append(msg, &route).instrument(span.clone()).await?;
@@ -377,6 +388,9 @@ impl Node {
                     body,
                     client_msg_id,
                     deleted: false,
+                    reply_to: reply_to.map(|r| r as u64),
+                    edited_at: None,
+                    reactions: &[],
                 },
                 kind,
             );
@@ -436,6 +450,8 @@ impl Node {
     }
 }
 
+pub use self::changes::{Changed, MAX_EMOJI_CHARS, SYSTEM_USER, update_frame};
+
 pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMessage) -> MessageFrame<'a> {
     MessageFrame {
         conversation,
@@ -445,5 +461,8 @@ pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMess
         deleted: m.deleted,
         body: &m.body,
         client_msg_id: &m.client_msg_id,
+        reply_to: m.reply_to,
+        edited_at: m.edited_at,
+        reactions: &m.reactions,
     }
 }

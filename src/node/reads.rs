@@ -21,10 +21,11 @@ impl Node {
         let mut got = self.engine.history(conversation, page).await?;
         let reset = client_epoch.is_some_and(|e| *e != *got.epoch);
         if reset
-            && let Page::After(after, limit) = page
+            && let Page::After(after, limit) | Page::Sync(after, limit) = page
             && after > 0
         {
-            got = self.engine.history(conversation, Page::After(0, limit)).await?;
+            let from_start = if matches!(page, Page::Sync(..)) { Page::Sync(0, limit) } else { Page::After(0, limit) };
+            got = self.engine.history(conversation, from_start).await?;
         }
         let mut receipts = self.engine.receipts(conversation).await?;
         if kind == Kind::Group {
@@ -49,11 +50,17 @@ impl Node {
             .iter()
             .map(|r| ReceiptState { user: &r.user, delivered_seq: r.delivered_seq, read_seq: r.read_seq })
             .collect();
-        let rendered: Vec<String> = got
-            .messages
-            .iter()
-            .map(|m| protocol::render(&ServerFrame::Message(message_frame(conversation, m))).to_string())
-            .collect();
+        // Messages (in their current state) and, for sync, updates: by seq.
+        let mut rendered: Vec<(u64, String)> =
+            got.messages
+                .iter()
+                .map(|m| (m.seq, protocol::render(&ServerFrame::Message(message_frame(conversation, m))).to_string()))
+                .chain(got.updates.iter().map(|u| {
+                    (u.seq, protocol::render(&ServerFrame::Update(update_frame(conversation, u))).to_string())
+                }))
+                .collect();
+        rendered.sort_by_key(|r| r.0);
+        let rendered: Vec<String> = rendered.into_iter().map(|r| r.1).collect();
         let head = protocol::render(&ServerFrame::History(HistoryPage {
             id,
             conversation,
@@ -71,7 +78,7 @@ impl Node {
         let mut used = 0;
         let order: Box<dyn Iterator<Item = &String>> = match page {
             Page::Before(..) => Box::new(rendered.iter().rev()),
-            Page::After(..) => Box::new(rendered.iter()),
+            Page::After(..) | Page::Sync(..) => Box::new(rendered.iter()),
         };
         for m in order {
             if keep > 0 && used + m.len() + 1 > room {
@@ -83,7 +90,7 @@ impl Node {
         let cut = keep < rendered.len();
         let kept: &[String] = match page {
             Page::Before(..) => &rendered[rendered.len() - keep..],
-            Page::After(..) => &rendered[..keep],
+            Page::After(..) | Page::Sync(..) => &rendered[..keep],
         };
         let messages = kept
             .iter()

@@ -54,6 +54,14 @@ impl Node {
         }
     }
 
+    /// A change of a message was stored (not a repeat): `message.updated`
+    /// with the update frame's fields.
+    pub(super) fn on_updated(&self, frame: &protocol::UpdateFrame<'_>) {
+        if let Some(w) = self.hook(EventType::MessageUpdated) {
+            w.emit(EventType::MessageUpdated, frame);
+        }
+    }
+
     pub(super) fn on_read(&self, conversation: &str, user: &str, read_seq: u64) {
         if let Some(w) = self.hook(EventType::MessageRead) {
             w.emit(EventType::MessageRead, &Read { conversation, user, read_seq });

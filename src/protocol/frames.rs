@@ -13,6 +13,7 @@ pub mod kind {
     pub const WELCOME: &str = "welcome";
     pub const REFRESHED: &str = "refreshed";
     pub const MESSAGE: &str = "message";
+    pub const UPDATE: &str = "update";
     pub const ACK: &str = "ack";
     pub const RECEIPT: &str = "receipt";
     pub const TYPING: &str = "typing";
@@ -31,6 +32,7 @@ pub enum ServerFrame<'a> {
     Welcome(Welcome<'a>),
     Refreshed(Refreshed<'a>),
     Message(MessageFrame<'a>),
+    Update(UpdateFrame<'a>),
     Ack(Ack<'a>),
     Receipt(Receipt<'a>),
     /// A batched receipt push (large conversations, v1.1).
@@ -59,6 +61,7 @@ impl ServerFrame<'_> {
             ServerFrame::Welcome(_) => kind::WELCOME,
             ServerFrame::Refreshed(_) => kind::REFRESHED,
             ServerFrame::Message(_) => kind::MESSAGE,
+            ServerFrame::Update(_) => kind::UPDATE,
             ServerFrame::Ack(_) => kind::ACK,
             ServerFrame::Receipt(_) | ServerFrame::ReceiptBatch(_) => kind::RECEIPT,
             ServerFrame::Typing(_) => kind::TYPING,
@@ -115,6 +118,13 @@ fn ser_ts<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_ts(*ms))
 }
 
+fn ser_opt_ts<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_str(&format_ts(*ms)),
+        None => s.serialize_none(),
+    }
+}
+
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
 pub struct UserRef {
     pub id: String,
@@ -134,6 +144,33 @@ pub struct MessageFrame<'a> {
     pub deleted: bool,
     pub body: &'a str,
     pub client_msg_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    /// Once edited (v1.2).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_ts")]
+    pub edited_at: Option<i64>,
+    /// Users in the order they reacted (v1.2); absent when none.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub reactions: &'a [crate::engine::Reaction],
+}
+
+/// A change of a message (v1.2): an event with its own `seq`. `body` on an
+/// edit only, `emoji` and `on` on a reaction only.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct UpdateFrame<'a> {
+    pub conversation: &'a str,
+    pub seq: u64,
+    #[serde(serialize_with = "ser_ts")]
+    pub ts: i64,
+    pub target: u64,
+    pub kind: &'static str,
+    pub user: SenderRef<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on: Option<bool>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
@@ -350,8 +387,23 @@ mod tests {
             deleted: false,
             body: "b",
             client_msg_id: "c",
+            reply_to: None,
+            edited_at: None,
+            reactions: &[],
+        };
+        let u = UpdateFrame {
+            conversation: "g",
+            seq: 2,
+            ts: 0,
+            target: 1,
+            kind: "delete",
+            user: sender.clone(),
+            body: None,
+            emoji: None,
+            on: None,
         };
         let frames = [
+            ServerFrame::Update(u),
             ServerFrame::Welcome(Welcome {
                 id: None,
                 user: &user,

@@ -18,6 +18,26 @@ pub enum Command {
         conversation: String,
         client_msg_id: String,
         body: String,
+        /// v1.2: the seq of the message this one replies to.
+        reply_to: Option<i64>,
+    },
+    /// v1.2: a new body for one's own message.
+    Edit {
+        conversation: String,
+        seq: i64,
+        body: String,
+    },
+    /// v1.2: takes one's own message back.
+    Delete {
+        conversation: String,
+        seq: i64,
+    },
+    /// v1.2: adds (`on`) or removes the user's reaction.
+    React {
+        conversation: String,
+        seq: i64,
+        emoji: String,
+        on: bool,
     },
     Delivered {
         conversation: String,
@@ -58,6 +78,9 @@ impl Command {
         match self {
             Command::Hello { .. } => "hello",
             Command::Send { .. } => "send",
+            Command::Edit { .. } => "edit",
+            Command::Delete { .. } => "delete",
+            Command::React { .. } => "react",
             Command::Delivered { .. } => "delivered",
             Command::Read { .. } => "read",
             Command::Typing { .. } => "typing",
@@ -104,6 +127,9 @@ struct Raw {
     after: Option<Value>,
     limit: Option<Value>,
     epoch: Option<Value>,
+    reply_to: Option<Value>,
+    emoji: Option<Value>,
+    on: Option<Value>,
 }
 
 fn valid_id(v: &Value) -> bool {
@@ -197,6 +223,26 @@ pub fn parse(text: &str) -> Result<Inbound, ParseError> {
                 conversation: conv(raw.conversation)?,
                 client_msg_id: take_str(raw.client_msg_id, "client_msg_id")?,
                 body: take_str(raw.body, "body")?,
+                reply_to: take_int(raw.reply_to, "reply_to")?,
+            },
+            "edit" => Command::Edit {
+                conversation: conv(raw.conversation)?,
+                seq: take_int(raw.seq, "seq")?.ok_or("missing field 'seq'")?,
+                body: take_str(raw.body, "body")?,
+            },
+            "delete" => Command::Delete {
+                conversation: conv(raw.conversation)?,
+                seq: take_int(raw.seq, "seq")?.ok_or("missing field 'seq'")?,
+            },
+            "react" => Command::React {
+                conversation: conv(raw.conversation)?,
+                seq: take_int(raw.seq, "seq")?.ok_or("missing field 'seq'")?,
+                emoji: take_str(raw.emoji, "emoji")?,
+                on: match raw.on {
+                    Some(Value::Bool(b)) => b,
+                    None | Some(Value::Null) => return Err("missing field 'on'".into()),
+                    Some(_) => return Err("'on' must be true or false".into()),
+                },
             },
             "delivered" | "read" => {
                 let conversation = conv(raw.conversation)?;
@@ -252,7 +298,12 @@ mod tests {
         assert_eq!(i.id, Some(json!(2)));
         assert_eq!(
             i.cmd,
-            Command::Send { conversation: "general".into(), client_msg_id: "c1".into(), body: "hi".into() }
+            Command::Send {
+                conversation: "general".into(),
+                client_msg_id: "c1".into(),
+                body: "hi".into(),
+                reply_to: None
+            }
         );
         let i = cmd(json!({"type":"history","id":"h","conversation":"g","before":43,"limit":500})).unwrap();
         assert_eq!(i.cmd, Command::History { conversation: "g".into(), before: Some(43), limit: 200 });

@@ -345,10 +345,22 @@ impl Session<'_> {
         }
     }
 
+    /// Takes one send from the user's budget (messages and changes alike).
+    fn send_budget(&mut self) -> Result<(), ChatError> {
+        if let Err(e) = self.node.check_send_rate(&self.conn.user) {
+            if self.strikes.limited() {
+                self.conn.closer.close(close::POLICY);
+            }
+            return Err(e);
+        }
+        self.strikes.rate = 0;
+        Ok(())
+    }
+
     /// Handles one authenticated frame; replies go to the connection's queue.
     async fn handle(&mut self, inbound: &Inbound, requests: &mut Bucket) -> Result<Option<u64>, ChatError> {
         let node = self.node;
-        let (conn, user) = (self.conn, self.user);
+        let user = self.user;
         let id = inbound.id.as_ref();
         if matches!(inbound.cmd, Command::History { .. } | Command::Sync { .. } | Command::Presence { .. }) {
             if let Err(ms) = requests.take() {
@@ -366,17 +378,23 @@ impl Session<'_> {
                 self.reply(kind::REFRESHED, protocol::render(&ServerFrame::Refreshed(Refreshed { id, exp: v.exp })));
                 return Ok(Some(v.exp));
             }
-            Command::Send { conversation, client_msg_id, body } => {
+            Command::Send { conversation, client_msg_id, body, reply_to } => {
                 node.validate_message(client_msg_id, body)?;
                 node.classify(conversation)?;
-                if let Err(e) = node.check_send_rate(&conn.user) {
-                    if self.strikes.limited() {
-                        conn.closer.close(close::POLICY);
-                    }
-                    return Err(e);
-                }
-                self.strikes.rate = 0;
-                let a = node.store_message(user, conversation, client_msg_id.clone(), body.clone()).await?;
+                self.send_budget()?;
+                let a = node.store_message(user, conversation, client_msg_id.clone(), body.clone(), *reply_to).await?;
+                let ack = Ack { id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
+                self.reply(kind::ACK, protocol::render(&ServerFrame::Ack(ack)));
+            }
+            // v1.2: changes draw from the send budget (limits.send_per_s and
+            // limits.send_burst, per user), like messages.
+            Command::Edit { conversation, seq, .. }
+            | Command::Delete { conversation, seq }
+            | Command::React { conversation, seq, .. } => {
+                let change = node.change_of(&inbound.cmd)?;
+                node.classify(conversation)?;
+                self.send_budget()?;
+                let a = node.change(user, conversation, *seq, change).await?;
                 let ack = Ack { id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
                 self.reply(kind::ACK, protocol::render(&ServerFrame::Ack(ack)));
             }
@@ -388,7 +406,7 @@ impl Session<'_> {
                 self.reply(kind::HISTORY, f);
             }
             Command::Sync { conversation, after, limit, epoch } => {
-                let page = Page::After(*after, *limit);
+                let page = Page::Sync(*after, *limit);
                 let f = node.history(&user.id, id, conversation, page, epoch.as_deref()).await?;
                 self.reply(kind::HISTORY, f);
             }

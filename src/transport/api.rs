@@ -19,10 +19,10 @@ use subtle::ConstantTimeEq;
 
 use super::api_error;
 use crate::{
-    engine::Page,
+    engine::{Change, Page},
     error::ChatError,
     ids,
-    node::{Kind, Node, message_frame},
+    node::{Kind, Node, message_frame, update_frame},
     protocol::{self, MAX_PAGE, ServerFrame, UserRef},
 };
 
@@ -226,6 +226,8 @@ pub struct PostMessage {
     sender_name: Option<String>,
     body: String,
     client_msg_id: String,
+    /// v1.2: the seq of the message this one replies to.
+    reply_to: Option<i64>,
 }
 
 /// `POST /api/v1/conversations/{id}/messages`: 201 first time, 200 on a repeat.
@@ -245,7 +247,7 @@ pub async fn post_message(
         .filter(|n| !n.trim().is_empty())
         .unwrap_or_else(|| req.sender.clone());
     let sender = UserRef { id: req.sender, name };
-    let a = node.send(&sender, &id, req.client_msg_id, req.body).await?;
+    let a = node.send(&sender, &id, req.client_msg_id, req.body, req.reply_to).await?;
     let status = if a.duplicate { StatusCode::OK } else { StatusCode::CREATED };
     let body = json!({"seq": a.seq, "ts": protocol::format_ts(a.ts_ms), "duplicate": a.duplicate});
     Ok((status, Json(body)).into_response())
@@ -276,6 +278,64 @@ pub async fn get_messages(
     let page = node.history_page(&id, page).await?;
     let messages: Vec<_> = page.messages.iter().map(|m| ServerFrame::Message(message_frame(&id, m))).collect();
     Ok(Json(json!({"messages": messages, "has_more": page.has_more})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchMessage {
+    body: String,
+    /// Who moderates (the update's `user`); default `system`.
+    sender: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteMessage {
+    sender: Option<String>,
+}
+
+/// `PATCH /api/v1/conversations/{id}/messages/{seq}` `{"body","sender"}`:
+/// the CRM's moderation edit (no sender rule, no edit window) -> 200 with
+/// the update; 404 for an unknown conversation or message.
+pub async fn patch_message(
+    State(node): State<Arc<Node>>,
+    Path((id, seq)): Path<(String, u64)>,
+    body: ApiJson<PatchMessage>,
+) -> Result<Response, ChatError> {
+    let req = body.0;
+    moderated(&node, &id, seq, Change::Edit(req.body.into()), req.sender).await
+}
+
+/// `DELETE /api/v1/conversations/{id}/messages/{seq}` (optional body
+/// `{"sender"}`): the CRM's moderation delete -> 200 with the update.
+pub async fn delete_message(
+    State(node): State<Arc<Node>>,
+    Path((id, seq)): Path<(String, u64)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ChatError> {
+    let req: DeleteMessage = if body.iter().all(u8::is_ascii_whitespace) {
+        DeleteMessage::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ChatError::bad_request(e.to_string()))?
+    };
+    moderated(&node, &id, seq, Change::Delete, req.sender).await
+}
+
+async fn moderated(
+    node: &Node,
+    id: &str,
+    seq: u64,
+    change: Change,
+    sender: Option<String>,
+) -> Result<Response, ChatError> {
+    must_exist(node, id).await?;
+    let Some(c) = node.moderate(id, seq, change, sender).await? else {
+        return Err(ChatError::not_found(format!("no message {seq} in '{id}'")));
+    };
+    let mut update = serde_json::to_value(ServerFrame::Update(update_frame(id, &c.update)))
+        .map_err(|e| ChatError::new(crate::error::ErrorCode::Internal, e.to_string()))?;
+    update["duplicate"] = c.appended.duplicate.into();
+    Ok(Json(update).into_response())
 }
 
 /// `GET /api/v1/users/{id}/conversations`: what `welcome` would list.

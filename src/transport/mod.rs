@@ -17,7 +17,7 @@ use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{delete, get, post, put},
+    routing::{delete, get, patch, post, put},
 };
 use ipnet::IpNet;
 use serde_json::json;
@@ -57,6 +57,7 @@ fn internal_routes(node: &Arc<Node>) -> Router<Arc<Node>> {
         )
         .route("/conversations/{id}/members", post(api::post_members))
         .route("/conversations/{id}/messages", post(api::post_message).get(api::get_messages))
+        .route("/conversations/{id}/messages/{seq}", patch(api::patch_message).delete(api::delete_message))
         .route("/users/{id}/conversations", get(api::get_user_conversations))
         .route("/users/{id}/messages", delete(api::delete_user_messages))
         .route("/users/{id}/disconnect", post(api::post_disconnect))

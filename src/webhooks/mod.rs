@@ -64,16 +64,19 @@ pub enum EventType {
     MessageUnread,
     UserOnline,
     UserOffline,
+    /// v1.2: a message was edited, deleted or reacted to.
+    MessageUpdated,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 7] = [
         EventType::MessageCreated,
         EventType::MessageRead,
         EventType::ConversationUpdated,
         EventType::MessageUnread,
         EventType::UserOnline,
         EventType::UserOffline,
+        EventType::MessageUpdated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +87,7 @@ impl EventType {
             EventType::MessageUnread => "message.unread",
             EventType::UserOnline => "user.online",
             EventType::UserOffline => "user.offline",
+            EventType::MessageUpdated => "message.updated",
         }
     }
 

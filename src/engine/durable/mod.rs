@@ -18,6 +18,8 @@
 //! - A full disk fails the batch (`unavailable`, nothing acked); reads go on
 //!   and writes succeed again once space returns.
 
+mod changes;
+mod ops;
 mod perms;
 mod store;
 mod writer;
@@ -37,10 +39,13 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::store::DB_FILE;
-use self::writer::{Op, Outbox, Settings, Writer};
+use self::{
+    ops::Op,
+    writer::{Outbox, Settings, Writer},
+};
 use super::{
-    Appended, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
-    ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership, memory::LocalPresence,
+    Appended, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, NewUpdate,
+    Page, ReceiptOutcome, ReceiptRow, Route, UpdateOutcome, local::LocalPresence, membership,
 };
 use crate::{
     config::Config,
@@ -206,18 +211,6 @@ impl DurableEngine {
     }
 }
 
-fn message(r: &rusqlite::Row) -> rusqlite::Result<StoredMessage> {
-    Ok(StoredMessage {
-        seq: r.get::<_, i64>(0)? as u64,
-        ts_ms: r.get(1)?,
-        sender_id: r.get::<_, String>(2)?.into(),
-        sender_name: r.get::<_, String>(3)?.into(),
-        body: r.get::<_, String>(4)?.into(),
-        client_msg_id: r.get::<_, String>(5)?.into(),
-        deleted: r.get::<_, i64>(6)? != 0,
-    })
-}
-
 #[async_trait]
 impl MessageStore for DurableEngine {
     async fn append(&self, msg: NewMessage, route: &Route) -> EngineResult<Option<Appended>> {
@@ -234,36 +227,26 @@ impl MessageStore for DurableEngine {
         let Some((id, _)) = self.conv_id(conversation) else {
             return Ok(MessagePage { epoch, ..MessagePage::default() });
         };
-        const COLS: &str = "SELECT seq, ts_ms, sender_id, sender_name, body, client_msg_id, deleted FROM messages";
-        let (messages, has_more) = self
-            .read(move |c| {
-                let (sql, bound, limit, newest_first) = match page {
-                    Page::Before(before, limit) => (
-                        "WHERE conv = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-                        before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64),
-                        limit,
-                        true,
-                    ),
-                    Page::After(after, limit) => (
-                        "WHERE conv = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3",
-                        after.min(i64::MAX as u64) as i64,
-                        limit,
-                        false,
-                    ),
-                };
-                let mut s = c.prepare_cached(&format!("{COLS} {sql}"))?;
-                let mut v = s
-                    .query_map(params![id, bound, limit.saturating_add(1).min(i64::MAX as usize) as i64], message)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                let more = v.len() > limit;
-                v.truncate(limit);
-                if newest_first {
-                    v.reverse();
-                }
-                Ok((v, more))
-            })
-            .await?;
-        Ok(MessagePage { messages, has_more, epoch })
+        let (messages, updates, has_more) = self.read(move |c| changes::page_of(c, id, page)).await?;
+        Ok(MessagePage { messages, updates, has_more, epoch })
+    }
+
+    async fn update(&self, update: NewUpdate, route: &Route) -> EngineResult<UpdateOutcome> {
+        let route = route.clone();
+        self.write(|reply| Op::Update { update, route, reply }).await
+    }
+
+    async fn is_message(&self, conversation: &str, seq: u64) -> EngineResult<bool> {
+        let Some((id, last_seq)) = self.conv_id(conversation) else {
+            return Ok(false);
+        };
+        if seq == 0 || seq > last_seq {
+            return Ok(false);
+        }
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM messages WHERE conv = ?1 AND seq = ?2")?.exists(params![id, seq as i64])
+        })
+        .await
     }
 
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64> {
@@ -431,7 +414,7 @@ impl Groups for DurableEngine {
     }
 }
 
-super::memory::single_node_broker_and_presence!(DurableEngine);
+super::local::single_node_broker_and_presence!(DurableEngine);
 
 #[async_trait]
 impl Engine for DurableEngine {

@@ -19,7 +19,7 @@ use crate::{config::Fsync, engine::Group};
 pub const DB_FILE: &str = "chat.db";
 /// Held (flock) for as long as a process uses the directory.
 const LOCK_FILE: &str = "LOCK";
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "2";
 
 /// Bodies are kept with a `deleted` flag so erasing a user's messages keeps
 /// `seq`, `ts` and `client_msg_id` (and so idempotency and gap-free paging).
@@ -45,6 +45,26 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL,
     client_msg_id TEXT NOT NULL,
     deleted INTEGER NOT NULL DEFAULT 0,
+    -- v1.2 (schema 2): the current state of a message people can change.
+    reply_to INTEGER,
+    edited_at INTEGER,
+    reactions TEXT NOT NULL DEFAULT '',
+    last_update INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conv, seq)
+);
+-- v1.2: every change of a message, under the conversation's seq counter
+-- (seqs of `messages` and `updates` never overlap).
+CREATE TABLE IF NOT EXISTS updates (
+    conv INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    target INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    body TEXT,
+    emoji TEXT,
+    on_ INTEGER,
     PRIMARY KEY (conv, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conv, sender_id, client_msg_id);
@@ -67,6 +87,14 @@ CREATE TABLE IF NOT EXISTS user_conversations (
     conv TEXT NOT NULL,
     PRIMARY KEY (user, conv)
 ) WITHOUT ROWID;
+";
+
+/// Schema 1 to 2 (v1.2): `updates` comes from [`SCHEMA`], the new columns here.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE messages ADD COLUMN reply_to INTEGER;
+ALTER TABLE messages ADD COLUMN edited_at INTEGER;
+ALTER TABLE messages ADD COLUMN reactions TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN last_update INTEGER NOT NULL DEFAULT 0;
 ";
 
 pub fn db_path(dir: &Path) -> PathBuf {
@@ -152,7 +180,10 @@ pub fn open(dir: &Path, fsync: Fsync) -> anyhow::Result<Opened> {
         conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0)).optional()
     };
     let version = meta("schema_version").map_err(|e| unreadable(&e))?;
-    if let Some(v) = &version
+    if version.as_deref() == Some("1") {
+        // Schema 1 (v1.1) to 2: the current-state columns of messages.
+        conn.execute_batch(MIGRATE_1_TO_2).map_err(|e| unreadable(&e))?;
+    } else if let Some(v) = &version
         && v != SCHEMA_VERSION
     {
         bail!("chat.data_dir: {} has store schema {v}; this build reads schema {SCHEMA_VERSION}", path.display());
@@ -277,4 +308,54 @@ fn load(conn: &Connection) -> rusqlite::Result<State> {
         index.entry(r.get(0)?).or_default().insert(r.get(1)?);
     }
     Ok(State { convs: convs.into(), user_index: index.into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written by v1.1 (schema 1: no current-state columns, no
+    /// `updates`) opens, keeps its epoch and messages, and takes changes.
+    #[test]
+    fn a_schema_1_store_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("crm-chat-schema1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let conn = Connection::open(db_path(&dir)).unwrap();
+            let v1 = SCHEMA
+                .replace(
+                    "    reply_to INTEGER,\n    edited_at INTEGER,\n    reactions TEXT NOT NULL DEFAULT '',\n    last_update INTEGER NOT NULL DEFAULT 0,\n",
+                    "",
+                );
+            let v1 = &v1[..v1.find("-- v1.2: every change").unwrap()];
+            assert!(!v1.contains("reply_to"), "the schema-1 shape");
+            conn.execute_batch(v1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO meta VALUES ('schema_version', '1'), ('epoch', 'e1'), ('clean_shutdown', '1'), ('fsync', 'always');
+                 INSERT INTO conversations (id, name, last_seq) VALUES (1, 'general', 1);
+                 INSERT INTO messages (conv, seq, ts_ms, sender_id, sender_name, body, client_msg_id)
+                   VALUES (1, 1, 5, 'alice', 'Alice', 'hi', 'c1');",
+            )
+            .unwrap();
+        }
+        let opened = open(&dir, Fsync::Always).unwrap();
+        assert_eq!(opened.epoch, "e1", "the epoch is kept");
+        let (body, reactions, last): (String, String, i64) = opened
+            .conn
+            .query_row("SELECT body, reactions, last_update FROM messages WHERE seq = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((body.as_str(), reactions.as_str(), last), ("hi", "", 0));
+        let n: i64 = opened.conn.query_row("SELECT count(*) FROM updates", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
+        let v: String =
+            opened.conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(opened);
+        // And again: schema 2 opens as it is.
+        drop(open(&dir, Fsync::Always).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -16,15 +16,13 @@ use tracing::Instrument;
 use super::{
     Inner, ValkeyEngine,
     errors::err,
-    payload::{Decoded, StreamEntry, decode, encode, stored},
+    payload::{Decoded, StreamEntry, decode, encode, entry_event},
 };
 use crate::{
     engine::{Broker, Route},
     error::EngineResult,
     hub::{Event, EventKind, Topic},
-    ids,
-    protocol::Text,
-    telemetry,
+    ids, telemetry,
 };
 
 /// The last message delivered of a (topic, conversation): its epoch and seq.
@@ -218,9 +216,8 @@ async fn deliver_message(
     match missing {
         Ok(entries) => {
             for e in &entries {
-                if let Ok((m, frame)) = stored(e) {
-                    let event = Event::new(EventKind::Message, Text::from(frame));
-                    deliver_next(inner, topic, conv, epoch, m.seq, &event);
+                if let Some((seq, event)) = entry_event(e) {
+                    deliver_next(inner, topic, conv, epoch, seq, &event);
                 }
             }
             crate::metrics::pubsub_resent(entries.len() as u64);
@@ -364,9 +361,9 @@ async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> Engi
     };
     let mut n = 0;
     for e in &entries {
-        let (m, frame) = stored(e)?;
-        let event = Event::new(EventKind::Message, Text::from(frame));
-        if matches!(deliver_next(inner, topic, &conv, &epoch, m.seq, &event), Order::Delivered(_)) {
+        let (seq, event) =
+            entry_event(e).ok_or_else(|| crate::error::EngineError::Internal(format!("stream entry {}", e.0)))?;
+        if matches!(deliver_next(inner, topic, &conv, &epoch, seq, &event), Order::Delivered(_)) {
             n += 1;
         }
     }

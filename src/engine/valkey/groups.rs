@@ -88,6 +88,8 @@ impl Groups for ValkeyEngine {
             k.conv(conversation, "rcpt"),
             k.conv(conversation, "msgs-erasing"),
             k.conv(conversation, "erasing"),
+            k.conv(conversation, "mseq"),
+            k.conv(conversation, "st"),
         ];
         let r = i.scripts.delete.run(&i.pool, keys, vec![k.conv(conversation, "own:")]).await?;
         let parts: Vec<fred::types::Value> = r.convert().map_err(err)?;

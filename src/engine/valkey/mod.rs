@@ -66,6 +66,7 @@
 //!   its client is answered.
 
 mod acks;
+mod changes;
 mod errors;
 mod fanout;
 mod groups;

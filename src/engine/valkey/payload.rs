@@ -3,10 +3,10 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    engine::StoredMessage,
+    engine::{Change, StoredMessage, StoredUpdate},
     error::{EngineError, EngineResult},
     hub::{Event, EventKind},
     node::message_frame,
@@ -22,6 +22,7 @@ use crate::{
 pub(super) fn encode(event: &Event) -> String {
     let (kind, conv, extra) = match &event.kind {
         EventKind::Message => ("m", "", String::new()),
+        EventKind::Update => ("u", "", String::new()),
         EventKind::Receipt if event.batch => ("R", "", String::new()),
         EventKind::Receipt => ("r", "", String::new()),
         EventKind::Typing => ("t", "", String::new()),
@@ -47,7 +48,7 @@ pub(super) type MessageSeq = (Arc<str>, Arc<str>, u64);
 /// A decoded payload.
 pub(super) struct Decoded<'a> {
     pub(super) event: Event,
-    /// For messages: conversation and seq.
+    /// For messages and updates: conversation, epoch and seq.
     pub(super) seq: Option<MessageSeq>,
     pub(super) traceparent: Option<&'a str>,
 }
@@ -58,6 +59,7 @@ pub(super) fn decode(payload: &str) -> Option<Decoded<'_>> {
     let (kind, exclude, us, conv, tp, extra) = (p.next()?, p.next()?, p.next()?, p.next()?, p.next()?, p.next()?);
     let (kind, batch) = match kind {
         "m" => (EventKind::Message, false),
+        "u" => (EventKind::Update, false),
         "r" => (EventKind::Receipt, false),
         "R" => (EventKind::Receipt, true),
         "t" => (EventKind::Typing, false),
@@ -68,8 +70,8 @@ pub(super) fn decode(payload: &str) -> Option<Decoded<'_>> {
         _ => return None,
     };
     let seq = match kind {
-        // `<seq>:<epoch>`
-        EventKind::Message => {
+        // `<seq>:<epoch>`: messages and updates share the seq order.
+        EventKind::Message | EventKind::Update => {
             let (seq, epoch) = extra.split_once(':')?;
             Some((Arc::<str>::from(conv), Arc::<str>::from(epoch), seq.parse().ok()?))
         }
@@ -104,12 +106,19 @@ pub(super) fn decode(payload: &str) -> Option<Decoded<'_>> {
 /// frame would carry something derived from the seq twice): a bug, caught by
 /// the unit test below.
 pub(super) fn message_template(conversation: &str, m: &StoredMessage) -> EngineResult<(String, String)> {
+    template(|seq| {
+        protocol::render(&ServerFrame::Message(MessageFrame { seq, ..message_frame(conversation, m) })).to_string()
+    })
+}
+
+/// Any text split around the one place `render(seq)` puts its seq (see
+/// [`message_template`] for how); used for `update` frames and the current
+/// state a change leaves (v1.2).
+pub(super) fn template(render: impl Fn(u64) -> String) -> EngineResult<(String, String)> {
     const A: u64 = u64::MAX;
     const B: u64 = u64::MAX - 1;
     let digits = A.to_string();
-    let a = protocol::render(&ServerFrame::Message(MessageFrame { seq: A, ..message_frame(conversation, m) }));
-    let b = protocol::render(&ServerFrame::Message(MessageFrame { seq: B, ..message_frame(conversation, m) }));
-    let (a, b) = (a.as_str(), b.as_str());
+    let (a, b) = (render(A), render(B));
     let split = a.bytes().zip(b.bytes()).position(|(x, y)| x != y).and_then(|last| {
         let start = (last + 1).checked_sub(digits.len())?;
         let one_seq = a.len() == b.len()
@@ -117,7 +126,82 @@ pub(super) fn message_template(conversation: &str, m: &StoredMessage) -> EngineR
             && a.get(last + 1..) == b.get(last + 1..);
         one_seq.then(|| (a[..start].to_string(), a[last + 1..].to_string()))
     });
-    split.ok_or_else(|| EngineError::Internal("the message frame does not hold its seq exactly once".into()))
+    split.ok_or_else(|| EngineError::Internal("the text does not hold its seq exactly once".into()))
+}
+
+/// The current state of a changed message (v1.2), kept beside its stream
+/// entry (which holds the message as sent): hash `st`, field = seq.
+#[derive(Serialize, Deserialize, Default)]
+pub(super) struct State {
+    pub(super) b: String,
+    #[serde(default)]
+    pub(super) d: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) e: Option<i64>,
+    /// Left out when empty (a Lua table round trip would turn `[]` into `{}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) r: Vec<crate::engine::Reaction>,
+    /// The ts of the last update.
+    #[serde(default)]
+    pub(super) lt: i64,
+    /// The seq of the last update: last, so the caller can split around it.
+    #[serde(default)]
+    pub(super) l: u64,
+}
+
+impl State {
+    pub(super) fn of(m: &StoredMessage, lt: i64) -> Self {
+        State { b: m.body.to_string(), d: m.deleted, e: m.edited_at, r: m.reactions.clone(), lt, l: m.last_update }
+    }
+
+    /// Applies a stored state to the message as sent (`""`: unchanged).
+    /// Returns the ts of its last update.
+    pub(super) fn apply(m: &mut StoredMessage, state: &str) -> EngineResult<i64> {
+        if state.is_empty() {
+            return Ok(m.ts_ms);
+        }
+        let s: State =
+            serde_json::from_str(state).map_err(|e| EngineError::Internal(format!("state of {}: {e}", m.seq)))?;
+        m.deleted |= s.d;
+        m.body = if m.deleted { "".into() } else { s.b.into() };
+        m.edited_at = s.e;
+        m.reactions = s.r;
+        m.last_update = s.l;
+        Ok(s.lt)
+    }
+}
+
+#[derive(Deserialize)]
+struct UpdateFields {
+    seq: u64,
+    target: u64,
+    kind: String,
+    user: SenderFields,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    emoji: Option<String>,
+    #[serde(default)]
+    on: Option<bool>,
+}
+
+/// A stored `update` frame read back (sync pages).
+pub(super) fn update_of(frame: &str, ts_ms: i64) -> EngineResult<StoredUpdate> {
+    let f: UpdateFields =
+        serde_json::from_str(frame).map_err(|e| EngineError::Internal(format!("update entry: {e}")))?;
+    let change = match f.kind.as_str() {
+        "edit" => Change::Edit(f.body.unwrap_or_default().into()),
+        "delete" => Change::Delete,
+        _ => Change::Reaction { emoji: f.emoji.unwrap_or_default().into(), on: f.on.unwrap_or(false) },
+    };
+    Ok(StoredUpdate {
+        seq: f.seq,
+        ts_ms,
+        target: f.target,
+        user_id: f.user.id.into(),
+        user_name: f.user.name.into(),
+        change,
+    })
 }
 
 /// The fields of a stored frame needed to rebuild a [`StoredMessage`].
@@ -129,6 +213,8 @@ struct FrameFields {
     client_msg_id: String,
     #[serde(default)]
     deleted: bool,
+    #[serde(default)]
+    reply_to: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -141,10 +227,15 @@ pub(super) type StreamEntry = (String, HashMap<String, String>);
 
 pub(super) fn stored(entry: &StreamEntry) -> EngineResult<(StoredMessage, String)> {
     let frame = entry.1.get("f").ok_or_else(|| EngineError::Internal(format!("entry {} has no frame", entry.0)))?;
-    let f: FrameFields =
-        serde_json::from_str(frame).map_err(|e| EngineError::Internal(format!("entry {}: {e}", entry.0)))?;
     let ts_ms = entry.1.get("t").and_then(|t| t.parse().ok()).unwrap_or(0);
-    let m = StoredMessage {
+    Ok((message_of(frame, ts_ms)?, frame.clone()))
+}
+
+/// A stored `message` frame read back (as sent; see [`State::apply`]).
+pub(super) fn message_of(frame: &str, ts_ms: i64) -> EngineResult<StoredMessage> {
+    let f: FrameFields =
+        serde_json::from_str(frame).map_err(|e| EngineError::Internal(format!("message entry: {e}")))?;
+    Ok(StoredMessage {
         seq: f.seq,
         ts_ms,
         sender_id: f.sender.id.into(),
@@ -152,8 +243,18 @@ pub(super) fn stored(entry: &StreamEntry) -> EngineResult<(StoredMessage, String
         body: f.body.into(),
         client_msg_id: f.client_msg_id.into(),
         deleted: f.deleted,
-    };
-    Ok((m, frame.clone()))
+        reply_to: f.reply_to,
+        ..StoredMessage::default()
+    })
+}
+
+/// A stream entry's seq and the event it was published as (a message, or an
+/// update when it has the kind field `x`), for gap fills and re-sends.
+pub(super) fn entry_event(entry: &StreamEntry) -> Option<(u64, Event)> {
+    let seq = entry.0.split_once('-')?.0.parse().ok()?;
+    let frame = entry.1.get("f")?;
+    let kind = if entry.1.contains_key("x") { EventKind::Update } else { EventKind::Message };
+    Some((seq, Event::new(kind, Text::from(frame.clone()))))
 }
 
 #[cfg(test)]
@@ -168,7 +269,7 @@ mod tests {
             sender_name: sender.1.into(),
             body: body.into(),
             client_msg_id: client_msg_id.into(),
-            deleted: false,
+            ..StoredMessage::default()
         }
     }
 

@@ -37,12 +37,14 @@ pub struct Scripts {
     pub delete: Lua,
     pub regress: Lua,
     pub connect: Lua,
+    pub update: Lua,
+    pub page: Lua,
 }
 
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            append: Lua::new("append", include_str!("lua/append.lua")),
+            append: Lua::new("append", concat!(include_str!("lua/retention.lua"), include_str!("lua/append.lua"))),
             receipt: Lua::new("receipt", include_str!("lua/receipt.lua")),
             group: Lua::new("group", include_str!("lua/group.lua")),
             presence: Lua::new("presence", include_str!("lua/presence.lua")),
@@ -53,6 +55,8 @@ impl Scripts {
             delete: Lua::new("delete", include_str!("lua/delete.lua")),
             regress: Lua::new("regress", include_str!("lua/regress.lua")),
             connect: Lua::new("connect", include_str!("lua/connect.lua")),
+            update: Lua::new("update", concat!(include_str!("lua/retention.lua"), include_str!("lua/update.lua"))),
+            page: Lua::new("page", include_str!("lua/page.lua")),
         }
     }
 }

@@ -9,12 +9,12 @@ use fred::prelude::*;
 use super::{
     ValkeyEngine,
     errors::err,
-    payload::{StreamEntry, message_template, stored},
+    payload::{message_template, stored},
 };
 use crate::{
     engine::{
-        Appended, Counters, MessagePage, MessageStore, NewMessage, Page, ReceiptOutcome, ReceiptRow, Route,
-        StoredMessage,
+        Appended, Counters, MessagePage, MessageStore, NewMessage, NewUpdate, Page, ReceiptOutcome, ReceiptRow, Route,
+        StoredMessage, UpdateOutcome,
     },
     error::{EngineError, EngineResult},
     hub::now_us,
@@ -37,7 +37,8 @@ impl MessageStore for ValkeyEngine {
             sender_name: msg.sender.name.as_str().into(),
             body: msg.body.as_str().into(),
             client_msg_id: msg.client_msg_id.as_str().into(),
-            deleted: false,
+            reply_to: msg.reply_to,
+            ..StoredMessage::default()
         };
         let (head, tail) = message_template(conv, &draft)?;
         let min_ts = if i.retention_age_ms > 0 { msg.ts_ms - i.retention_age_ms as i64 } else { 0 };
@@ -71,16 +72,15 @@ impl MessageStore for ValkeyEngine {
             // that holds messages.
             self.index(conv, pair, true).await?;
         }
-        // The send bucket: the user's own slot where keys may span slots;
-        // on Cluster the script's keys share the conversation's slot, so the
-        // bucket is per user and conversation there (the node-local limiter
-        // still bounds a user across conversations on each node).
-        let bucket = if i.cluster {
-            format!("{}:{}", k.conv(conv, "rate"), msg.sender.id)
-        } else {
-            format!("{}:{{u:{}}}:rate", k.prefix, msg.sender.id)
-        };
-        let keys = vec![k.conv(conv, "meta"), k.conv(conv, "msgs"), k.conv(conv, "idem"), k.conv(conv, "mem"), bucket];
+        let keys = vec![
+            k.conv(conv, "meta"),
+            k.conv(conv, "msgs"),
+            k.conv(conv, "idem"),
+            k.conv(conv, "mem"),
+            self.bucket(conv, &msg.sender.id),
+            k.conv(conv, "mseq"),
+            k.conv(conv, "st"),
+        ];
         let r: Vec<fred::types::Value> = i.scripts.append.run(&i.pool, keys, args).await?.convert().map_err(err)?;
         let int =
             |v: &fred::types::Value| v.as_i64().ok_or_else(|| EngineError::Internal(format!("append returned {r:?}")));
@@ -104,42 +104,15 @@ impl MessageStore for ValkeyEngine {
     }
 
     async fn history(&self, conversation: &str, page: Page) -> EngineResult<MessagePage> {
-        let key = self.inner.keys.conv(conversation, "msgs");
-        // The page and the epoch in one round trip.
-        let pipe = self.inner.pool.next().pipeline();
-        let (backwards, limit) = match page {
-            Page::Before(before, limit) => {
-                let end = match before {
-                    Some(0 | 1) => None,
-                    Some(b) => Some(format!("{}-0", b - 1)),
-                    None => Some("+".into()),
-                };
-                match end {
-                    Some(end) => {
-                        let _: () = pipe.xrevrange(&key, end, "-", Some(limit as u64 + 1)).await.map_err(err)?;
-                    }
-                    // Nothing before seq 1: an empty read keeps the shape.
-                    None => {
-                        let _: () = pipe.xrange(&key, "0-1", "0-1", Some(1)).await.map_err(err)?;
-                    }
-                }
-                (true, limit)
-            }
-            Page::After(after, limit) => {
-                let start = format!("{}-0", after.saturating_add(1));
-                let _: () = pipe.xrange(&key, start, "+", Some(limit as u64 + 1)).await.map_err(err)?;
-                (false, limit)
-            }
-        };
-        let _: () = pipe.hget(self.inner.keys.conv(conversation, "meta"), "epoch").await.map_err(err)?;
-        let (mut entries, epoch): (Vec<StreamEntry>, Option<String>) = pipe.all().await.map_err(err)?;
-        let has_more = entries.len() > limit;
-        entries.truncate(limit);
-        if backwards {
-            entries.reverse();
-        }
-        let messages = entries.iter().map(|e| stored(e).map(|s| s.0)).collect::<EngineResult<_>>()?;
-        Ok(MessagePage { messages, has_more, epoch: epoch.unwrap_or_default().into() })
+        self.page(conversation, page).await
+    }
+
+    async fn update(&self, update: NewUpdate, route: &Route) -> EngineResult<UpdateOutcome> {
+        self.store_update(update, route).await
+    }
+
+    async fn is_message(&self, conversation: &str, seq: u64) -> EngineResult<bool> {
+        self.is_message_at(conversation, seq).await
     }
 
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64> {
@@ -228,20 +201,23 @@ impl MessageStore for ValkeyEngine {
             base.push((last, read));
             epochs.push(Arc::<str>::from(triple[1].as_deref().unwrap_or_default()));
         }
+        // Unread: messages above read_seq (the message-seq index: updates
+        // never count) less the user's own.
         let pipe = client.pipeline();
         for (c, (_, read)) in conversations.iter().zip(&base) {
             let own = format!("{}{user}", k.conv(c, "own:"));
+            let _: () = pipe.zcount(k.conv(c, "mseq"), (*read + 1) as f64, f64::INFINITY).await.map_err(err)?;
             let _: () = pipe.zcount(own, (*read + 1) as f64, f64::INFINITY).await.map_err(err)?;
         }
-        let own: Vec<u64> = pipe.all().await.map_err(err)?;
+        let counts: Vec<u64> = pipe.all().await.map_err(err)?;
         Ok(base
             .into_iter()
-            .zip(own)
+            .zip(counts.chunks(2))
             .zip(epochs)
-            .map(|(((last_seq, read_seq), own), epoch)| Counters {
+            .map(|(((last_seq, read_seq), n), epoch)| Counters {
                 last_seq,
                 read_seq,
-                unread: last_seq.saturating_sub(read_seq).saturating_sub(own),
+                unread: n[0].saturating_sub(n[1]),
                 epoch,
             })
             .collect())
@@ -261,6 +237,20 @@ fn glob_escape(s: &str) -> String {
 }
 
 impl ValkeyEngine {
+    /// The user's send bucket (messages and changes draw from it): the
+    /// user's own slot where keys may span slots; on Cluster the script's
+    /// keys share the conversation's slot, so the bucket is per user and
+    /// conversation there (the node-local limiter still bounds a user across
+    /// conversations on each node).
+    pub(super) fn bucket(&self, conv: &str, user: &str) -> String {
+        let k = &self.inner.keys;
+        if self.inner.cluster {
+            format!("{}:{user}", k.conv(conv, "rate"))
+        } else {
+            format!("{}:{{u:{user}}}:rate", k.prefix)
+        }
+    }
+
     /// Every conversation where `user` has a retained message: the
     /// conversations holding the user's own-seqs set
     /// (`<p>:{c:<id>}:own:<user>`), found by SCAN over the whole keyspace
@@ -337,6 +327,7 @@ impl ValkeyEngine {
                     continue;
                 }
                 let m = StoredMessage { body: "".into(), deleted: true, ..m };
+                // The stream keeps the message as sent: its erased frame too.
                 erased.push((m.seq, protocol::render(&ServerFrame::Message(message_frame(conv, &m))).as_str().into()));
             }
         }
@@ -345,14 +336,21 @@ impl ValkeyEngine {
         }
         erased.sort_by_key(|e| e.0);
 
-        let keys = vec![msgs, k.conv(conv, "msgs-erasing"), k.conv(conv, "erasing")];
+        let keys = vec![msgs, k.conv(conv, "msgs-erasing"), k.conv(conv, "erasing"), k.conv(conv, "st")];
         let token = crate::engine::new_epoch();
         let ttl = ERASE_LOCK_MS.to_string();
+        let all: Vec<String> = erased.iter().map(|e| e.0.to_string()).collect();
         let step = |name: &str, from: u64, to: u64, pairs: &[(u64, String)]| {
             let mut args = vec![name.to_string(), token.clone(), user.to_string(), ttl.clone()];
+            // "finish": how many ARGV are pairs, then every erased seq (their
+            // current state is emptied in the same step as the swap).
+            let to = if name == "finish" { 2 * pairs.len() as u64 } else { to };
             args.extend([from.to_string(), to.to_string()]);
             for (seq, frame) in pairs {
                 args.extend([seq.to_string(), frame.clone()]);
+            }
+            if name == "finish" {
+                args.extend(all.iter().cloned());
             }
             i.scripts.erase.run(&i.pool, keys.clone(), args)
         };

@@ -7,6 +7,8 @@
 -- KEYS[3] idempotency hash (`<sender>\n<client_msg_id>` -> seq)
 -- KEYS[4] members set   (checked when ARGV[8] == "1")
 -- KEYS[5] the sender's send bucket (hash: tk = tokens, ts = ms of the last take)
+-- KEYS[6] message-seq index (sorted set: history pages and unread counts skip
+--         updates, v1.2)   KEYS[7] current-state hash (seq -> state of a changed message)
 -- ARGV[1] idempotency key        ARGV[2] ts (ms)          ARGV[3] sender id
 -- ARGV[4] frame head (`..."seq":`) ARGV[5] frame tail (`,"ts":...}`)
 -- ARGV[6] max messages kept      ARGV[7] min ts kept (ms, 0 = no age limit)
@@ -25,14 +27,6 @@
 
 if ARGV[8] == '1' and redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 0 then
   return {-1}
-end
-
-local function field(entry, name)
-  local f = entry[2]
-  for i = 1, #f, 2 do
-    if f[i] == name then return f[i + 1] end
-  end
-  return nil
 end
 
 local known = redis.call('HGET', KEYS[3], ARGV[1])
@@ -60,7 +54,8 @@ end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[12]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  -- A new history: its message-seq index is complete from the start.
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'mseq', '1')
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
 if rate > 0 then
@@ -72,34 +67,8 @@ redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame, 't', ARGV[2], 'u', ARGV[3],
 redis.call('HSET', KEYS[3], ARGV[1], seq)
 redis.call('ZADD', ARGV[9] .. ARGV[3], seq, seq)
 
--- Retention: drop the oldest entries beyond the count, and (a bounded number
--- per write) those older than the age limit, with their idempotency records.
-local function drop(entries)
-  for _, e in ipairs(entries) do
-    local id = e[1]
-    local s = string.match(id, '^(%d+)-')
-    redis.call('HDEL', KEYS[3], field(e, 'k'))
-    redis.call('ZREM', ARGV[9] .. field(e, 'u'), s)
-    redis.call('XDEL', KEYS[2], id)
-  end
-end
-local excess = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[6])
-if excess > 0 then
-  drop(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', excess))
-end
-local min_ts = tonumber(ARGV[7])
-if min_ts > 0 then
-  local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
-  local expired = {}
-  for _, e in ipairs(old) do
-    if tonumber(field(e, 't')) < min_ts and tonumber(string.match(e[1], '^(%d+)-')) < seq then
-      table.insert(expired, e)
-    else
-      break
-    end
-  end
-  drop(expired)
-end
+redis.call('ZADD', KEYS[6], seq, seq)
+retain(KEYS[2], KEYS[3], KEYS[6], KEYS[7], ARGV[9], tonumber(ARGV[6]), tonumber(ARGV[7]), seq)
 
 if ARGV[10] ~= 'n' then
   local payload = ARGV[11] .. seq .. ':' .. epoch .. '\n' .. frame

@@ -7,6 +7,7 @@
 -- KEYS[4] idempotency hash   KEYS[5] receipts hash
 -- KEYS[6] erasure scratch stream   KEYS[7] erasure lock (an erasure under
 --         way gives up when its lock is gone)
+-- KEYS[8] message-seq index (sorted set)   KEYS[9] current-state hash (v1.2)
 -- ARGV[1] own-seqs key prefix (+ sender id)
 -- Returns {} when no group has this id (a repeat, or never created), else
 -- {title, {members...}}: the members just before.
@@ -34,5 +35,5 @@ end
 for u, _ in pairs(senders) do
   redis.call('UNLINK', ARGV[1] .. u)
 end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 return {title, members}

@@ -26,14 +26,19 @@
 -- "copy"   ARGV[4] lock ttl (ms), ARGV[5] from seq (exclusive), ARGV[6] to seq
 --          (inclusive), ARGV[7..] pairs: seq, erased frame (rendered by the
 --          caller). Copies the entries in (from, to].
--- "finish" ARGV[4] unused, ARGV[5] from seq (exclusive), ARGV[6] unused,
---          ARGV[7..] pairs. Copies the entries above `from` and swaps.
+-- "finish" ARGV[4] unused, ARGV[5] from seq (exclusive), ARGV[6] how many
+--          ARGV are pairs, ARGV[7..] pairs, then every erased seq. Copies the
+--          entries above `from`, swaps, and empties the current state (v1.2)
+--          of every erased seq.
 -- "abort"  releases the lock and drops the scratch (the caller failed midway).
 -- "copy" and "finish" return how many messages they erased, or -1 when the
 -- lock is not this call's any more (the caller starts again).
 -- Every entry keeps its id and its fields t (ts), u (sender), k (idempotency
 -- key); an erased one gets f = the erased frame and d = "1". A seq whose
 -- entry is gone (retention), of another sender, or already erased is skipped.
+-- An edit update of the sender (v1.2: x = "e") gets f = its erased frame
+-- (field fe, stored with it), so no edited body outlives the swap either.
+-- KEYS[4] the current-state hash (v1.2).
 
 local step = ARGV[1]
 
@@ -66,7 +71,9 @@ local function field(entry, name)
 end
 
 local want = {}
-for i = 7, #ARGV, 2 do
+local pairs_end = #ARGV
+if step == 'finish' then pairs_end = 6 + tonumber(ARGV[6]) end
+for i = 7, pairs_end, 2 do
   want[ARGV[i] .. '-0'] = ARGV[i + 1]
 end
 
@@ -93,6 +100,18 @@ local function copy(start, stop)
         table.insert(out, '1')
         redis.call('XADD', KEYS[2], id, unpack(out))
         n = n + 1
+      elseif field(e, 'x') == 'e' and field(e, 'u') == ARGV[3] and field(e, 'fe') then
+        local out = {}
+        for i = 1, #f, 2 do
+          if f[i] == 'f' then
+            table.insert(out, 'f')
+            table.insert(out, field(e, 'fe'))
+          elseif f[i] ~= 'fe' then
+            table.insert(out, f[i])
+            table.insert(out, f[i + 1])
+          end
+        end
+        redis.call('XADD', KEYS[2], id, unpack(out))
       else
         redis.call('XADD', KEYS[2], id, unpack(f))
       end
@@ -119,4 +138,13 @@ else
   redis.call('DEL', KEYS[1])
 end
 redis.call('DEL', KEYS[3])
+for i = pairs_end + 1, #ARGV do
+  local state = redis.call('HGET', KEYS[4], ARGV[i])
+  if state then
+    local st = cjson.decode(state)
+    st['b'] = ''
+    st['d'] = true
+    redis.call('HSET', KEYS[4], ARGV[i], cjson.encode(st))
+  end
+end
 return n

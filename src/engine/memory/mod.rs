@@ -9,65 +9,31 @@
 //! nothing: receipts, typing, history and presence there only read.
 //! Each conversation has its own lock; a message is stored and handed to the
 //! hub under that lock, so every connection sees a conversation's messages in
-//! `seq` order.
+//! `seq` order. A change (v1.2) is decided, stored with its target's new
+//! state and handed to the hub under the same lock ([`log`]).
+
+mod log;
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap},
     sync::Arc,
 };
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
+use self::log::{Conversation, Decided, Entry};
+use super::local::LocalPresence;
 use super::{
-    Appended, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, Page,
-    ReceiptOutcome, ReceiptRow, Route, StoredMessage, membership,
+    Appended, Counters, Engine, Group, Groups, MembershipChange, MessagePage, MessageStore, NewMessage, NewUpdate,
+    Page, ReceiptOutcome, ReceiptRow, Refusal, Route, StoredMessage, UpdateOutcome, membership,
 };
 use crate::{
     error::EngineResult,
     hub::{Event, EventKind, Hub, now_us},
-    protocol::{ConversationObject, MessageFrame, SenderRef, ServerFrame, render},
+    node::{message_frame, update_frame},
+    protocol::{ConversationObject, ServerFrame, render},
 };
-
-#[derive(Default)]
-struct Conversation {
-    /// Retained messages, ascending; `messages[i].seq == first_seq + i`.
-    messages: VecDeque<StoredMessage>,
-    last_seq: u64,
-    /// `(sender, client_msg_id)` -> seq, for retained messages.
-    idempotency: HashMap<(Arc<str>, Arc<str>), u64>,
-    receipts: HashMap<String, (u64, u64)>,
-    group: Option<Group>,
-    open_members: BTreeSet<String>,
-    /// Set when the conversation was deleted: its history starts again under
-    /// this epoch instead of the process's.
-    epoch: Option<Arc<str>>,
-}
-
-impl Conversation {
-    fn first_seq(&self) -> u64 {
-        self.messages.front().map_or(self.last_seq + 1, |m| m.seq)
-    }
-
-    fn index_of(&self, seq: u64) -> usize {
-        // seq <= first: 0; seq beyond the end: len.
-        (seq.saturating_sub(self.first_seq()) as usize).min(self.messages.len())
-    }
-
-    fn epoch(&self, process: &Arc<str>) -> Arc<str> {
-        self.epoch.clone().unwrap_or_else(|| process.clone())
-    }
-
-    fn object(&self, id: &str) -> ConversationObject {
-        let g = self.group.as_ref();
-        ConversationObject {
-            id: id.to_string(),
-            title: g.map(|g| g.title.clone()).unwrap_or_default(),
-            members: g.map(|g| g.members.clone()).unwrap_or_default(),
-            last_seq: self.last_seq,
-        }
-    }
-}
 
 pub struct MemoryEngine {
     hub: Arc<Hub>,
@@ -147,38 +113,22 @@ impl MessageStore for MemoryEngine {
             }
             let sender: Arc<str> = msg.sender.id.as_str().into();
             let cmid: Arc<str> = msg.client_msg_id.as_str().into();
-            if let Some(&seq) = c.idempotency.get(&(sender.clone(), cmid.clone())) {
-                let i = c.index_of(seq);
-                let ts_ms = c.messages[i].ts_ms;
+            if let Some((seq, ts_ms)) = c.repeat(&sender, &cmid) {
                 return Ok(Some(Appended { seq, ts_ms, duplicate: true }));
             }
             let seq = c.last_seq + 1;
             let stored = StoredMessage {
                 seq,
                 ts_ms: msg.ts_ms,
-                sender_id: sender.clone(),
+                sender_id: sender,
                 sender_name: msg.sender.name.as_str().into(),
                 body: msg.body.as_str().into(),
-                client_msg_id: cmid.clone(),
-                deleted: false,
+                client_msg_id: cmid,
+                reply_to: msg.reply_to,
+                ..StoredMessage::default()
             };
-            let frame = render(&ServerFrame::Message(MessageFrame {
-                conversation: &msg.conversation,
-                seq,
-                ts: msg.ts_ms,
-                sender: SenderRef { id: &msg.sender.id, name: &msg.sender.name },
-                deleted: false,
-                body: &msg.body,
-                client_msg_id: &msg.client_msg_id,
-            }));
-            c.last_seq = seq;
-            c.messages.push_back(stored);
-            c.idempotency.insert((sender, cmid), seq);
-            while c.messages.len() > self.max_messages {
-                if let Some(old) = c.messages.pop_front() {
-                    c.idempotency.remove(&(old.sender_id, old.client_msg_id));
-                }
-            }
+            let frame = render(&ServerFrame::Message(message_frame(&msg.conversation, &stored)));
+            c.push(Entry::Message(stored), self.max_messages);
             first_message = seq == 1;
             let mut event = Event::new(EventKind::Message, frame);
             event.stored_at_us = Some(now_us());
@@ -198,20 +148,36 @@ impl MessageStore for MemoryEngine {
             return Ok(MessagePage { epoch: self.epoch.clone(), ..MessagePage::default() });
         };
         let c = conv.lock();
-        let (from, to, has_more) = match page {
-            Page::Before(before, limit) => {
-                let end = before.map_or(c.messages.len(), |b| c.index_of(b));
-                let start = end.saturating_sub(limit);
-                (start, end, start > 0)
-            }
-            Page::After(after, limit) => {
-                let start = c.index_of(after.saturating_add(1));
-                let end = (start + limit).min(c.messages.len());
-                (start, end, end < c.messages.len())
-            }
-        };
         let epoch = c.epoch(&self.epoch);
-        Ok(MessagePage { messages: c.messages.range(from..to).cloned().collect(), has_more, epoch })
+        Ok(c.page_with(page, epoch))
+    }
+
+    async fn update(&self, u: NewUpdate, route: &Route) -> EngineResult<UpdateOutcome> {
+        let Some(conv) = self.existing(&u.conversation) else {
+            let why = if u.require_member { Refusal::NotMember } else { Refusal::NoTarget };
+            return Ok(UpdateOutcome::Refused(why));
+        };
+        let mut c = conv.lock();
+        if u.require_member && !c.group.as_ref().is_some_and(|g| is_member(g, &u.user.id)) {
+            return Ok(UpdateOutcome::Refused(Refusal::NotMember));
+        }
+        Ok(match c.change(&u, self.max_messages) {
+            Decided::Refused(r) => UpdateOutcome::Refused(r),
+            Decided::Same(seq, ts_ms) => UpdateOutcome::Applied(Appended { seq, ts_ms, duplicate: true }),
+            Decided::Stored(up) => {
+                let frame = render(&ServerFrame::Update(update_frame(&u.conversation, &up)));
+                let mut event = Event::new(EventKind::Update, frame);
+                event.stored_at_us = Some(now_us());
+                // Under the conversation lock: delivery order is seq order.
+                let _fanout = tracing::debug_span!("fanout", kind = "update").entered();
+                self.dispatch(route, &event);
+                UpdateOutcome::Applied(Appended { seq: up.seq, ts_ms: up.ts_ms, duplicate: false })
+            }
+        })
+    }
+
+    async fn is_message(&self, conversation: &str, seq: u64) -> EngineResult<bool> {
+        Ok(self.existing(conversation).is_some_and(|c| c.lock().message(seq).is_some()))
     }
 
     async fn last_seq(&self, conversation: &str) -> EngineResult<u64> {
@@ -264,17 +230,7 @@ impl MessageStore for MemoryEngine {
         // Every conversation's retained messages are looked at (a rare admin
         // operation); each conversation is erased under its own lock.
         let convs: Vec<Arc<Mutex<Conversation>>> = self.convs.read().values().cloned().collect();
-        let empty: Arc<str> = Arc::from("");
-        let mut erased = 0;
-        for conv in convs {
-            let mut c = conv.lock();
-            for m in c.messages.iter_mut().filter(|m| !m.deleted && &*m.sender_id == user) {
-                m.body = empty.clone();
-                m.deleted = true;
-                erased += 1;
-            }
-        }
-        Ok(erased)
+        Ok(convs.into_iter().map(|c| c.lock().erase(user)).sum())
     }
 
     async fn counters(&self, user: &str, conversations: &[String]) -> EngineResult<Vec<Counters>> {
@@ -286,8 +242,7 @@ impl MessageStore for MemoryEngine {
                 };
                 let c = conv.lock();
                 let read_seq = c.receipts.get(user).map_or(0, |r| r.1);
-                let from = c.index_of(read_seq + 1);
-                let unread = c.messages.range(from..).filter(|m| &*m.sender_id != user).count() as u64;
+                let unread = c.unread(user, read_seq);
                 Counters { last_seq: c.last_seq, read_seq, unread, epoch: c.epoch(&self.epoch) }
             })
             .collect())
@@ -351,8 +306,7 @@ impl Groups for MemoryEngine {
             // Reset in place, under the lock: a send that raced the delete
             // finds no group (and stores nothing), a read finds no history.
             // The entry stays, holding the epoch a new group of this id gets.
-            let open_members = std::mem::take(&mut c.open_members);
-            *c = Conversation { open_members, epoch: Some(super::new_epoch().into()), ..Conversation::default() };
+            c.reset(super::new_epoch().into());
             MembershipChange {
                 conversation: ConversationObject {
                     id: conversation.to_string(),
@@ -389,94 +343,7 @@ impl Groups for MemoryEngine {
     }
 }
 
-/// [`Broker`] and [`Presence`] of an engine whose node is the only one (the
-/// in-memory and the durable embedded engines): events go straight to this
-/// node's hub (field `hub`), presence is counted here (field `presence`, a
-/// [`LocalPresence`]).
-macro_rules! single_node_broker_and_presence {
-    ($engine:ty) => {
-        #[async_trait]
-        impl $crate::engine::Broker for $engine {
-            async fn publish(&self, route: &$crate::engine::Route, event: $crate::hub::Event) -> EngineResult<()> {
-                for topic in route {
-                    self.hub.dispatch(topic, &event);
-                }
-                Ok(())
-            }
-
-            async fn subscribe(&self, _topics: &[$crate::hub::Topic]) -> EngineResult<()> {
-                // The hub is the only subscriber there is.
-                Ok(())
-            }
-
-            fn topics_changed(&self) {}
-        }
-
-        #[async_trait]
-        impl $crate::engine::Presence for $engine {
-            async fn connection_count(&self, user: &str) -> EngineResult<usize> {
-                Ok(self.presence.count(user))
-            }
-
-            async fn presence_up(&self, user: &str) -> EngineResult<bool> {
-                Ok(self.presence.up(user))
-            }
-
-            async fn presence_down(&self, user: &str) -> EngineResult<bool> {
-                Ok(self.presence.down(user))
-            }
-
-            async fn online(&self, users: Option<&[String]>) -> EngineResult<Vec<String>> {
-                Ok(self.presence.online(users))
-            }
-        }
-    };
-}
-pub(crate) use single_node_broker_and_presence;
-
-single_node_broker_and_presence!(MemoryEngine);
-
-/// Presence of a single-node engine: open connections per user, here.
-#[derive(Default)]
-pub(crate) struct LocalPresence(Mutex<HashMap<String, usize>>);
-
-impl LocalPresence {
-    pub(crate) fn count(&self, user: &str) -> usize {
-        self.0.lock().get(user).copied().unwrap_or(0)
-    }
-
-    pub(crate) fn up(&self, user: &str) -> bool {
-        let mut p = self.0.lock();
-        let n = p.entry(user.to_string()).or_default();
-        *n += 1;
-        *n == 1
-    }
-
-    pub(crate) fn down(&self, user: &str) -> bool {
-        let mut p = self.0.lock();
-        match p.get_mut(user) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                p.remove(user);
-                true
-            }
-            None => false,
-        }
-    }
-
-    pub(crate) fn online(&self, users: Option<&[String]>) -> Vec<String> {
-        let p = self.0.lock();
-        let mut out: Vec<String> = match users {
-            Some(list) => list.iter().filter(|u| p.contains_key(u.as_str())).cloned().collect(),
-            None => p.keys().cloned().collect(),
-        };
-        out.sort();
-        out
-    }
-}
+crate::engine::local::single_node_broker_and_presence!(MemoryEngine);
 
 #[async_trait]
 impl Engine for MemoryEngine {
