@@ -15,6 +15,7 @@ use std::{
 mod groups;
 mod reads;
 mod sessions;
+mod streams;
 mod webhooks;
 
 use parking_lot::Mutex;

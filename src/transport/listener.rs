@@ -55,7 +55,15 @@ pub struct Limits {
 pub struct Counted {
     tcp: TcpStream,
     open: Arc<AtomicUsize>,
+    /// Cancelled: the connection is dropped with an RST (see [`Abort`]).
+    abort: CancellationToken,
 }
+
+/// In every request's extensions: cancelling it drops the HTTP connection at
+/// once with an RST (an HTTP stream whose reader stopped; hyper has no write
+/// deadline of its own).
+#[derive(Clone)]
+pub struct Abort(pub CancellationToken);
 
 impl crate::session::Transport for Counted {
     fn reset(&self) {
@@ -67,6 +75,9 @@ impl crate::session::Transport for Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
+        if self.abort.is_cancelled() {
+            let _ = self.tcp.set_zero_linger();
+        }
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -134,8 +145,9 @@ pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: Cancel
             if limits.send_buffer > 0 {
                 let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(limits.send_buffer);
             }
-            let io = TokioIo::new(Counted { tcp, open: open.clone() });
-            conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone()));
+            let abort = CancellationToken::new();
+            let io = TokioIo::new(Counted { tcp, open: open.clone(), abort: abort.clone() });
+            conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone(), abort));
         }
         conns.close();
         if tokio::time::timeout(Duration::from_secs(5), conns.wait()).await.is_err() {
@@ -144,9 +156,18 @@ pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: Cancel
     })
 }
 
-async fn serve_one(io: TokioIo<Counted>, peer: SocketAddr, router: Router, limits: Limits, stop: CancellationToken) {
+async fn serve_one(
+    io: TokioIo<Counted>,
+    peer: SocketAddr,
+    router: Router,
+    limits: Limits,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) {
+    let on_request = abort.clone();
     let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(Abort(on_request.clone()));
         req
     });
     let conn = http1::Builder::new()
@@ -163,7 +184,12 @@ async fn serve_one(io: TokioIo<Counted>, peer: SocketAddr, router: Router, limit
         }
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let _ = tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(5), conn) => r.ok(),
+                _ = abort.cancelled() => None,
+            };
         }
+        // Dropping the connection resets it (see `Counted`'s drop).
+        _ = abort.cancelled() => {}
     }
 }

@@ -31,6 +31,10 @@ impl Keys {
             rest.strip_prefix("u:").map(|u| Topic::User(u.into()))
         }
     }
+    /// A node's control channel (forwarded POSTs and their answers).
+    pub(super) fn node_channel(&self, node: &str) -> String {
+        format!("{}:{{n:{node}}}:ctl", self.prefix)
+    }
     pub(super) fn nodes(&self) -> String {
         format!("{}:{{presence}}:nodes", self.prefix)
     }

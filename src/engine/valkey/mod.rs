@@ -20,6 +20,9 @@
 //! - `<p>:{u:<user>}:convs` set: the user's groups and direct conversations
 //! - `<p>:{presence}:nodes` / `<p>:{presence}:n:<node>`: node leases and
 //!   per-node connection counts
+//! - `<p>:{n:<node>}:ctl` channel: a node's control channel (HTTP streaming
+//!   POSTs forwarded to the node holding the session, and their answers;
+//!   `forward.rs`)
 //! - `<p>:{wh}:out` stream (consumer group `delivery`), `<p>:{wh}:retry`,
 //!   `<p>:{wh}:retry:age` sorted sets and `<p>:{wh}:retry:e` hash: the
 //!   webhook outbox; `<p>:{wh}:unread` sorted set and
@@ -59,6 +62,7 @@
 
 mod errors;
 mod fanout;
+mod forward;
 mod groups;
 mod keys;
 mod outbox;
@@ -71,7 +75,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -125,6 +129,11 @@ struct Inner {
     healthy_at_ms: AtomicI64,
     /// Set when this node's presence must be written again (after a lease loss).
     presence_lost: AtomicBool,
+    /// Whether this node's control channel is subscribed (`forward.rs`).
+    control_on: AtomicBool,
+    /// Forwarded POSTs waiting for the holding node's answer, by request id.
+    pending: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<crate::hub::streams::Offer>>>,
+    next_request: AtomicU64,
 }
 
 pub struct ValkeyEngine {
@@ -220,7 +229,13 @@ impl ValkeyEngine {
             delivered: Mutex::default(),
             healthy_at_ms: AtomicI64::new(crate::protocol::now_ms()),
             presence_lost: AtomicBool::new(true),
+            control_on: AtomicBool::new(false),
+            pending: Mutex::default(),
+            next_request: AtomicU64::new(1),
         });
+        if let Err(e) = inner.subscribe_control().await {
+            tracing::warn!(error = %e, "cannot subscribe the control channel yet; retried by maintenance");
+        }
         let engine = ValkeyEngine { inner: inner.clone(), tasks: Mutex::default() };
         engine.tasks.lock().push(tokio::spawn(receive(inner.clone())));
         engine.tasks.lock().push(tokio::spawn(watch_reconnects(inner)));
@@ -250,6 +265,7 @@ impl Engine for ValkeyEngine {
 
     async fn maintain(&self) -> EngineResult<Vec<String>> {
         self.inner.refresh_lease().await?;
+        self.inner.subscribe_control().await?;
         if self.inner.sub.is_connected() {
             self.inner.healthy_at_ms.store(crate::protocol::now_ms(), Ordering::Release);
         }
