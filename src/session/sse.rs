@@ -14,9 +14,12 @@ use std::{
     task::{Context, Poll},
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::body::Bytes;
 use base64::Engine as _;
-use tokio_util::sync::{CancellationToken, PollSender};
+use futures_util::task::AtomicWaker;
+use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::hub::{
@@ -30,9 +33,42 @@ const PING: &[u8] = b": ping\n\n";
 /// A chunk of the response body, or the error that aborts it.
 pub type Chunk = io::Result<Bytes>;
 
+/// The hand-off between the session and hyper: one chunk at most (an idle
+/// stream keeps no buffer; a tokio channel would keep a block of 32 slots).
+#[derive(Default)]
+struct Slot {
+    chunk: parking_lot::Mutex<Option<Chunk>>,
+    /// The session ended the body.
+    done: AtomicBool,
+    /// hyper dropped the body (the client went away).
+    gone: AtomicBool,
+    /// The body's reader (hyper) waits for a chunk.
+    to_body: AtomicWaker,
+    /// The session waits for room, or for the body to go.
+    to_session: AtomicWaker,
+}
+
 /// Writes into the response body, one chunk per write.
 pub struct BodyWriter {
-    tx: PollSender<Chunk>,
+    slot: Arc<Slot>,
+}
+
+impl BodyWriter {
+    fn close(&self) {
+        self.slot.done.store(true, Ordering::Release);
+        self.slot.to_body.wake();
+    }
+
+    /// Resolves once hyper dropped the body.
+    fn gone(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(|cx| {
+            if self.slot.gone.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.slot.to_session.register(cx.waker());
+            if self.slot.gone.load(Ordering::Acquire) { Poll::Ready(()) } else { Poll::Pending }
+        })
+    }
 }
 
 impl AsyncWrite for BodyWriter {
@@ -41,22 +77,32 @@ impl AsyncWrite for BodyWriter {
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Err(_closed) = std::task::ready!(self.tx.poll_reserve(cx)) {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        let slot = &self.slot;
+        let broken = || Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        if slot.gone.load(Ordering::Acquire) || slot.done.load(Ordering::Acquire) {
+            return broken();
+        }
+        let mut chunk = slot.chunk.lock();
+        if chunk.is_some() {
+            slot.to_session.register(cx.waker());
+            // Re-checked under the lock: the reader takes under it too.
+            if chunk.is_some() {
+                return if slot.gone.load(Ordering::Acquire) { broken() } else { Poll::Pending };
+            }
         }
         let n: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut chunk = Vec::with_capacity(n);
+        let mut bytes = Vec::with_capacity(n);
         for b in bufs {
-            chunk.extend_from_slice(b);
+            bytes.extend_from_slice(b);
         }
-        match self.tx.send_item(Ok(Bytes::from(chunk))) {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(_) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-        }
+        *chunk = Some(Ok(Bytes::from(bytes)));
+        drop(chunk);
+        slot.to_body.wake();
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -67,9 +113,48 @@ impl AsyncWrite for BodyWriter {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tx.close();
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.close();
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The response body: the chunks the session writes, until it ends.
+pub struct BodyStream {
+    slot: Arc<Slot>,
+}
+
+impl futures_util::Stream for BodyStream {
+    type Item = Chunk;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
+        let slot = &self.slot;
+        let take = || {
+            let c = slot.chunk.lock().take();
+            if c.is_some() {
+                slot.to_session.wake();
+            }
+            c
+        };
+        if let Some(c) = take() {
+            return Poll::Ready(Some(c));
+        }
+        if slot.done.load(Ordering::Acquire) {
+            return Poll::Ready(None);
+        }
+        slot.to_body.register(cx.waker());
+        match take() {
+            Some(c) => Poll::Ready(Some(c)),
+            None if slot.done.load(Ordering::Acquire) => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for BodyStream {
+    fn drop(&mut self) {
+        self.slot.gone.store(true, Ordering::Release);
+        self.slot.to_session.wake();
     }
 }
 
@@ -111,12 +196,12 @@ impl SseWire {
         node_id: &str,
         inbox_bytes: usize,
         abort: Option<CancellationToken>,
-    ) -> (SseWire, mpsc::Receiver<Chunk>) {
-        let (tx, rx) = mpsc::channel(1);
+    ) -> (SseWire, BodyStream) {
+        let slot = Arc::new(Slot::default());
         let id: Arc<str> = new_session_id(node_id).into();
         let inbox = Inbox::new(inbox_bytes);
         hub.streams.insert(id.clone(), inbox.clone());
-        (SseWire { id, hub, inbox, body: BodyWriter { tx: PollSender::new(tx) }, abort }, rx)
+        (SseWire { id, hub, inbox, body: BodyWriter { slot: slot.clone() }, abort }, BodyStream { slot })
     }
 
     /// Hands frames to this session directly (tests).
@@ -144,16 +229,10 @@ impl Wire for SseWire {
     }
 
     async fn recv(&mut self) -> Read {
-        let closed = async {
-            match self.body.tx.get_ref() {
-                Some(tx) => tx.closed().await,
-                None => {}
-            }
-        };
         tokio::select! {
             f = self.inbox.recv() => Read::Text(f),
             // The response is gone (the client went away).
-            _ = closed => Read::Ended(End::Gone),
+            _ = self.body.gone() => Read::Ended(End::Gone),
         }
     }
 
@@ -183,14 +262,14 @@ impl Wire for SseWire {
     async fn gone(&mut self) {}
 
     fn reset(&mut self) {
-        self.body.tx.close();
+        self.body.close();
         if let Some(abort) = &self.abort {
             abort.cancel();
         }
     }
 
     async fn shutdown(&mut self) {
-        self.body.tx.close();
+        self.body.close();
     }
 }
 

@@ -106,7 +106,7 @@ async fn open(node: Arc<Node>, req: Request, with_body: bool) -> Response {
         return api_error(&ChatError::unavailable("this node is at limits.max_connections; retry later"));
     };
     let abort = parts.extensions.get::<Abort>().map(|a| a.0.clone());
-    let (wire, mut rx) = SseWire::open(node.hub.clone(), &node.node_id, inbox_bytes(limits.max_frame_bytes), abort);
+    let (wire, body) = SseWire::open(node.hub.clone(), &node.node_id, inbox_bytes(limits.max_frame_bytes), abort);
     let task = {
         let node = node.clone();
         async move {
@@ -115,7 +115,7 @@ async fn open(node: Arc<Node>, req: Request, with_body: bool) -> Response {
         }
     };
     node.sessions.spawn(task.instrument(tracing::info_span!("stream")));
-    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let body = Body::from_stream(body);
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
