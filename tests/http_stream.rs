@@ -114,9 +114,9 @@ async fn bad_requests(chat: &Chat) {
     assert_eq!(status, 401);
     // An empty body and a Bearer token; GET with the cookie.
     let t = n.token(&unique("carol")).await;
-    let s = Stream::open_with(n.addr, false, "", &format!("Authorization: Bearer {t}\r\n")).await.ok().expect("bearer");
+    let s = Stream::open_with(n.addr, false, "", &format!("Authorization: Bearer {t}\r\n")).await.expect("bearer");
     assert!(s.welcome.get("id").is_none());
-    let s2 = Stream::open_with(n.addr, true, "", &format!("Cookie: chat_token={t}\r\n")).await.ok().expect("cookie");
+    let s2 = Stream::open_with(n.addr, true, "", &format!("Cookie: chat_token={t}\r\n")).await.expect("cookie");
     assert_ne!(s.session, s2.session);
     // The cookie from another site: 403.
     let evil = format!("Cookie: chat_token={t}\r\nOrigin: https://evil.example\r\n");
