@@ -32,6 +32,7 @@ export class HttpStreamSocket {
     this._queue = []; // frames waiting for the session or the next POST
     this._posting = false;
     this._opened = false;
+    this.unreachable = false;
     // Opens on the next tick, as a WebSocket would: `chat.js` sends its
     // hello from onopen, and that hello opens the stream.
     setTimeout(() => {
@@ -75,6 +76,9 @@ export class HttpStreamSocket {
         signal: this._abort.signal,
       });
     } catch {
+      // Not even an HTTP answer: the server is unreachable, not the upgrade
+      // refused (chat.js then goes back to the WebSocket first).
+      this.unreachable = true;
       return this._end(1006, 'stream failed');
     }
     if (resp.status !== 200) {

@@ -410,8 +410,10 @@ export class ChatClient extends EventTarget {
 
   _onClosed(code, reason) {
     if (this._wsHttp) {
-      // After HTTP streaming, the next reconnect tries the WebSocket once more.
-      this._wsFailures = 1;
+      // After HTTP streaming, the next reconnect tries the WebSocket once
+      // more; when the server did not even answer over HTTP, the WebSocket
+      // is not what failed: it gets its two tries again.
+      this._wsFailures = this._ws && this._ws.unreachable ? 0 : 1;
     } else if (!this._wsOpened) {
       this._wsFailures++;
     } else {
