@@ -160,16 +160,20 @@ pub async fn open(target: &Target, token: &str) -> Result<HttpLink, String> {
     let pinger = frames_tx.clone();
     let reader = tokio::spawn(async move {
         loop {
-            while let Some(at) = pending.find("\n\n") {
-                let ev: String = pending.drain(..at + 2).collect();
-                match event(&ev) {
+            // Every whole event of `pending`, in one pass; the rest stays.
+            let mut from = 0;
+            while let Some(at) = pending[from..].find("\n\n") {
+                let ev = &pending[from..from + at + 2];
+                from += at + 2;
+                match event(ev) {
                     None => {
                         let _ = pinger.send(r#"{"type":"ping"}"#.into());
                     }
                     Some(d) => {
-                        let close = serde_json::from_str::<serde_json::Value>(d)
-                            .ok()
-                            .filter(|v| v["type"] == "close")
+                        let close = d
+                            .starts_with(r#"{"type":"close""#)
+                            .then(|| serde_json::from_str::<serde_json::Value>(d).ok())
+                            .flatten()
                             .map(|v| v["code"].as_u64().unwrap_or(1006) as u16);
                         let msg = match close {
                             Some(code) => {
@@ -183,6 +187,7 @@ pub async fn open(target: &Target, token: &str) -> Result<HttpLink, String> {
                     }
                 }
             }
+            pending.drain(..from);
             match chunk(&mut r).await {
                 Ok(Some(c)) => pending.push_str(&String::from_utf8_lossy(&c)),
                 Ok(None) => return,
