@@ -78,7 +78,7 @@ pub fn render() -> String {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!("chat_connections", "Open, authenticated WebSocket connections on this node");
+    describe_gauge!("chat_connections", "Open, authenticated sessions on this node, by transport (ws, http)");
     describe_counter!("chat_frames_total", "WebSocket frames by direction and type");
     describe_counter!("chat_messages_stored_total", "Messages stored (not counting idempotent repeats)");
     describe_counter!("chat_deliveries_total", "Frames queued to local connections by fan-out");
@@ -93,6 +93,10 @@ fn describe() {
     describe_counter!(
         "chat_http_evicted_total",
         "Plain HTTP connections closed to make room for newer ones (limits.max_http_connections)"
+    );
+    describe_counter!(
+        "chat_stream_posts_total",
+        "POST /stream/chat/<session> answers, by status (202, 404, 413, 429, 503) and route (local, forwarded)"
     );
     describe_histogram!("chat_outbound_queue_depth", "Outbound queue depth seen by a connection writer");
     describe_histogram!("chat_valkey_command_seconds", "Latency of the Valkey engine's atomic scripts, by script");
@@ -161,7 +165,14 @@ pub fn frames_out(ty: &str, n: u64) {
     }
 }
 
-static CONNECTIONS: LazyLock<Gauge> = LazyLock::new(|| gauge!("chat_connections"));
+/// Open sessions by transport: `[ws, http]`.
+static CONNECTIONS: LazyLock<[Gauge; 2]> = LazyLock::new(|| {
+    [gauge!("chat_connections", "transport" => "ws"), gauge!("chat_connections", "transport" => "http")]
+});
+
+fn transport_index(transport: &str) -> usize {
+    usize::from(transport == "http")
+}
 static STORED: LazyLock<Counter> = LazyLock::new(|| counter!("chat_messages_stored_total"));
 static DELIVERIES: LazyLock<Counter> = LazyLock::new(|| counter!("chat_deliveries_total"));
 static FANOUT: LazyLock<Histogram> = LazyLock::new(|| histogram!("chat_fanout_latency_seconds"));
@@ -169,11 +180,11 @@ static SLOW: LazyLock<Counter> = LazyLock::new(|| counter!("chat_slow_consumer_c
 static STORAGE_ERRORS: LazyLock<Counter> = LazyLock::new(|| counter!("chat_storage_errors_total"));
 static QUEUE_DEPTH: LazyLock<Histogram> = LazyLock::new(|| histogram!("chat_outbound_queue_depth"));
 
-pub fn connection_opened() {
-    CONNECTIONS.increment(1.0);
+pub fn connection_opened(transport: &'static str) {
+    CONNECTIONS[transport_index(transport)].increment(1.0);
 }
-pub fn connection_closed() {
-    CONNECTIONS.decrement(1.0);
+pub fn connection_closed(transport: &'static str) {
+    CONNECTIONS[transport_index(transport)].decrement(1.0);
 }
 pub fn message_stored() {
     STORED.increment(1);
@@ -203,8 +214,11 @@ pub fn storage_error() {
 pub fn queue_depth(depth: usize) {
     QUEUE_DEPTH.record(depth as f64);
 }
-pub fn close(code: u16) {
-    counter!("chat_closes_total", "code" => code.to_string()).increment(1);
+pub fn close(transport: &'static str, code: u16) {
+    counter!("chat_closes_total", "code" => code.to_string(), "transport" => transport).increment(1);
+}
+pub fn stream_post(status: u16, route: &'static str) {
+    counter!("chat_stream_posts_total", "status" => status.to_string(), "route" => route).increment(1);
 }
 pub fn http_evicted() {
     counter!("chat_http_evicted_total").increment(1);

@@ -115,6 +115,7 @@
 import { ChatError, CONV_RE, dmId, parseDm, uuid } from './chat-util.js';
 import { ConversationStore } from './chat-store.js';
 import { Outbox } from './chat-outbox.js';
+import { HttpStreamSocket, streamUrl } from './chat-http.js';
 
 export { ChatError, dmId, parseDm, uuid };
 
@@ -168,6 +169,10 @@ function resolveUrl(url) {
  *   the first connection only.
  * @param {{info:Function,warn:Function}} [options.logger] Default: console.
  * @param {Function} [options.WebSocket] WebSocket constructor (tests).
+ * @param {'auto'|'http'|'websocket'} [options.transport] `auto` (default):
+ *   the WebSocket, and HTTP streaming (`/stream/chat`) after two upgrades in a
+ *   row fail without opening (a proxy that drops `Upgrade`); a later
+ *   reconnect tries the WebSocket once again. `http`: HTTP streaming only.
  * Other tunables: see DEFAULTS (requestTimeoutMs, backoffBaseMs, backoffCapMs,
  * stableMs, syncLimit, prefetch, prefetchLimit, maxSyncGap, typingIntervalMs,
  * maxBodyChars, maxFrameBytes, autoDelivered, refreshFraction, refreshLeadMs,
@@ -183,6 +188,9 @@ export class ChatClient extends EventTarget {
     this._firstToken = options.getToken && typeof options.token === 'string' ? options.token : null;
     this._logger = options.logger || console;
     this._WS = options.WebSocket || globalThis.WebSocket;
+    this._transportMode = options.transport || 'auto';
+    this.transport = null; // 'websocket' | 'http' once a connection opens
+    this._wsFailures = 0; // WebSocket attempts in a row that never opened
 
     this.user = null; // {id, name} after welcome
     this.heartbeatS = 25;
@@ -356,8 +364,10 @@ export class ChatClient extends EventTarget {
       if (this._authFailures && token === this._rejectedToken) return this._authRequired('token_expired');
     }
     let ws;
+    const http = this._transportMode === 'http' || (this._transportMode === 'auto' && this._wsFailures >= 2);
     try {
-      ws = new this._WS(resolveUrl(this._url));
+      const url = resolveUrl(this._url);
+      ws = http ? new HttpStreamSocket(streamUrl(url)) : new this._WS(url);
     } catch (err) {
       this._logger.warn('crm-chat: cannot open WebSocket:', err);
       this._scheduleReconnect({ code: 0, reason: 'open_failed' });
@@ -366,7 +376,10 @@ export class ChatClient extends EventTarget {
     this._ws = ws;
     this._token = token;
     this._ready = false;
+    this._wsOpened = false;
+    this._wsHttp = http;
     ws.onopen = () => {
+      if (ws === this._ws) this._wsOpened = true;
       if (ws !== this._ws || !token) return;
       this._helloId = this._nextId();
       this._raw({ type: 'hello', id: this._helloId, token });
@@ -406,6 +419,16 @@ export class ChatClient extends EventTarget {
   }
 
   _onClosed(code, reason) {
+    if (this._wsHttp) {
+      // After HTTP streaming, the next reconnect tries the WebSocket once
+      // more; when the server did not even answer over HTTP, the WebSocket
+      // is not what failed: it gets its two tries again.
+      this._wsFailures = this._ws && this._ws.unreachable ? 0 : 1;
+    } else if (!this._wsOpened) {
+      this._wsFailures++;
+    } else {
+      this._wsFailures = 0;
+    }
     this._teardown(new ChatError('disconnected', `connection closed (${code})`));
     if (this._stopped) {
       this._setState('closed', { code });
@@ -647,7 +670,9 @@ export class ChatClient extends EventTarget {
     this._scheduleRefresh(Number(f.exp));
     const reconnect = this._everConnected;
     this._everConnected = true;
-    this._logger.info('%cChat WebSocket Connected', 'color: green; font-weight: bold');
+    this.transport = this._wsHttp ? 'http' : 'websocket';
+    if (this._wsHttp) this._logger.info('%cChat connected over HTTP streaming', 'color: green; font-weight: bold');
+    else this._logger.info('%cChat WebSocket Connected', 'color: green; font-weight: bold');
     this._armIdle();
     const ws = this._ws;
     this._timers.stable = setTimeout(() => { if (ws === this._ws) this._attempt = 0; }, this.options.stableMs);

@@ -861,6 +861,127 @@ async fn two_browsers_chat_through_a_server_restart() {
 
 // ------------------------------------------------------------- v1.1 tests
 
+// ---------------------------------------------------- HTTP streaming fallback
+
+/// Debian's nginx, started with a temporary configuration on an ephemeral
+/// port: it refuses every WebSocket upgrade on `/ws/` (403, as a proxy that
+/// cannot pass `Upgrade` would fail it) and proxies `/stream/` with response
+/// buffering off, as `nginx/` in the repository does.
+struct Nginx {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(backend: std::net::SocketAddr) -> Nginx {
+        let bin = require_binary("NGINX", "/usr/sbin/nginx");
+        let dir = std::env::temp_dir().join(format!("crm-chat-nginx-{}", unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 512; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n\
+                 location /ws/ {{ return 403; }}\n\
+                 location /stream/ {{\n      proxy_pass http://{backend};\n      proxy_http_version 1.1;\n\
+                   proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n\
+                   proxy_buffering off;\n      proxy_request_buffering off;\n      proxy_read_timeout 1h;\n    }}\n\
+                 location / {{\n      proxy_pass http://{backend};\n      proxy_set_header Host $http_host;\n    }}\n\
+               }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new(bin)
+            .args(["-e", &format!("{d}/error.log"), "-p", &d.to_string(), "-c", &path.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nginx");
+        let deadline = Instant::now() + WAIT;
+        while StdTcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen on {port}");
+            std::thread::sleep(POLL);
+        }
+        Nginx { child, port, dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Browser {
+    /// The `Chat connected over HTTP streaming` console lines (green), and
+    /// the WebSocket ones.
+    async fn transport_logs(&self) -> (usize, usize) {
+        let (mut http, mut ws) = (0, 0);
+        for e in self.read_console().await {
+            if let Some(at) = e.message.find("\"%cChat connected over HTTP streaming\"") {
+                let style = &e.message[at..];
+                assert!(style.contains("color: green"), "{}: HTTP streaming log without green: {e:?}", self.name);
+                assert_eq!(e.level, "INFO", "{}: {e:?}", self.name);
+                http += 1;
+            }
+            if e.message.contains("\"%cChat WebSocket Connected\"") {
+                ws += 1;
+            }
+        }
+        (http, ws)
+    }
+}
+
+/// PROTOCOL v1.2: behind a proxy that refuses WebSocket upgrades, the demo
+/// page still signs in (after two failed upgrades, over HTTP streaming),
+/// says so in green on the console, sends, and shows both ticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_chats_over_http_streaming_when_nginx_refuses_websockets() {
+    let _serial = serial().await;
+    let server = Server::start(&[]).await;
+    let nginx = Nginx::start(server.addr);
+    let refused = reqwest::get(nginx.url("/ws/chat")).await.unwrap().status();
+    assert_eq!(refused, 403, "the proxy refuses /ws/");
+    let driver = Chromedriver::start().await;
+    let (alice, bob) = tokio::join!(driver.browser("alice"), driver.browser("bob"));
+    let page = nginx.url("/");
+    tokio::join!(alice.login_at(&page, "alice", "Alice"), bob.login_at(&page, "bob", "Bob"));
+    for b in [&alice, &bob] {
+        let (http, ws) = b.transport_logs().await;
+        assert_eq!((http, ws), (1, 0), "{}: console {:?}", b.name, b.console.lock().unwrap());
+        let t = b.js("return window.__chat ? window.__chat.transport : null;", json!([])).await;
+        assert!(t.is_null() || t == "http", "{t}");
+    }
+    tokio::join!(alice.open_dm("bob"), bob.open_dm("alice"));
+    let m1 = "Sent over HTTP streaming through nginx";
+    alice.send(m1).await;
+    bob.wait_body(m1).await;
+    alice.wait_ticks(m1, "read").await;
+    let history = alice.tick_history(m1).await;
+    assert!(history.ends_with(&["read".to_string()]), "{history:?}");
+    let m2 = "And back";
+    bob.send(m2).await;
+    alice.wait_body(m2).await;
+    bob.wait_ticks(m2, "read").await;
+    alice.snap("browser-http-streaming.png").await;
+    let m = server.metrics().await;
+    assert!(
+        m.lines().any(|l| l.starts_with("chat_connections{") && l.contains("transport=\"http\"") && l.ends_with(" 2")),
+        "two sessions over HTTP streaming:\n{m}"
+    );
+    tokio::join!(alice.quit(), bob.quit());
+}
+
 /// Fails the test naming a server feature of PROTOCOL v1.1 that is missing,
 /// so a red run says what the server lacks rather than timing out somewhere.
 fn server_lacks(feature: &str, detail: impl std::fmt::Display) -> ! {

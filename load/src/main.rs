@@ -23,6 +23,7 @@
 mod conns;
 mod fanout;
 mod floor;
+mod http;
 mod pairs;
 mod reactions;
 mod stats;
@@ -93,6 +94,10 @@ struct Common {
     /// Prefix of the user and conversation ids this run creates (default: random, so runs never collide).
     #[arg(long, global = true)]
     prefix: Option<String>,
+    /// Transport of every client: `ws` (WebSocket) or `http` (HTTP streaming:
+    /// an SSE stream per client, frames by POST).
+    #[arg(long, default_value = "ws", value_parser = ["ws", "http"], global = true)]
+    transport: String,
     /// Server process id(s) whose VmRSS is read before and after (comma-separated or repeated).
     #[arg(long = "server-pid", value_delimiter = ',', global = true)]
     server_pids: Vec<u32>,
@@ -314,6 +319,7 @@ fn main() -> ExitCode {
 /// common to every scenario and the scenario's own.
 async fn run(cli: Cli) -> Result<(Value, Value), Fatal> {
     let c = cli.common;
+    ws::HTTP_TRANSPORT.store(c.transport == "http", Ordering::Relaxed);
     let targets = c.urls.iter().map(|u| target::parse(u, c.allow_remote)).collect::<Result<Vec<_>, _>>()?;
     if targets.is_empty() {
         return Err(fatal("no --url"));
@@ -350,6 +356,7 @@ async fn run(cli: Cli) -> Result<(Value, Value), Fatal> {
         "nodes": nodes,
         "prefix": ctx.prefix,
         "tokens": if c.jwt_secret.is_some() { "signed" } else { "dev" },
+        "transport": c.transport,
     });
     let duration = cli.scenario.duration(c.duration_s);
     let figures = match &cli.scenario {

@@ -23,7 +23,75 @@ use crate::target::Target;
 /// One connect + upgrade + welcome may take this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A client link: a WebSocket, or HTTP streaming (`--transport http`)
+/// behind the same `Stream`/`Sink` of messages.
+pub enum Ws {
+    Ws(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
+    Http(crate::http::HttpLink),
+}
+
+/// `--transport http`: every link is HTTP streaming.
+pub static HTTP_TRANSPORT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Ws {
+    pub async fn close(&mut self, frame: Option<tungstenite::protocol::CloseFrame>) -> Result<(), tungstenite::Error> {
+        match self {
+            Ws::Ws(w) => w.close(frame).await,
+            Ws::Http(h) => h.close(frame).await,
+        }
+    }
+}
+
+impl futures_util::Stream for Ws {
+    type Item = Result<Message, tungstenite::Error>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Ws::Ws(w) => std::pin::Pin::new(w.as_mut()).poll_next(cx),
+            Ws::Http(h) => std::pin::Pin::new(h).poll_next(cx),
+        }
+    }
+}
+
+impl futures_util::Sink<Message> for Ws {
+    type Error = tungstenite::Error;
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        match self.get_mut() {
+            Ws::Ws(w) => std::pin::Pin::new(w.as_mut()).poll_ready(cx),
+            Ws::Http(h) => std::pin::Pin::new(h).poll_ready(cx),
+        }
+    }
+    fn start_send(self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+        match self.get_mut() {
+            Ws::Ws(w) => std::pin::Pin::new(w.as_mut()).start_send(item),
+            Ws::Http(h) => std::pin::Pin::new(h).start_send(item),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        match self.get_mut() {
+            Ws::Ws(w) => std::pin::Pin::new(w.as_mut()).poll_flush(cx),
+            Ws::Http(h) => std::pin::Pin::new(h).poll_flush(cx),
+        }
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        match self.get_mut() {
+            Ws::Ws(w) => std::pin::Pin::new(w.as_mut()).poll_close(cx),
+            Ws::Http(h) => std::pin::Pin::new(h).poll_close(cx),
+        }
+    }
+}
+
 pub type WsTx = SplitSink<Ws, Message>;
 pub type WsRx = SplitStream<Ws>;
 
@@ -45,8 +113,13 @@ pub fn close_key(f: Option<tungstenite::protocol::CloseFrame>) -> String {
     format!("close_{}", f.map_or(1005, |f| u16::from(f.code)))
 }
 
-/// Connects with the token at upgrade and waits for `welcome`.
+/// Connects with the token at upgrade and waits for `welcome` (or opens an
+/// HTTP stream, with `--transport http`).
 pub async fn open(target: &Target, token: &str, read_buffer: usize) -> Result<Ws, String> {
+    if HTTP_TRANSPORT.load(std::sync::atomic::Ordering::Relaxed) {
+        let link = timeout(CONNECT_TIMEOUT, crate::http::open(target, token)).await;
+        return link.unwrap_or_else(|_| Err("timeout".into())).map(Ws::Http);
+    }
     let fut = async {
         let mut req = target.ws.as_str().into_client_request().map_err(classify)?;
         let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
@@ -57,7 +130,7 @@ pub async fn open(target: &Target, token: &str, read_buffer: usize) -> Result<Ws
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => {
                     return match serde_json::from_str::<Frame>(&t) {
-                        Ok(f) if f.ty == "welcome" => Ok(ws),
+                        Ok(f) if f.ty == "welcome" => Ok(Ws::Ws(Box::new(ws))),
                         Ok(f) => Err(format!("first frame {} {}", f.ty, f.code.as_deref().unwrap_or(""))),
                         Err(_) => Err("first frame unparseable".into()),
                     };

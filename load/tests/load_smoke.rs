@@ -31,6 +31,15 @@ async fn load(servers: &[Server], args: &[&str]) -> Value {
     v
 }
 
+/// [`load`] with `--transport <transport>` first; checks the report names it.
+async fn load_over(servers: &[Server], transport: &str, args: &[&str]) -> Value {
+    let mut all = vec!["--transport", transport];
+    all.extend_from_slice(args);
+    let v = load(servers, &all).await;
+    assert_eq!(v["transport"], transport, "{v}");
+    v
+}
+
 fn assert_clean(v: &Value) {
     for k in ["lost", "duplicated", "out_of_order"] {
         assert_eq!(v[k], 0, "{k}: {v}");
@@ -39,9 +48,14 @@ fn assert_clean(v: &Value) {
 }
 
 async fn every_scenario(servers: &[Server]) {
+    every_scenario_over(servers, "ws").await;
+}
+
+/// Every scenario with `--transport <transport>`.
+async fn every_scenario_over(servers: &[Server], transport: &str) {
     let engine = if servers.len() == 1 { "memory" } else { "valkey" };
     // conns, with dev tokens from the server.
-    let v = load(servers, &["conns", "--n", "50", "--hold-s", "1", "--duration-s", "60"]).await;
+    let v = load_over(servers, transport, &["conns", "--n", "50", "--hold-s", "1", "--duration-s", "60"]).await;
     assert_eq!(v["nodes"][0]["engine"], engine, "{v}");
     assert_eq!(v["tokens"], "dev");
     assert_eq!(v["established"], 50, "{v}");
@@ -50,8 +64,9 @@ async fn every_scenario(servers: &[Server]) {
     assert!(v["server_rss_per_conn_kib"].is_number(), "{v}");
 
     // fanout: 20 members x 20 messages, with signed tokens.
-    let v = load(
+    let v = load_over(
         servers,
+        transport,
         &[
             "--jwt-secret",
             JWT_SECRET,
@@ -78,7 +93,8 @@ async fn every_scenario(servers: &[Server]) {
     assert_eq!(v["expected_deliveries"], 400, "{v}");
 
     // pairs: 5 direct conversations for 2 s.
-    let v = load(servers, &["--jwt-secret", JWT_SECRET, "pairs", "--pairs", "5", "--duration-s", "2"]).await;
+    let v = load_over(servers, transport, &["--jwt-secret", JWT_SECRET, "pairs", "--pairs", "5", "--duration-s", "2"])
+        .await;
     assert_clean(&v);
     assert_eq!(v["pairs_connected"], 5, "{v}");
     assert!(v["round_trips"].as_u64().unwrap() > 0, "{v}");
@@ -99,6 +115,15 @@ async fn every_scenario(servers: &[Server]) {
 async fn load_tool_on_the_embedded_engine() {
     let server = Server::start(&[]).await;
     every_scenario(std::slice::from_ref(&server)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_tool_over_http_streaming() {
+    let server = Server::start(&[]).await;
+    every_scenario_over(std::slice::from_ref(&server), "http").await;
+    let valkey = common::valkey::Valkey::start().await;
+    let nodes = common::start_nodes(2, &valkey.url(), &[]).await;
+    every_scenario_over(&nodes, "http").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -358,6 +358,21 @@ pub trait Broker: Send + Sync + 'static {
     /// The hub dropped interest in some topics; unsubscribe lazily.
     fn topics_changed(&self);
 
+    /// Hands client frames to the HTTP streaming session `session` held by
+    /// node `node` (another node: the caller checked its own hub), answering
+    /// only once that node queued them (or refused). A node that holds no
+    /// live lease, or does not know the session, answers
+    /// [`Offer::Unknown`](crate::hub::streams::Offer::Unknown). An engine
+    /// with one node has no other node to ask.
+    async fn forward(
+        &self,
+        _node: &str,
+        _session: &str,
+        _frames: Vec<crate::protocol::Text>,
+    ) -> EngineResult<crate::hub::streams::Offer> {
+        Ok(crate::hub::streams::Offer::Unknown)
+    }
+
     /// Whether a typing event of `user` in `conversation` may go out now:
     /// at most one per `every` across the cluster. The node checks its own
     /// throttle first; an engine with one node has nothing to add.

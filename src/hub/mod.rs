@@ -36,6 +36,7 @@ use crate::{
 };
 
 mod batch;
+pub mod streams;
 
 use batch::Batch;
 
@@ -225,6 +226,8 @@ pub struct Hub {
     /// Presence and receipt changes of large conversations waiting for the
     /// next [`Hub::flush_batches`]; only conversations with local subscribers.
     batches: Mutex<HashMap<Arc<str>, Batch>>,
+    /// Open HTTP streaming sessions, by session id (their inboxes).
+    pub streams: streams::Streams,
 }
 
 impl Hub {

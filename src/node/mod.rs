@@ -16,6 +16,7 @@ mod changes;
 mod groups;
 mod reads;
 mod sessions;
+mod streams;
 mod webhooks;
 
 use parking_lot::Mutex;

@@ -222,6 +222,9 @@ pub struct Welcome<'a> {
     pub max_body_chars: usize,
     /// When the session's token expires (seconds since the epoch): refresh before.
     pub exp: u64,
+    /// HTTP streaming: the session id, the capability for sending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<&'a str>,
     pub conversations: &'a [ConversationEntry],
 }
 
@@ -410,6 +413,7 @@ mod tests {
                 heartbeat_s: 25,
                 max_body_chars: 4000,
                 exp: 0,
+                session: None,
                 conversations: &[],
             }),
             ServerFrame::Refreshed(Refreshed { id: Some(&id), exp: 1 }),

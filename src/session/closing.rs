@@ -1,6 +1,7 @@
 //! Closing (RFC 6455): the close frame carries the first code decided; then
 //! the session reads and discards until the client's close frame or
-//! [`LINGER`], so the code reaches the client instead of a reset.
+//! [`LINGER`], so the code reaches the client instead of a reset. On HTTP
+//! streaming the close is the last `close` event, then the response ends.
 
 use super::*;
 
@@ -39,41 +40,29 @@ pub(super) fn close_message(code: u16) -> Message {
     Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: close::reason(code).into() }))
 }
 
-/// Ends a session: the close frame (after the replies queued before the
-/// decision, unless the client is too slow for them), the lingering read,
-/// then the end of the TCP connection.
-pub async fn finish<S>(
-    ws: &mut WebSocketStream<S>,
+/// Ends a session: the close (after the replies queued before the decision,
+/// unless the client is too slow for them), the lingering read, then the end
+/// of the connection. The same for every [`Wire`].
+pub async fn finish<W: Wire>(
+    wire: &mut W,
     end: End,
     queued: Option<(&mut Writer, &Conn, &mut mpsc::Receiver<Outgoing>)>,
     write_timeout: Duration,
-) where
-    S: Transport,
-{
-    let linger_until = |from: Instant| from + LINGER;
+) {
     match end {
-        End::Gone => {
-            // The client's close frame was answered by the WebSocket layer;
-            // make sure the answer left.
-            let _ = timeout(Duration::from_secs(1), ws.flush()).await;
-        }
+        End::Gone => wire.gone().await,
         End::Stalled => {
-            metrics::close(close::TRY_LATER);
+            metrics::close(W::TRANSPORT, close::TRY_LATER);
             let whole = queued.as_ref().is_none_or(|(out, ..)| !out.mid_frame());
-            if !whole
-                || !matches!(
-                    timeout(Duration::from_secs(1), ws.send(close_message(close::TRY_LATER))).await,
-                    Ok(Ok(()))
-                )
-            {
+            if !whole || wire.send_close(close::TRY_LATER, Duration::from_secs(1)).await.is_err() {
                 // The peer does not read (perhaps inside a frame): drop the connection.
-                ws.get_ref().reset();
+                wire.reset();
                 return;
             }
         }
         End::Close(code) => {
             if code != close::NORMAL {
-                metrics::close(code);
+                metrics::close(W::TRANSPORT, code);
             }
             // Each step is bounded by progress, not in total: a slow reader
             // that keeps reading gets its close frame.
@@ -91,39 +80,25 @@ pub async fn finish<S>(
                             out.push(f);
                         }
                     }
-                    stalled(write_timeout, ws.flush()).await?;
-                    out.write_to(ws.get_mut(), write_timeout).await?;
+                    wire.write(out, write_timeout).await?;
                 }
-                stalled(write_timeout, ws.send(close_message(code))).await
+                wire.send_close(code, write_timeout).await
             }
             .await;
             if sent.is_err() {
-                // The close frame cannot be written (the peer stopped reading,
+                // The close cannot be written (the peer stopped reading,
                 // perhaps inside a frame): drop the connection.
-                ws.get_ref().reset();
+                wire.reset();
                 return;
             }
-            let deadline = linger_until(Instant::now());
-            // Read (and drop) until the client's close frame.
-            loop {
-                match timeout_at(deadline, ws.next()).await {
-                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => break,
-                    Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(_))) => {
-                        drain_raw(ws.get_mut(), deadline).await;
-                        break;
-                    }
-                }
-            }
+            wire.linger(Instant::now() + LINGER).await;
         }
         End::Violation(code) => {
-            metrics::close(code);
-            let deadline = linger_until(Instant::now());
-            let _ = timeout(LINGER, ws.send(close_message(code))).await;
-            drain_raw(ws.get_mut(), deadline).await;
+            metrics::close(W::TRANSPORT, code);
+            wire.violation(code).await;
         }
     }
-    let _ = timeout(Duration::from_secs(1), ws.get_mut().shutdown()).await;
+    wire.shutdown().await;
 }
 
 /// Reads and discards raw bytes until the peer closes or `deadline`, so

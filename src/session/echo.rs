@@ -38,5 +38,6 @@ where
             Err(_) => break End::Gone,
         }
     };
-    finish(&mut ws, end, None, write_timeout).await;
+    // The session's closing code, through the same wire a session uses.
+    finish(&mut WsWire::new(ws), end, None, write_timeout).await;
 }

@@ -4,35 +4,27 @@ use super::*;
 
 /// Phase 1: wait for a valid `hello`. Anything else before it (another
 /// frame type, junk, binary, invalid UTF-8) is `unauthorized` and 4001.
-pub(super) async fn authenticate<S>(
+pub(super) async fn authenticate<W: Wire>(
     node: &Node,
-    ws: &mut WebSocketStream<S>,
+    ws: &mut W,
     write_timeout: Duration,
-) -> Result<(Verified, Option<Value>), End>
-where
-    S: Transport,
-{
+) -> Result<(Verified, Option<Value>), End> {
     let deadline = Instant::now() + Duration::from_secs(node.cfg.auth.hello_timeout_s);
     let refuse = |id: Option<Value>, message: String| (id, message);
     let (id, message) = loop {
-        let msg = match timeout_at(deadline, ws.next()).await {
+        let text = match timeout_at(deadline, ws.recv()).await {
             Err(_) => return Err(End::Close(close::UNAUTHORIZED)),
-            Ok(None) => return Err(End::Gone),
-            Ok(Some(Err(tungstenite::Error::Utf8(_)))) => {
+            Ok(Read::Ended(end)) => return Err(end),
+            Ok(Read::NotUtf8) => {
                 metrics::frame_in("invalid");
                 break refuse(None, "frames are UTF-8 text; authenticate with hello first".into());
             }
-            Ok(Some(Err(e))) => return Err(read_error(&e)),
-            Ok(Some(Ok(m))) => m,
-        };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
+            Ok(Read::Binary) => {
                 metrics::frame_in("binary");
                 break refuse(None, "binary frames are not accepted; authenticate with hello first".into());
             }
-            Message::Close(_) => return Err(End::Gone),
-            _ => continue,
+            Ok(Read::Alive) => continue,
+            Ok(Read::Text(t)) => t,
         };
         match protocol::parse(&text) {
             Ok(Inbound { id, cmd: Command::Hello { token } }) => {

@@ -1,6 +1,8 @@
-//! One WebSocket session, from the upgraded socket to the closed TCP
-//! connection. Generic over the byte stream, so unit tests drive it over an
-//! in-memory pipe under a paused clock.
+//! One session, from the upgraded socket (or the opened HTTP stream) to the
+//! closed connection. Generic over its [`Wire`] (WebSocket or HTTP streaming,
+//! see `wire.rs`), and the WebSocket over the byte stream, so unit tests drive
+//! it over an in-memory pipe under a paused clock. Every rule below holds on
+//! both transports: there is one state machine.
 //!
 //! A session goes through three phases, in one task that owns the socket:
 //! 1. *Authenticate*: the token came at upgrade (header or cookie), or the
@@ -25,13 +27,16 @@ mod budget;
 mod closing;
 mod echo;
 mod hello;
+pub mod sse;
+mod wire;
 mod writer;
 
 use budget::{Bucket, Strikes};
-use closing::read_error;
 pub use closing::{End, finish};
+use closing::{LINGER, close_message, drain_raw, read_error};
 pub use echo::echo;
 use hello::authenticate;
+pub use wire::{Read, Wire, WsWire};
 
 use std::{io, sync::Arc, time::Duration};
 
@@ -59,7 +64,7 @@ use crate::{
     node::Node,
     protocol::{self, Ack, Command, Inbound, Outgoing, Refreshed, ServerFrame, Text, UserRef, Welcome, close, kind},
 };
-use writer::{Writer, stalled};
+use writer::{Framing, Writer, stalled};
 
 /// The byte stream under a session.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
@@ -76,51 +81,49 @@ const WRITE_BATCH: usize = 128;
 /// Bytes written per flush at most.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
-/// A session from the upgraded socket to the closed TCP connection.
-/// `pre_auth`: the token given at upgrade, already verified.
-pub async fn run<S>(node: Arc<Node>, mut ws: WebSocketStream<S>, pre_auth: Option<Verified>)
-where
-    S: Transport,
-{
+/// A session from the upgraded socket (or opened stream) to the closed
+/// connection. `pre_auth`: the token given before the session (at upgrade,
+/// or in the HTTP request), already verified, and the id of its `hello`.
+pub async fn run<W: Wire>(node: Arc<Node>, mut wire: W, pre_auth: Option<(Verified, Option<Value>)>) {
+    let ws = &mut wire;
     let write_timeout = Duration::from_secs(node.cfg.limits.write_timeout_s);
     let mut strikes = Strikes { bad: 0, rate: 0, max: node.cfg.limits.max_bad_frames };
     // A token given at upgrade took its connect token there.
     let via_hello = pre_auth.is_none();
     let (token, hello_id) = match pre_auth {
-        Some(v) => (v, None),
+        Some(x) => x,
         // Boxed sub-futures: only the running phase's state stays in the
         // session's future for the connection's life (memory per connection).
-        None => match Box::pin(authenticate(&node, &mut ws, write_timeout)).await {
+        None => match Box::pin(authenticate(&node, ws, write_timeout)).await {
             Ok(x) => x,
-            Err(end) => return Box::pin(finish(&mut ws, end, None, write_timeout)).await,
+            Err(end) => return Box::pin(finish(ws, end, None, write_timeout)).await,
         },
     };
     if node.is_draining() {
-        return Box::pin(finish(&mut ws, End::Close(close::RESTART), None, write_timeout)).await;
+        return Box::pin(finish(ws, End::Close(close::RESTART), None, write_timeout)).await;
     }
     let user = token.user.clone();
     let limits = &node.cfg.limits;
     if node.hub.user_connections(&user.id) >= limits.connections_per_user {
         let f = protocol::error(hello_id.as_ref(), &too_many_connections(limits.connections_per_user));
-        Box::pin(write_direct(&mut ws, f, kind::ERROR, write_timeout)).await;
-        return Box::pin(finish(&mut ws, End::Close(close::POLICY), None, write_timeout)).await;
+        Box::pin(write_direct(ws, f, kind::ERROR, write_timeout)).await;
+        return Box::pin(finish(ws, End::Close(close::POLICY), None, write_timeout)).await;
     }
     if via_hello && let Err(e) = node.check_connect_rate(&user.id).await {
-        Box::pin(write_direct(&mut ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout)).await;
-        return Box::pin(finish(&mut ws, End::Close(close::POLICY), None, write_timeout)).await;
+        Box::pin(write_direct(ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout)).await;
+        return Box::pin(finish(ws, End::Close(close::POLICY), None, write_timeout)).await;
     }
     let (conn, mut rx) =
         Conn::new(node.next_conn_id(), user.id.as_str().into(), limits.outbound_queue, limits.outbound_bytes);
-    let span = tracing::info_span!("session", conn = conn.id, user = %user.id);
+    let span = tracing::info_span!("session", conn = conn.id, user = %user.id, transport = W::TRANSPORT);
     async move {
         let opened = match Box::pin(node.open_session(&conn, &user)).await {
             Ok(o) => o,
             Err(e) => {
                 node.close_session(&conn, false, &[]).await;
                 let code = if e.code == ErrorCode::Internal { close::INTERNAL } else { close::TRY_LATER };
-                Box::pin(write_direct(&mut ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout))
-                    .await;
-                return Box::pin(finish(&mut ws, End::Close(code), None, write_timeout)).await;
+                Box::pin(write_direct(ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout)).await;
+                return Box::pin(finish(ws, End::Close(code), None, write_timeout)).await;
             }
         };
         let welcome = protocol::render(&ServerFrame::Welcome(Welcome {
@@ -129,12 +132,13 @@ where
             heartbeat_s: node.cfg.server.heartbeat_s,
             max_body_chars: node.cfg.limits.max_body_chars,
             exp: token.exp,
+            session: ws.session_id(),
             conversations: &opened.entries,
         }));
-        metrics::connection_opened();
+        metrics::connection_opened(W::TRANSPORT);
         tracing::debug!(conversations = opened.entries.len(), "connected");
-        let mut out = Writer::default();
-        let end = if Box::pin(write_direct(&mut ws, welcome, kind::WELCOME, write_timeout)).await {
+        let mut out = Writer::new(W::FRAMING);
+        let end = if Box::pin(write_direct(ws, welcome, kind::WELCOME, write_timeout)).await {
             if opened.came_online {
                 let convs = node.hub.subscriptions(&conn);
                 if let Err(e) = Box::pin(node.announce_presence(&user.id, true, &convs, &opened.dm_partners)).await {
@@ -142,14 +146,14 @@ where
                 }
             }
             let mut s = Session { node: &node, conn: &conn, user: &user, exp: token.exp, strikes: &mut strikes };
-            Box::pin(s.run(&mut ws, &mut out, &mut rx)).await
+            Box::pin(s.run(ws, &mut out, &mut rx)).await
         } else {
             End::Stalled
         };
         // The close handshake, then presence (which may wait on storage).
         conn.closer.close(close::NORMAL);
-        Box::pin(finish(&mut ws, end, Some((&mut out, &conn, &mut rx)), write_timeout)).await;
-        metrics::connection_closed();
+        Box::pin(finish(ws, end, Some((&mut out, &conn, &mut rx)), write_timeout)).await;
+        metrics::connection_closed(W::TRANSPORT);
         Box::pin(node.close_session(&conn, true, &opened.dm_partners)).await;
         tracing::debug!(?end, "closed");
     }
@@ -161,23 +165,15 @@ fn too_many_connections(limit: usize) -> ChatError {
     ChatError::rate_limited(5000).with_message(format!("too many connections for this user (limit {limit})"))
 }
 
-/// Writes one frame straight to the socket (phases 1 and 2). On failure the
+/// Writes one frame straight to the wire (phases 1 and 2). On failure the
 /// connection will end with a reset: the frame may be cut short.
-async fn write_direct<S>(ws: &mut WebSocketStream<S>, frame: Text, ty: &str, within: Duration) -> bool
-where
-    S: Transport,
-{
+async fn write_direct<W: Wire>(ws: &mut W, frame: Text, ty: &str, within: Duration) -> bool {
     metrics::frames_out(ty, 1);
-    let mut w = Writer::default();
+    let mut w = Writer::new(W::FRAMING);
     w.push(frame);
-    let ok = async {
-        stalled(within, ws.flush()).await?;
-        w.write_to(ws.get_mut(), within).await
-    }
-    .await
-    .is_ok();
+    let ok = ws.write(&mut w, within).await.is_ok();
     if !ok {
-        ws.get_ref().reset();
+        ws.reset();
     }
     ok
 }
@@ -201,10 +197,7 @@ fn expiry_instant(exp: u64) -> Instant {
 }
 
 impl Session<'_> {
-    async fn run<S>(&mut self, ws: &mut WebSocketStream<S>, out: &mut Writer, rx: &mut mpsc::Receiver<Outgoing>) -> End
-    where
-        S: Transport,
-    {
+    async fn run<W: Wire>(&mut self, ws: &mut W, out: &mut Writer, rx: &mut mpsc::Receiver<Outgoing>) -> End {
         let cfg = &self.node.cfg;
         let heartbeat = Duration::from_secs(cfg.server.heartbeat_s);
         let write_timeout = Duration::from_secs(cfg.limits.write_timeout_s);
@@ -246,10 +239,10 @@ impl Session<'_> {
                     }
                 }
                 _ = ping.tick() => {
-                    match timeout(write_timeout, ws.send(Message::Ping(Default::default()))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return End::Gone,
-                        Err(_) => return End::Stalled,
+                    match ws.ping(write_timeout).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => return End::Stalled,
+                        Err(_) => return End::Gone,
                     }
                 }
                 _ = &mut idle => {
@@ -261,22 +254,22 @@ impl Session<'_> {
                         idle.as_mut().reset(due);
                     }
                 }
-                msg = ws.next() => {
+                msg = ws.recv() => {
                     let msg = match msg {
-                        None => return End::Gone,
-                        Some(Err(e)) => return read_error(&e),
-                        Some(Ok(m)) => m,
+                        Read::Ended(end) => return end,
+                        Read::NotUtf8 => return End::Violation(close::INVALID_DATA),
+                        m => m,
                     };
                     // Any frame, Pongs included, counts as life.
                     last_seen = Instant::now();
                     match msg {
-                        Message::Text(t) => {
+                        Read::Text(t) => {
                             if let Some(exp) = Box::pin(self.frame(&t, &mut requests)).await {
                                 self.exp = exp;
                                 expiry.as_mut().reset(expiry_instant(exp));
                             }
                         }
-                        Message::Binary(_) => {
+                        Read::Binary => {
                             metrics::frame_in("binary");
                             let f = protocol::error_code(None, ErrorCode::BadRequest, "binary frames are not accepted");
                             self.reply(kind::ERROR, f);
@@ -284,9 +277,7 @@ impl Session<'_> {
                                 self.conn.closer.close(close::POLICY);
                             }
                         }
-                        Message::Close(_) => return End::Gone,
-                        // Pings are answered by the WebSocket layer.
-                        _ => {}
+                        Read::Alive | Read::NotUtf8 | Read::Ended(_) => {}
                     }
                 }
             }
@@ -422,17 +413,14 @@ impl Session<'_> {
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes.
 /// False when the socket failed.
-async fn write_batch<S>(
-    ws: &mut WebSocketStream<S>,
+async fn write_batch<W: Wire>(
+    ws: &mut W,
     out: &mut Writer,
     rx: &mut mpsc::Receiver<Outgoing>,
     conn: &Conn,
     first: Outgoing,
     stall: Duration,
-) -> io::Result<()>
-where
-    S: Transport,
-{
+) -> io::Result<()> {
     let depth = rx.len();
     if depth > 0 {
         metrics::queue_depth(depth);
@@ -448,9 +436,7 @@ where
         out.push(f);
         n += 1;
     }
-    // A control frame the WebSocket layer holds (a pong) goes first, whole.
-    stalled(stall, ws.flush()).await?;
-    out.write_to(ws.get_mut(), stall).await
+    ws.write(out, stall).await
 }
 
 #[cfg(test)]

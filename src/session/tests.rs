@@ -33,7 +33,7 @@ async fn start(node: &Arc<Node>, buffer: usize, pre_auth: Option<Verified>) -> (
     let (server_io, client_io) = tokio::io::duplex(buffer);
     let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
     let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
-    let task = tokio::spawn(run(node.clone(), server, pre_auth));
+    let task = tokio::spawn(run(node.clone(), WsWire::new(server), pre_auth.map(|v| (v, None))));
     (client, task)
 }
 
@@ -152,7 +152,7 @@ fn the_session_future_stays_small() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let ws =
         rt.block_on(tokio_tungstenite::WebSocketStream::from_raw_socket(io, tungstenite::protocol::Role::Server, None));
-    let fut = super::run(node, ws, None);
+    let fut = super::run(node, super::WsWire::new(ws), None);
     let size = std::mem::size_of_val(&fut);
     assert!(size <= 2560, "the session future is {size} bytes");
 }

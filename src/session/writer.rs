@@ -22,23 +22,48 @@ use tokio::{
 
 use crate::protocol::Outgoing;
 
-/// Frames per vectored write at most (up to three slices each).
+/// Frames per vectored write at most (up to four slices each).
 const SLICES_FRAMES: usize = 64;
 
-/// A frame header: FIN + text opcode, then the payload length.
+/// How frames are framed on the wire: WebSocket text frames, or Server-Sent
+/// Events (`data: <json>` and a blank line; rendered JSON holds no newline).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Framing {
+    #[default]
+    WebSocket,
+    Sse,
+}
+
+/// What ends an SSE event.
+const SSE_TAIL: &[u8] = b"\n\n";
+
+/// A frame header (WebSocket: FIN + text opcode, then the payload length;
+/// SSE: `data: `) and the length of its tail (SSE: the blank line).
 #[derive(Debug, Clone, Copy)]
 struct Header {
     bytes: [u8; 10],
     len: u8,
+    tail: u8,
 }
 
 impl Header {
+    fn new(framing: Framing, payload: usize) -> Header {
+        match framing {
+            Framing::WebSocket => Header::text(payload),
+            Framing::Sse => {
+                let mut bytes = [0u8; 10];
+                bytes[..6].copy_from_slice(b"data: ");
+                Header { bytes, len: 6, tail: SSE_TAIL.len() as u8 }
+            }
+        }
+    }
+
     fn text(payload: usize) -> Header {
-        Header::new(0x81, payload)
+        Header::websocket(0x81, payload)
     }
 
     /// FIN and `opcode` in the first byte (0x81 text, 0x82 binary).
-    fn new(first: u8, payload: usize) -> Header {
+    fn websocket(first: u8, payload: usize) -> Header {
         let mut bytes = [0u8; 10];
         bytes[0] = first;
         let len = if payload < 126 {
@@ -53,11 +78,20 @@ impl Header {
             bytes[2..10].copy_from_slice(&(payload as u64).to_be_bytes());
             10
         };
-        Header { bytes, len }
+        Header { bytes, len, tail: 0 }
     }
 
     fn as_slice(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
+    }
+
+    fn tail(&self) -> &'static [u8] {
+        &SSE_TAIL[..self.tail as usize]
+    }
+
+    /// Header and tail bytes around the payload.
+    fn overhead(&self) -> usize {
+        self.len as usize + self.tail as usize
     }
 }
 
@@ -67,19 +101,25 @@ pub struct Writer {
     frames: VecDeque<(Header, Outgoing)>,
     /// Bytes of the first frame (header and payload) already written.
     done: usize,
+    framing: Framing,
 }
 
 impl Writer {
+    /// A writer of `framing` frames.
+    pub fn new(framing: Framing) -> Writer {
+        Writer { framing, ..Writer::default() }
+    }
+
     pub fn push(&mut self, frame: impl Into<Outgoing>) {
         let frame = frame.into();
-        self.frames.push_back((Header::text(frame.len()), frame));
+        self.frames.push_back((Header::new(self.framing, frame.len()), frame));
     }
 
     /// A binary frame (the chat sends none; the conformance echo does, see
     /// [`echo`](super::echo)).
     pub fn push_binary(&mut self, payload: tungstenite::Bytes) {
         let len = payload.len();
-        self.frames.push_back((Header::new(0x82, len), Outgoing::Cut(Box::new([payload, Default::default()]))));
+        self.frames.push_back((Header::websocket(0x82, len), Outgoing::Cut(Box::new([payload, Default::default()]))));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -108,11 +148,11 @@ impl Writer {
     pub async fn write_to<S: AsyncWrite + Unpin>(&mut self, io: &mut S, stall: Duration) -> io::Result<()> {
         while !self.frames.is_empty() {
             let n = {
-                let mut slices = Vec::with_capacity(3 * self.frames.len().min(SLICES_FRAMES));
+                let mut slices = Vec::with_capacity(4 * self.frames.len().min(SLICES_FRAMES));
                 for (i, (h, f)) in self.frames.iter().take(SLICES_FRAMES).enumerate() {
                     let [a, b] = f.parts();
                     let mut skip = if i == 0 { self.done } else { 0 };
-                    for part in [h.as_slice(), a, b] {
+                    for part in [h.as_slice(), a, b, h.tail()] {
                         if skip >= part.len() {
                             skip -= part.len();
                             continue;
@@ -134,7 +174,7 @@ impl Writer {
     fn advance(&mut self, mut n: usize) {
         while n > 0 {
             let Some((h, t)) = self.frames.front() else { return };
-            let left = h.len as usize + t.len() - self.done;
+            let left = h.overhead() + t.len() - self.done;
             if n >= left {
                 n -= left;
                 self.done = 0;
@@ -262,6 +302,22 @@ mod tests {
         let err = w.write_to(&mut server, Duration::from_secs(1)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(w.mid_frame());
+    }
+
+    #[tokio::test]
+    async fn sse_events_are_data_lines_and_a_blank_line() {
+        let (mut server, mut client) = tokio::io::duplex(5);
+        let mut w = Writer::new(Framing::Sse);
+        w.push(Text::from("{\"a\":1}".to_string()));
+        w.push(Outgoing::cut(&Text::from("[1,2,3]".to_string()), 2..4));
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        w.write_to(&mut server, Duration::from_secs(5)).await.unwrap();
+        drop(server);
+        assert_eq!(reader.await.unwrap(), b"data: {\"a\":1}\n\ndata: [1,3]\n\n");
     }
 
     #[test]

@@ -105,6 +105,19 @@ struct PlainGuard {
     evict: CancellationToken,
 }
 
+/// In every request's extensions: a plain HTTP connection whose response
+/// becomes a long-lived stream (`/stream/chat`, counted among the
+/// connections like a WebSocket) leaves the plain pool, so newer plain
+/// requests cannot push it out.
+#[derive(Clone)]
+pub struct PlainSlot(Arc<PlainGuard>);
+
+impl PlainSlot {
+    pub fn leave(&self) {
+        self.0.plain.open.lock().remove(&self.0.id);
+    }
+}
+
 impl Drop for PlainGuard {
     fn drop(&mut self) {
         self.plain.open.lock().remove(&self.id);
@@ -116,7 +129,15 @@ impl Drop for PlainGuard {
 pub struct Counted {
     tcp: TcpStream,
     open: Arc<AtomicUsize>,
+    /// Cancelled: the connection is dropped with an RST (see [`Abort`]).
+    abort: CancellationToken,
 }
+
+/// In every request's extensions: cancelling it drops the HTTP connection at
+/// once with an RST (an HTTP stream whose reader stopped; hyper has no write
+/// deadline of its own).
+#[derive(Clone)]
+pub struct Abort(pub CancellationToken);
 
 impl crate::session::Transport for Counted {
     fn reset(&self) {
@@ -128,6 +149,9 @@ impl crate::session::Transport for Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
+        if self.abort.is_cancelled() {
+            let _ = self.tcp.set_zero_linger();
+        }
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -196,9 +220,10 @@ pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: Cancel
             if limits.send_buffer > 0 {
                 let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(limits.send_buffer);
             }
-            let io = TokioIo::new(Counted { tcp, open: open.clone() });
-            let guard = plain.enter(limits.max_http);
-            conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone(), guard));
+            let abort = CancellationToken::new();
+            let io = TokioIo::new(Counted { tcp, open: open.clone(), abort: abort.clone() });
+            let guard = Arc::new(plain.enter(limits.max_http));
+            conns.spawn(serve_one(io, peer, router.clone(), limits, stop.clone(), guard, abort));
         }
         conns.close();
         if tokio::time::timeout(Duration::from_secs(5), conns.wait()).await.is_err() {
@@ -213,10 +238,15 @@ async fn serve_one(
     router: Router,
     limits: Limits,
     stop: CancellationToken,
-    plain: PlainGuard,
+    plain: Arc<PlainGuard>,
+    abort: CancellationToken,
 ) {
+    let on_request = abort.clone();
+    let slot = PlainSlot(plain.clone());
     let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(Abort(on_request.clone()));
+        req.extensions_mut().insert(slot.clone());
         req
     });
     let conn = http1::Builder::new()
@@ -233,8 +263,13 @@ async fn serve_one(
         }
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let _ = tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(5), conn) => r.ok(),
+                _ = abort.cancelled() => None,
+            };
         }
+        // Dropping the connection resets it (see `Counted`'s drop).
+        _ = abort.cancelled() => {}
         // Pushed out by newer plain connections: closed now (dropping the
         // connection closes the socket).
         _ = plain.evict.cancelled() => {

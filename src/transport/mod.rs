@@ -7,6 +7,7 @@ pub mod api;
 pub mod assets;
 pub mod health;
 pub mod listener;
+pub mod stream;
 pub mod ws;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
@@ -34,6 +35,8 @@ use crate::{error::ChatError, node::Node};
 fn public_routes(node: &Arc<Node>) -> Router<Arc<Node>> {
     Router::new()
         .route("/ws/chat", get(ws::upgrade))
+        .route("/stream/chat", post(stream::open_post).get(stream::open_get))
+        .route("/stream/chat/{session}", post(stream::send))
         .route("/api/v1/dev/token", post(api::dev_token))
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::file))

@@ -23,7 +23,7 @@ use crate::{auth::Verified, error::ChatError, metrics, node::Node, session};
 
 /// The token a client presented before the upgrade, and whether it came in a
 /// cookie (which a browser attaches to cross-site requests too).
-fn upgrade_token<'a>(headers: &'a HeaderMap, cookie_name: &str) -> Option<(&'a str, bool)> {
+pub(super) fn upgrade_token<'a>(headers: &'a HeaderMap, cookie_name: &str) -> Option<(&'a str, bool)> {
     // A Bearer token wins; any other Authorization scheme (say, Basic auth of
     // a staging proxy) leaves the cookie to speak.
     let bearer = headers
@@ -54,7 +54,7 @@ fn origin_host(origin: &str) -> Option<&str> {
 /// browser `Origin` must be listed. With it empty, a cookie token (which a
 /// browser sends cross-site) needs an `Origin` whose host is the request's
 /// `Host`. A request without `Origin` is not a browser and passes.
-fn origin_allowed(allowed: &[String], headers: &HeaderMap, cookie: bool) -> bool {
+pub(super) fn origin_allowed(allowed: &[String], headers: &HeaderMap, cookie: bool) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else { return true };
     let Ok(origin) = origin.to_str() else { return false };
     if !allowed.is_empty() {
@@ -167,11 +167,11 @@ pub async fn upgrade(
                     drop(read_buf);
                     let io = io.into_inner();
                     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
-                    session::run(node, ws, verified).await;
+                    session::run(node, session::WsWire::new(ws), verified.map(|v| (v, None))).await;
                 }
                 Err(io) => {
                     let ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(config)).await;
-                    session::run(node, ws, verified).await;
+                    session::run(node, session::WsWire::new(ws), verified.map(|v| (v, None))).await;
                 }
             }
         }

@@ -4,6 +4,7 @@
 
 pub mod extra;
 pub mod process;
+pub mod stream;
 pub mod valkey;
 
 use std::{

@@ -31,10 +31,15 @@ pub(super) type Mark = (Arc<str>, u64);
 /// Delivers pub/sub messages to the hub, in arrival order.
 pub(super) async fn receive(inner: Arc<Inner>) {
     let mut rx = inner.sub.message_rx();
+    let control = inner.control_channel();
     loop {
         match rx.recv().await {
             Ok(msg) => {
                 let Some(payload) = msg.value.as_str() else { continue };
+                if *msg.channel == *control {
+                    inner.on_control(&payload);
+                    continue;
+                }
                 if msg.channel == inner.keys.broadcast() {
                     deliver_to_users(&inner, &payload).await;
                     continue;
@@ -492,6 +497,15 @@ impl Broker for ValkeyEngine {
 
     async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()> {
         self.inner.subscribe(topics).await
+    }
+
+    async fn forward(
+        &self,
+        node: &str,
+        session: &str,
+        frames: Vec<crate::protocol::Text>,
+    ) -> EngineResult<crate::hub::streams::Offer> {
+        self.forward_frames(node, session, frames).await
     }
 
     fn topics_changed(&self) {

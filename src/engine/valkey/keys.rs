@@ -37,6 +37,10 @@ impl Keys {
     pub(super) fn broadcast(&self) -> String {
         format!("{}:{{all}}:ev", self.prefix)
     }
+    /// A node's control channel (forwarded POSTs and their answers).
+    pub(super) fn node_channel(&self, node: &str) -> String {
+        format!("{}:{{n:{node}}}:ctl", self.prefix)
+    }
     pub(super) fn nodes(&self) -> String {
         format!("{}:{{presence}}:nodes", self.prefix)
     }

@@ -23,6 +23,9 @@
 //!   (`limits.connects_per_s`, `connect.lua`), expiring when full again
 //! - `<p>:{presence}:nodes` / `<p>:{presence}:n:<node>`: node leases and
 //!   per-node connection counts
+//! - `<p>:{n:<node>}:ctl` channel: a node's control channel (HTTP streaming
+//!   POSTs forwarded to the node holding the session, and their answers;
+//!   `forward.rs`)
 //! - `<p>:{wh}:out` stream (consumer group `delivery`), `<p>:{wh}:retry`,
 //!   `<p>:{wh}:retry:age` sorted sets and `<p>:{wh}:retry:e` hash: the
 //!   webhook outbox; `<p>:{wh}:unread` sorted set and
@@ -69,6 +72,7 @@ mod acks;
 mod changes;
 mod errors;
 mod fanout;
+mod forward;
 mod groups;
 mod keys;
 mod lost;
@@ -82,7 +86,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -138,6 +142,11 @@ struct Inner {
     presence_lost: AtomicBool,
     /// With `valkey.ack_replicas` > 0: confirms writes on replicas.
     acks: Option<acks::Acks>,
+    /// Whether this node's control channel is subscribed (`forward.rs`).
+    control_on: AtomicBool,
+    /// Forwarded POSTs waiting for the holding node's answer, by request id.
+    pending: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<crate::hub::streams::Offer>>>,
+    next_request: AtomicU64,
 }
 
 impl Inner {
@@ -261,7 +270,13 @@ impl ValkeyEngine {
             healthy_at_ms: AtomicI64::new(crate::protocol::now_ms()),
             presence_lost: AtomicBool::new(true),
             acks,
+            control_on: AtomicBool::new(false),
+            pending: Mutex::default(),
+            next_request: AtomicU64::new(1),
         });
+        if let Err(e) = inner.subscribe_control().await {
+            tracing::warn!(error = %e, "cannot subscribe the control channel yet; retried by maintenance");
+        }
         let engine = ValkeyEngine { inner: inner.clone(), tasks: Mutex::default() };
         engine.tasks.lock().push(tokio::spawn(receive(inner.clone())));
         let bcast = inner.clone();
@@ -294,6 +309,7 @@ impl Engine for ValkeyEngine {
 
     async fn maintain(&self) -> EngineResult<Vec<String>> {
         self.inner.refresh_lease().await?;
+        self.inner.subscribe_control().await?;
         if self.inner.sub.is_connected() {
             self.inner.healthy_at_ms.store(crate::protocol::now_ms(), Ordering::Release);
         }
