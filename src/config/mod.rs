@@ -269,8 +269,9 @@ pub struct ChatConfig {
     /// Embedded engine: messages kept per conversation (oldest dropped first).
     /// Default 10000.
     pub history_max_messages: usize,
-    /// Embedded engine: messages older than this many seconds are dropped
-    /// (0: no age limit). Default 0.
+    /// Embedded engine: messages older than this many seconds are dropped on
+    /// a timer, idle conversations included (in memory every second, durable
+    /// every 10 s; 0: no age limit). Default 0.
     pub history_max_age_s: u64,
     /// Embedded engine: directory of the durable store (history, receipts,
     /// groups, idempotency records survive restarts), or `memory` for history
@@ -333,7 +334,8 @@ pub struct ValkeyConfig {
     pub pool_size: usize,
     /// Keep at most this many messages per conversation. Default 100000.
     pub retention_max_messages: u64,
-    /// Drop messages older than this many seconds (0: keep). Default 0.
+    /// Drop messages older than this many seconds (0: keep): on each write,
+    /// and on the maintenance timer for idle conversations. Default 0.
     pub retention_max_age_s: u64,
     /// Seconds after which a silent node's users count as offline. Default 30.
     pub node_lease_s: u64,

@@ -35,6 +35,7 @@ pub struct Scripts {
     pub unread: Lua,
     pub erase: Lua,
     pub delete: Lua,
+    pub retain: Lua,
 }
 
 impl Scripts {
@@ -49,6 +50,7 @@ impl Scripts {
             unread: Lua::new("unread", include_str!("lua/unread.lua")),
             erase: Lua::new("erase", include_str!("lua/erase.lua")),
             delete: Lua::new("delete", include_str!("lua/delete.lua")),
+            retain: Lua::new("retain", include_str!("lua/retain.lua")),
         }
     }
 }
