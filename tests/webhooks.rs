@@ -233,7 +233,82 @@ macro_rules! both_engines {
     };
 }
 
-both_engines!(every_event_type_arrives_once_per_action_signed, the_receiver_down_for_30_s_loses_nothing);
+both_engines!(
+    every_event_type_arrives_once_per_action_signed,
+    the_receiver_down_for_30_s_loses_nothing,
+    an_erasure_removes_the_body_from_events_not_delivered_yet
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_an_erasure_removes_the_body_from_events_not_delivered_yet() {
+    an_erasure_removes_the_body_from_events_not_delivered_yet(Engine::Durable).await
+}
+
+/// Issue 22, finding 2: the receiver is down while a user sends; the user is
+/// erased; the receiver comes back. Every `message.created` still arrives,
+/// once per message, under its `webhook-id`, but with an empty body and
+/// `deleted: true` (some waited in the outbox, some for a retry). A message
+/// the user sends after the erasure keeps its body.
+async fn an_erasure_removes_the_body_from_events_not_delivered_yet(engine: Engine) {
+    const N: usize = 20;
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = engine.start(&hook_env(&url, &[])).await;
+    let room = unique("room");
+    let (a, b) = (unique("erased"), unique("b"));
+    chat.put_group(&room, &[&a, &b]).await;
+    receiver.wait_for("conversation.updated", Duration::from_secs(10), |s| s.len() == 1).await;
+    receiver.down();
+    let mut sender = chat.client(&a).await;
+    let mut seqs = Vec::new();
+    for i in 0..N {
+        let ack = sender.say(&room, &format!("PRIVATE-{i}-do-not-leak")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        seqs.push(ack["seq"].as_u64().unwrap());
+    }
+    let mut other = chat.client(&b).await;
+    let kept = other.say(&room, "bob's message stays").await;
+    // Attempts fail meanwhile: some events wait for a retry, some are still queued.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (status, v) = chat.api(reqwest::Method::DELETE, &format!("/api/v1/users/{a}/messages"), None).await;
+    assert_eq!((status, v["erased"].as_u64()), (200, Some(N as u64)), "{v}");
+    let after = sender.say(&room, "after the erasure").await;
+    receiver.up().await;
+    receiver
+        .wait_for("every message.created", Duration::from_secs(30), |s| {
+            s.iter()
+                .filter(|e| e.json["type"] == "message.created")
+                .map(|e| &e.id)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == N + 2
+        })
+        .await;
+    let seen = receiver.seen();
+    for s in &seen {
+        assert!(!s.body.contains("PRIVATE-"), "an erased body was delivered: {}", s.body);
+        verify(s).unwrap();
+    }
+    let mut erased: Vec<u64> = Vec::new();
+    for s in receiver.of_type("message.created") {
+        let d = &s.json["data"];
+        let seq = d["seq"].as_u64().unwrap();
+        if seq == kept["seq"].as_u64().unwrap() {
+            assert_eq!(d["body"], "bob's message stays");
+        } else if seq == after["seq"].as_u64().unwrap() {
+            assert_eq!(d["body"], "after the erasure", "a message after the erasure keeps its body");
+            assert!(d.get("deleted").is_none(), "{d}");
+        } else {
+            assert_eq!((d["body"].as_str(), d["deleted"].as_bool()), (Some(""), Some(true)), "{d}");
+            assert_eq!(d["sender"]["id"], a.as_str());
+            erased.push(seq);
+        }
+    }
+    erased.sort();
+    erased.dedup();
+    assert_eq!(erased, seqs, "every erased message's event still arrives, erased");
+    receiver.down();
+}
 
 /// The outbox and the unread schedule on a three-master Valkey Cluster (their
 /// keys share one slot, `{wh}`).
