@@ -64,6 +64,7 @@ abuse_suite!(
     mass_reconnect_of_a_1000_member_group_batches_presence,
     receipts_in_a_100_member_room_are_batched,
     typing_is_throttled_per_user_and_conversation,
+    typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate,
     membership_change_racing_the_connect_is_honoured,
 );
 
@@ -1534,6 +1535,91 @@ async fn typing_is_throttled_per_user_and_conversation(engine: Engine) {
     for t in &typers {
         assert!(t.frames().is_empty(), "typing goes to others only");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Typing in big rooms (issue 22, finding 8).
+
+/// 60 members (above the default `limits.batch_members`, 50) all typing for
+/// 3 s: each connection gets at most one typing frame per
+/// `limits.batch_interval_ms` (1 s) for the room, carrying `users` (who typed,
+/// never itself), instead of one frame per typist and second (3,540 a second
+/// in all). A group of three keeps the immediate single-user frame.
+async fn typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate(engine: Engine) {
+    let s = setup(engine, &[]).await;
+    const N: usize = 60;
+    let users: Vec<String> = (0..N).map(|i| format!("t{i:03}")).collect();
+    let g = unique("typists");
+    let refs: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
+    s.s(0).put_group(&g, &refs).await;
+    let g2 = g.clone();
+    let peers =
+        connect_peers(&s, &users, move |v: &Value| v["type"] == "typing" && v["conversation"] == g2.as_str()).await;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    for _ in 0..12 {
+        tick.tick().await;
+        for p in &peers {
+            p.send(&json!({"type":"typing","conversation":g}));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let window = start.elapsed();
+    let mut problems = Vec::new();
+    let mut total = 0;
+    for (i, p) in peers.iter().enumerate() {
+        let frames = p.frames();
+        total += frames.len();
+        let min_gap = frames.windows(2).map(|w| w[1].0 - w[0].0).min();
+        if frames.len() > window.as_secs() as usize + 1 || min_gap.is_some_and(|g| g < Duration::from_millis(700)) {
+            problems.push(format!(
+                "{}: {} typing frames in {window:?}, closest {min_gap:?} apart",
+                users[i],
+                frames.len()
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (_, f) in &frames {
+            let Some(list) = f["users"].as_array() else {
+                problems.push(format!("{}: a typing frame without `users` in a {N}-member room: {f}", users[i]));
+                break;
+            };
+            for u in list {
+                let id = u["id"].as_str().unwrap_or("").to_string();
+                if id == users[i] {
+                    problems.push(format!("{}: told about its own typing: {f}", users[i]));
+                }
+                assert!(u["name"].as_str().is_some_and(|n| !n.is_empty()), "a name for every typist: {f}");
+                seen.insert(id);
+            }
+        }
+        if seen.len() < N - 1 {
+            problems.push(format!("{}: heard {} of {} typists", users[i], seen.len(), N - 1));
+        }
+    }
+    eprintln!("typing: {total} typing frames to {N} connections in {window:?}");
+    assert!(
+        problems.is_empty(),
+        "typing in a {N}-member room must be batched: at most one frame per connection per batch_interval_ms,          naming who typed ({total} frames in all):\n{}",
+        problems[..problems.len().min(10)].join("\n")
+    );
+
+    // A small room: the single-user frame, at once (well within an interval).
+    let small = unique("small");
+    s.s(0).put_group(&small, &["t000", "t001", "t002"]).await;
+    let small2 = small.clone();
+    let keep = move |v: &Value| v["type"] == "typing" && v["conversation"] == small2.as_str();
+    let pair = connect_peers(&s, &["t001".to_string(), "t002".to_string()], keep).await;
+    let sent = Instant::now();
+    pair[0].send(&json!({"type":"typing","conversation":small}));
+    while pair[1].frames().is_empty() {
+        assert!(sent.elapsed() < TIMEOUT, "typing in a room of 3 never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (at, f) = pair[1].frames().remove(0);
+    assert!(at - sent < Duration::from_millis(500), "a small room's typing waits for no batch: {:?}", at - sent);
+    assert_eq!(f["user"]["id"], "t001", "{f}");
+    assert!(f["user"]["name"].is_string() && f.get("users").is_none(), "the single-user form: {f}");
 }
 
 // ---------------------------------------------------------------------------

@@ -229,10 +229,10 @@ pub struct LimitsConfig {
     /// WebSocket connections (authenticated or not) open on this node;
     /// further upgrades get HTTP 503. Default 16000.
     pub max_connections: usize,
-    /// Conversations with more members than this get presence and receipt
-    /// pushes batched. Default 50.
+    /// Conversations with more members than this get presence, receipt and
+    /// typing pushes batched. Default 50.
     pub batch_members: usize,
-    /// Milliseconds between batched presence/receipt pushes. Default 1000.
+    /// Milliseconds between batched presence/receipt/typing pushes. Default 1000.
     pub batch_interval_ms: u64,
 }
 

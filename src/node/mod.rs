@@ -226,7 +226,7 @@ impl Node {
         }
     }
 
-    /// Whether presence and receipt pushes of a conversation are batched
+    /// Whether presence, receipt and typing pushes of a conversation are batched
     /// (more than `limits.batch_members` members). Direct conversations never are.
     async fn batched(&self, kind: Kind<'_>, conversation: &str) -> Result<bool, ChatError> {
         let open = match kind {
@@ -410,7 +410,10 @@ impl Node {
             Kind::Direct(a, b) => vec![Topic::User(if a == user.id { b } else { a }.into())],
             _ => kind.route(conversation),
         };
-        self.engine.publish(&route, Event::new(EventKind::Typing, frame).excluding(&user.id)).await?;
+        // Large conversations: collected and pushed once per interval (hub/batch.rs).
+        let batch = self.batched(kind, conversation).await?;
+        let event = Event::new(EventKind::Typing, frame).excluding(&user.id).batched(batch);
+        self.engine.publish(&route, event).await?;
         Ok(())
     }
 }
