@@ -117,6 +117,9 @@ pub struct OpenSession {
     pub came_online: bool,
     /// The other participants of the user's direct conversations (presence).
     pub dm_partners: Vec<String>,
+    /// Presence counted this connection (false when storage was full): pass
+    /// to [`Node::close_session`].
+    pub counted: bool,
 }
 
 fn title_case(id: &str) -> String {

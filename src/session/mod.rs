@@ -142,7 +142,7 @@ where
         conn.closer.close(close::NORMAL);
         Box::pin(finish(&mut ws, end, Some((&mut out, &conn, &mut rx)), write_timeout)).await;
         metrics::connection_closed();
-        Box::pin(node.close_session(&conn, true, &opened.dm_partners)).await;
+        Box::pin(node.close_session(&conn, opened.counted, &opened.dm_partners)).await;
         tracing::debug!(?end, "closed");
     }
     .instrument(span)
