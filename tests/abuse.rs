@@ -65,6 +65,7 @@ abuse_suite!(
     receipts_in_a_100_member_room_are_batched,
     typing_is_throttled_per_user_and_conversation,
     typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate,
+    the_send_byte_budget_bounds_a_flood_of_the_largest_bodies,
     membership_change_racing_the_connect_is_honoured,
 );
 
@@ -1620,6 +1621,71 @@ async fn typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate(
     assert!(at - sent < Duration::from_millis(500), "a small room's typing waits for no batch: {:?}", at - sent);
     assert_eq!(f["user"]["id"], "t001", "{f}");
     assert!(f["user"]["name"].is_string() && f.get("users").is_none(), "the single-user form: {f}");
+}
+
+// ---------------------------------------------------------------------------
+// Budgets in bytes (issue 22, finding 3).
+
+/// One user floods 4000-character bodies of control characters (24,002 bytes
+/// each as stored) at the message rate, from a connection on each node. With
+/// `limits.send_bytes_per_s` 8192 and a 32 KiB burst, what is stored in 6 s
+/// is at most the burst plus 6 s of refill, across the nodes together (the
+/// budget is cluster-wide on Valkey); refusals are `rate_limited` with
+/// `retry_after_ms`. Short messages of another user are untouched.
+async fn the_send_byte_budget_bounds_a_flood_of_the_largest_bodies(engine: Engine) {
+    let env = [("CHAT_LIMITS__SEND_BYTES_PER_S", "8192"), ("CHAT_LIMITS__SEND_BYTES_BURST", "32768")];
+    let s = setup(engine, &env).await;
+    let room = unique("bytes");
+    s.s(0).put_group(&room, &["flooder", "chatter"]).await;
+    let body: String = "\u{1}".repeat(4000);
+    const STORED: usize = 4000 * 6 + 2;
+    let start = Instant::now();
+    let mut acked = 0usize;
+    let mut limited = 0usize;
+    let mut conns = Vec::new();
+    for i in 0..2 {
+        conns.push(s.s(i).client("flooder").await);
+    }
+    // Each connection sends as fast as the server lets it: at once after an
+    // ack, after `retry_after_ms` after a refusal (as a client must, or
+    // strikes close it with 4008).
+    let mut not_before = [Instant::now(); 2];
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(6) {
+        for (i, c) in conns.iter_mut().enumerate() {
+            if Instant::now() < not_before[i] {
+                continue;
+            }
+            n += 1;
+            let r =
+                c.request(json!({"type":"send","conversation":room,"client_msg_id":format!("f{n}"),"body":body})).await;
+            if r["type"] == "ack" {
+                acked += 1;
+                continue;
+            }
+            let short: String = r.to_string().chars().take(300).collect();
+            assert_eq!(r["code"], "rate_limited", "{short}");
+            let ms = r["retry_after_ms"].as_u64().unwrap_or(0);
+            assert!(ms >= 1, "{short}");
+            not_before[i] = Instant::now() + Duration::from_millis(ms);
+            limited += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let allowed = 32_768.0 + 8_192.0 * secs;
+    eprintln!("bytes: {acked} bodies acked ({} bytes), {limited} refused, in {secs:.1} s", acked * STORED);
+    assert!(acked >= 1, "the first body fits the burst");
+    assert!(
+        (acked * STORED) as f64 <= allowed + STORED as f64,
+        "{acked} bodies of {STORED} bytes stored in {secs:.1} s: more than the burst + refill ({allowed} bytes)"
+    );
+    assert!(limited > 0);
+    let mut chatter = s.s(1).client("chatter").await;
+    for i in 0..20 {
+        let ack = chatter.say(&room, &format!("short message {i}")).await;
+        assert_eq!(ack["type"], "ack", "another user's chat is not limited: {ack}");
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -198,6 +198,15 @@ pub struct LimitsConfig {
     pub send_per_s: f64,
     /// Token bucket size per user. Default 100.
     pub send_burst: u32,
+    /// Sustained bytes of message bodies per second per user, counted as
+    /// stored (JSON-escaped), across the cluster on Valkey; over it a send
+    /// answers `rate_limited` with `retry_after_ms`. Sized so that chat never
+    /// meets it while a flood of the largest bodies is cut from ~1.2 MB/s to
+    /// this. Default 16384.
+    pub send_bytes_per_s: u64,
+    /// Byte bucket size per user: at least the largest body
+    /// (`max_body_chars` x 6, every character escaped). Default 262144.
+    pub send_bytes_burst: u64,
     /// Outbound frames queued per connection before it counts as a slow
     /// consumer and is closed with 1013. Default 1024.
     pub outbound_queue: usize,
@@ -245,6 +254,8 @@ impl Default for LimitsConfig {
             connections_per_user: 20,
             send_per_s: 50.0,
             send_burst: 100,
+            send_bytes_per_s: 16_384,
+            send_bytes_burst: 256 << 10,
             outbound_queue: 1024,
             presence_max_members: 1000,
             api_body_bytes: 1 << 20,

@@ -104,6 +104,17 @@ impl Config {
                 return Err(err(burst.0, "must be between 1 and 1000000"));
             }
         }
+        if !(64..=1 << 30).contains(&l.send_bytes_per_s) {
+            return Err(err("limits.send_bytes_per_s", "must be between 64 and 1073741824"));
+        }
+        // The largest body (every character escaped) must fit in the bucket.
+        let largest = (l.max_body_chars as u64).saturating_mul(6).saturating_add(2);
+        if l.send_bytes_burst < largest || l.send_bytes_burst > u64::from(u32::MAX) {
+            return Err(err(
+                "limits.send_bytes_burst",
+                format!("must be between {largest} (max_body_chars x 6 + 2: the largest body) and 4294967295"),
+            ));
+        }
         if !(8..=1 << 20).contains(&l.outbound_queue) {
             return Err(err("limits.outbound_queue", "must be between 8 and 1048576"));
         }

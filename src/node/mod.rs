@@ -68,6 +68,8 @@ pub struct Node {
     pub node_id: String,
     open: HashSet<String>,
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
+    /// `limits.send_bytes_per_s`: bytes of message bodies per user.
+    bytes_limiter: DefaultKeyedRateLimiter<Arc<str>>,
     draining: AtomicBool,
     next_conn: AtomicU64,
     /// Every WebSocket session task, so shutdown can wait for them.
@@ -152,6 +154,10 @@ impl Node {
             node_id: cfg.node_id(),
             open: cfg.chat.open_conversations.iter().cloned().collect(),
             limiter: RateLimiter::keyed(quota),
+            bytes_limiter: RateLimiter::keyed(self::quota(
+                l.send_bytes_per_s as f64,
+                u32::try_from(l.send_bytes_burst).unwrap_or(u32::MAX),
+            )),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -195,11 +201,36 @@ impl Node {
         })
     }
 
+    /// Takes a body's bytes (as stored: JSON-escaped) from `user`'s send
+    /// byte budget, on this node and then across the cluster; the error says
+    /// when to retry (`rate_limited`, as for the message budget).
+    pub async fn check_send_bytes(&self, user: &Arc<str>, body: &str) -> Result<(), ChatError> {
+        let l = &self.cfg.limits;
+        let bytes = protocol::json_len(body);
+        let n = NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        match self.bytes_limiter.check_key_n(user, n) {
+            Ok(Ok(())) => {}
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                return Err(bytes_limited(wait.as_millis() as u64));
+            }
+            // Larger than the burst: validation keeps the burst above the
+            // largest body, so this is a misconfiguration; refuse.
+            Err(_) => return Err(bytes_limited(1000)),
+        }
+        match self.engine.send_bytes_gate(user, bytes as u64, l.send_bytes_per_s as f64, l.send_bytes_burst).await? {
+            None => Ok(()),
+            Some(ms) => Err(bytes_limited(ms)),
+        }
+    }
+
     /// Forgets rate-limit state of idle users and stale cache entries
     /// (called periodically).
     pub fn prune_rate_limits(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        self.bytes_limiter.retain_recent();
+        self.bytes_limiter.shrink_to_fit();
         let now = Instant::now();
         self.typing_seen.lock().retain(|_, t| now.duration_since(*t) < TYPING_EVERY);
         self.member_counts.lock().retain(|_, (_, t)| now.duration_since(*t) < MEMBER_COUNT_TTL);
@@ -419,6 +450,10 @@ impl Node {
         self.engine.publish(&route, event).await?;
         Ok(())
     }
+}
+
+fn bytes_limited(retry_after_ms: u64) -> ChatError {
+    ChatError::rate_limited(retry_after_ms.max(1)).with_message("too many bytes sent (limits.send_bytes_per_s)")
 }
 
 pub fn message_frame<'a>(conversation: &'a str, m: &'a crate::engine::StoredMessage) -> MessageFrame<'a> {

@@ -361,8 +361,12 @@ impl Session<'_> {
             Command::Send { conversation, client_msg_id, body } => {
                 node.validate_message(client_msg_id, body)?;
                 node.classify(conversation)?;
-                if let Err(e) = node.check_send_rate(&conn.user) {
-                    if self.strikes.limited() {
+                let limited = match node.check_send_rate(&conn.user) {
+                    Ok(()) => node.check_send_bytes(&conn.user, body).await.err(),
+                    Err(e) => Some(e),
+                };
+                if let Some(e) = limited {
+                    if e.code == ErrorCode::RateLimited && self.strikes.limited() {
                         conn.closer.close(close::POLICY);
                     }
                     return Err(e);

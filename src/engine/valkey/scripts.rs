@@ -36,6 +36,7 @@ pub struct Scripts {
     pub erase: Lua,
     pub delete: Lua,
     pub retain: Lua,
+    pub bytes: Lua,
 }
 
 impl Scripts {
@@ -51,6 +52,7 @@ impl Scripts {
             erase: Lua::new("erase", include_str!("lua/erase.lua")),
             delete: Lua::new("delete", include_str!("lua/delete.lua")),
             retain: Lua::new("retain", include_str!("lua/retain.lua")),
+            bytes: Lua::new("bytes", include_str!("lua/bytes.lua")),
         }
     }
 }
