@@ -236,8 +236,58 @@ macro_rules! both_engines {
 both_engines!(
     every_event_type_arrives_once_per_action_signed,
     the_receiver_down_for_30_s_loses_nothing,
-    an_erasure_removes_the_body_from_events_not_delivered_yet
+    an_erasure_removes_the_body_from_events_not_delivered_yet,
+    the_outbox_is_bounded_in_bytes_too
 );
+
+/// Issue 22, finding 3: with the receiver down, 80 events of ~24 KB each
+/// (bodies of control characters) exceed `webhooks.outbox_max_bytes` (1 MiB)
+/// long before `outbox_max`: the oldest are dropped (counted as
+/// `outbox_full`), and what arrives when the receiver is back is the newest.
+async fn the_outbox_is_bounded_in_bytes_too(engine: Engine) {
+    const N: u64 = 80;
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let extra = [
+        ("CHAT_WEBHOOKS__OUTBOX_MAX_BYTES", "1048576"),
+        ("CHAT_LIMITS__SEND_BYTES_PER_S", "100000000"),
+        ("CHAT_LIMITS__SEND_BYTES_BURST", "100000000"),
+        ("CHAT_LIMITS__SEND_BURST", "1000"),
+    ];
+    let chat: Chat = engine.start(&hook_env(&url, &extra)).await;
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    chat.put_group(&room, &[&a, &b]).await;
+    receiver.wait_for("conversation.updated", Duration::from_secs(10), |s| s.len() == 1).await;
+    receiver.down();
+    let mut sender = chat.client(&a).await;
+    let body = "\u{1}".repeat(4000);
+    for _ in 0..N {
+        let ack = sender.say(&room, &body).await;
+        assert_eq!(ack["type"], "ack", "{}", &ack.to_string()[..100.min(ack.to_string().len())]);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut dropped = 0.0;
+    for n in &chat.nodes {
+        dropped += common::extra::metric_sum(&n.metrics().await, "chat_webhooks_dropped_total").unwrap_or(0.0);
+    }
+    assert!(dropped >= 20.0, "{N} events of ~24 KB, at most 1 MiB kept: only {dropped} dropped");
+    receiver.up().await;
+    receiver
+        .wait_for("the newest message.created", Duration::from_secs(30), |s| {
+            s.iter().any(|e| e.json["type"] == "message.created" && e.json["data"]["seq"] == N)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got: Vec<u64> =
+        receiver.of_type("message.created").iter().map(|s| s.json["data"]["seq"].as_u64().unwrap()).collect();
+    got.sort();
+    got.dedup();
+    // 1 MiB holds ~43 of them; a few more may have been in flight.
+    assert!(got.len() <= 60, "{} of {N} delivered: more than the byte bound holds", got.len());
+    assert!(got.first().is_some_and(|s| *s > 15), "the oldest were dropped: {got:?}");
+    receiver.down();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_an_erasure_removes_the_body_from_events_not_delivered_yet() {

@@ -409,6 +409,10 @@ pub struct WebhooksConfig {
     /// per cluster on Valkey); past it the oldest are dropped and counted.
     /// Default 100000.
     pub outbox_max: usize,
+    /// Bytes of events (their JSON) waiting for delivery at most, counted as
+    /// `outbox_max` is; past it the oldest are dropped and counted
+    /// (`outbox_full`). Default 67108864 (64 MiB).
+    pub outbox_max_bytes: usize,
     /// Deliveries in flight per node at most. Default 16.
     pub concurrency: usize,
 }
@@ -426,6 +430,7 @@ impl Default for WebhooksConfig {
             unread_after_s: 60,
             max_backoff_s: 600,
             outbox_max: 100_000,
+            outbox_max_bytes: 64 << 20,
             concurrency: 16,
         }
     }

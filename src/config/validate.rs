@@ -247,6 +247,10 @@ impl Config {
         if w.outbox_max == 0 {
             return Err(err("webhooks.outbox_max", "must be at least 1"));
         }
+        // Room for the largest event (a body of max_body_chars escaped).
+        if w.outbox_max_bytes < 1 << 20 {
+            return Err(err("webhooks.outbox_max_bytes", "must be at least 1048576"));
+        }
         if w.concurrency == 0 || w.concurrency > 1024 {
             return Err(err("webhooks.concurrency", "must be between 1 and 1024"));
         }

@@ -25,7 +25,8 @@
 //!   events not delivered yet are lost when the process stops.
 //! - Bounded: the hand-off queue holds [`QUEUE`] events (past it new events
 //!   are dropped, counted as `queue_full`: the outbox is unreachable); the
-//!   outbox holds `webhooks.outbox_max` (past it the oldest are dropped,
+//!   outbox holds `webhooks.outbox_max` events and `webhooks.outbox_max_bytes`
+//!   bytes (past either the oldest are dropped,
 //!   counted as `outbox_full`: the receiver has been down for long).
 //!
 //! # Erasure
@@ -289,13 +290,14 @@ impl Webhooks {
             }
             let mut wait = std::time::Duration::from_millis(100);
             while !events.is_empty() {
-                match self.outbox.push(&events, self.cfg.outbox_max).await {
+                match self.outbox.push(&events, self.cfg.outbox_max, self.cfg.outbox_max_bytes).await {
                     Ok(dropped) => {
                         if dropped > 0 {
                             metrics::webhook_dropped("outbox_full", dropped);
                             tracing::warn!(
                                 dropped,
                                 outbox_max = self.cfg.outbox_max,
+                                outbox_max_bytes = self.cfg.outbox_max_bytes,
                                 "webhook outbox full: oldest events dropped"
                             );
                         }

@@ -49,6 +49,12 @@ pub struct Erasable {
 }
 
 impl Envelope {
+    /// What the event weighs toward `webhooks.outbox_max_bytes`: about its
+    /// JSON envelope's length (the body dominates).
+    pub fn weight(&self) -> usize {
+        self.body.len() + self.id.len() + self.trace.as_ref().map_or(0, String::len) + 64
+    }
+
     /// Whether an erasure of `sender` up to `upto_ms` covers this event.
     pub fn erased_by(&self, sender: &str, upto_ms: i64) -> bool {
         self.erasable.as_ref().is_some_and(|e| e.sender == sender && e.ts_ms <= upto_ms)
@@ -85,8 +91,9 @@ pub struct Claimed {
 /// Events waiting for delivery, and the `message.unread` schedule.
 ///
 /// # Contract
-/// - [`push`](Outbox::push) keeps at most `max` events waiting (ready and
-///   scheduled for retry together); past it the oldest are dropped, and
+/// - [`push`](Outbox::push) keeps at most `max` events and `max_bytes` bytes
+///   (their JSON envelopes, [`Envelope::weight`]) waiting, ready and
+///   scheduled for retry together; past either the oldest are dropped, and
 ///   their number is returned.
 /// - An event is handed out by [`take`](Outbox::take) to one node at a time.
 ///   It is handed out again only after [`retry`](Outbox::retry) comes due,
@@ -100,8 +107,8 @@ pub struct Claimed {
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
     /// Queues events. Returns how many older events were dropped to stay
-    /// within `max`.
-    async fn push(&self, events: &[Envelope], max: usize) -> EngineResult<u64>;
+    /// within `max` events and `max_bytes` bytes.
+    async fn push(&self, events: &[Envelope], max: usize, max_bytes: usize) -> EngineResult<u64>;
 
     /// Up to `max` events for this node to deliver now: due retries, events
     /// left unfinished by a dead node (taken more than `claim_idle_ms` ago),
@@ -158,6 +165,8 @@ struct MemoryState {
     notified: HashMap<String, HashMap<String, (u64, i64)>>,
     /// Erasures: sender -> (up to ms, remembered until ms).
     erased: HashMap<String, (i64, i64)>,
+    /// [`Envelope::weight`] of every event in `ready` and `waiting`.
+    bytes: usize,
 }
 
 /// (created ms, a sequence number that keeps equal times apart).
@@ -176,26 +185,22 @@ impl MemoryState {
         self.ready.len() + self.waiting.len()
     }
 
-    /// Drops the oldest events (by creation) until at most `max` wait, each
-    /// in O(log n): a long outage does not make every push slower.
-    fn trim(&mut self, max: usize) -> u64 {
+    /// Drops the oldest events (by creation) until at most `max` events and
+    /// `max_bytes` bytes wait, each in O(log n): a long outage does not make
+    /// every push slower.
+    fn trim(&mut self, max: usize, max_bytes: usize) -> u64 {
         let mut dropped = 0;
-        while self.len() > max {
+        while self.len() > max || self.bytes > max_bytes {
             // The oldest ready event, or the oldest waiting for a retry (its
             // entry in `retries` is skipped when it comes due).
             let oldest_waiting = self.waiting.first_key_value().map(|(k, _)| *k);
-            match (self.ready.front().map(|e| e.created_ms), oldest_waiting) {
-                (Some(r), Some(k)) if k.0 < r => {
-                    self.waiting.remove(&k);
-                }
-                (Some(_), _) => {
-                    self.ready.pop_front();
-                }
-                (None, Some(k)) => {
-                    self.waiting.remove(&k);
-                }
+            let gone = match (self.ready.front().map(|e| e.created_ms), oldest_waiting) {
+                (Some(r), Some(k)) if k.0 < r => self.waiting.remove(&k).map(|(_, e)| e),
+                (Some(_), _) => self.ready.pop_front(),
+                (None, Some(k)) => self.waiting.remove(&k).map(|(_, e)| e),
                 (None, None) => break,
-            }
+            };
+            self.bytes = self.bytes.saturating_sub(gone.map_or(0, |e| e.weight()));
             dropped += 1;
         }
         dropped
@@ -204,13 +209,14 @@ impl MemoryState {
 
 #[async_trait]
 impl Outbox for MemoryOutbox {
-    async fn push(&self, events: &[Envelope], max: usize) -> EngineResult<u64> {
+    async fn push(&self, events: &[Envelope], max: usize, max_bytes: usize) -> EngineResult<u64> {
         let mut s = self.inner.lock();
         for e in events {
             let e = s.unless_erased(e);
+            s.bytes += e.weight();
             s.ready.push_back(e);
         }
-        Ok(s.trim(max))
+        Ok(s.trim(max, max_bytes))
     }
 
     async fn take(&self, max: usize, _claim_idle_ms: u64) -> EngineResult<Vec<Claimed>> {
@@ -225,11 +231,13 @@ impl Outbox for MemoryOutbox {
             let Some(Reverse((_, k))) = s.retries.pop() else { break };
             // Gone when it was trimmed meanwhile.
             if let Some((_, e)) = s.waiting.remove(&k) {
+                s.bytes = s.bytes.saturating_sub(e.weight());
                 out.push(Claimed { envelope: e, handle: String::new() });
             }
         }
         while out.len() < max {
             let Some(e) = s.ready.pop_front() else { break };
+            s.bytes = s.bytes.saturating_sub(e.weight());
             out.push(Claimed { envelope: e, handle: String::new() });
         }
         Ok(out)
@@ -245,6 +253,7 @@ impl Outbox for MemoryOutbox {
         s.next += 1;
         // An erasure while it was being attempted: only the erased form waits.
         let e = s.unless_erased(&event.envelope);
+        s.bytes += e.weight();
         s.waiting.insert(k, (due_ms, e));
         s.retries.push(Reverse((due_ms, k)));
         // Entries of events dropped by the bound linger in the heap until
@@ -307,7 +316,9 @@ impl Outbox for MemoryOutbox {
         let state = &mut *s;
         for e in state.ready.iter_mut().chain(state.waiting.values_mut().map(|(_, e)| e)) {
             if e.erased_by(sender, upto_ms) {
-                *e = e.erased();
+                let erased = e.erased();
+                state.bytes = state.bytes.saturating_sub(e.weight()) + erased.weight();
+                *e = erased;
                 n += 1;
             }
         }
@@ -328,12 +339,12 @@ mod tests {
     #[tokio::test]
     async fn the_oldest_events_are_dropped_past_the_bound() {
         let o = MemoryOutbox::default();
-        assert_eq!(o.push(&[env("a", 1), env("b", 2)], 3).await.unwrap(), 0);
+        assert_eq!(o.push(&[env("a", 1), env("b", 2)], 3, usize::MAX).await.unwrap(), 0);
         let a = o.take(1, 0).await.unwrap().remove(0);
         assert_eq!(a.envelope.id, "a");
         // "a" waits for a retry far away: it still counts toward the bound.
         o.retry(&a, i64::MAX).await.unwrap();
-        assert_eq!(o.push(&[env("c", 3), env("d", 4)], 3).await.unwrap(), 1, "a, the oldest, goes");
+        assert_eq!(o.push(&[env("c", 3), env("d", 4)], 3, usize::MAX).await.unwrap(), 1, "a, the oldest, goes");
         let ids: Vec<String> = o.take(10, 0).await.unwrap().into_iter().map(|c| c.envelope.id).collect();
         assert_eq!(ids, ["b", "c", "d"]);
     }
@@ -344,7 +355,7 @@ mod tests {
         // the oldest. What is kept, heap entries included, stays near `max`.
         let o = MemoryOutbox::default();
         for i in 0..10_000 {
-            o.push(&[env(&format!("e{i}"), i)], 100).await.unwrap();
+            o.push(&[env(&format!("e{i}"), i)], 100, usize::MAX).await.unwrap();
             for c in o.take(10, 0).await.unwrap() {
                 o.retry(&c, i64::MAX).await.unwrap();
             }
@@ -356,9 +367,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_oldest_events_are_dropped_past_the_byte_bound() {
+        let o = MemoryOutbox::default();
+        let big = |id: &str, t: i64| Envelope { body: "x".repeat(1000), ..env(id, t) };
+        let w = big("a", 1).weight();
+        assert_eq!(o.push(&[big("a", 1), big("b", 2), big("c", 3)], 100, 2 * w).await.unwrap(), 1);
+        let a = o.take(1, 0).await.unwrap().remove(0);
+        assert_eq!(a.envelope.id, "b");
+        o.retry(&a, i64::MAX).await.unwrap();
+        assert_eq!(o.inner.lock().bytes, 2 * w, "b waiting, c ready");
+        assert_eq!(o.push(&[big("d", 4)], 100, 2 * w).await.unwrap(), 1, "b, the oldest, goes");
+        let ids: Vec<String> = o.take(10, 0).await.unwrap().into_iter().map(|c| c.envelope.id).collect();
+        assert_eq!(ids, ["c", "d"]);
+        assert_eq!(o.inner.lock().bytes, 0);
+    }
+
+    #[tokio::test]
     async fn a_retry_comes_back_when_due_and_not_before() {
         let o = MemoryOutbox::default();
-        o.push(&[env("a", 1)], 10).await.unwrap();
+        o.push(&[env("a", 1)], 10, usize::MAX).await.unwrap();
         let a = o.take(1, 0).await.unwrap().remove(0);
         assert!(o.take(1, 0).await.unwrap().is_empty(), "taken: not handed out twice");
         o.retry(&a, crate::protocol::now_ms() + 60_000).await.unwrap();
@@ -397,16 +424,18 @@ mod tests {
     #[tokio::test]
     async fn an_erasure_reaches_waiting_retried_and_later_events() {
         let o = MemoryOutbox::default();
-        o.push(&[created("a", "alice", 10), created("b", "bob", 11), created("c", "alice", 12)], 100).await.unwrap();
+        o.push(&[created("a", "alice", 10), created("b", "bob", 11), created("c", "alice", 12)], 100, usize::MAX)
+            .await
+            .unwrap();
         // "c" is being attempted while the erasure happens.
         let taken = o.take(3, 0).await.unwrap();
-        o.push(&[taken[0].envelope.clone(), taken[1].envelope.clone()], 100).await.unwrap();
+        o.push(&[taken[0].envelope.clone(), taken[1].envelope.clone()], 100, usize::MAX).await.unwrap();
         let in_flight = taken[2].clone();
         assert_eq!(o.erase("alice", 100, 60_000).await.unwrap(), 1, "a, waiting");
         o.retry(&in_flight, 0).await.unwrap();
         // A message of alice that arrived before the erasure, pushed after it
         // (it was in a hand-off queue), and one that arrived after it.
-        o.push(&[created("d", "alice", 99), created("e", "alice", 101)], 100).await.unwrap();
+        o.push(&[created("d", "alice", 99), created("e", "alice", 101)], 100, usize::MAX).await.unwrap();
         let all = o.take(10, 0).await.unwrap();
         let by_id: HashMap<&str, serde_json::Value> =
             all.iter().map(|c| (c.envelope.id.as_str(), body_of(c))).collect();

@@ -21,8 +21,9 @@
 //! - `<p>:{presence}:nodes` / `<p>:{presence}:n:<node>`: node leases and
 //!   per-node connection counts
 //! - `<p>:{wh}:out` stream (consumer group `delivery`), `<p>:{wh}:retry`,
-//!   `<p>:{wh}:retry:age` sorted sets and `<p>:{wh}:retry:e` hash: the
-//!   webhook outbox; `<p>:{wh}:unread` sorted set and
+//!   `<p>:{wh}:retry:age` sorted sets, `<p>:{wh}:retry:e` hash,
+//!   `<p>:{wh}:bytes` (the bytes waiting) and `<p>:{wh}:erased` (erasures:
+//!   user -> ms): the webhook outbox; `<p>:{wh}:unread` sorted set and
 //!   `<p>:{wh}:unread:n:<id>` hashes: the `message.unread` schedule
 //!
 //! # Fan-out

@@ -42,7 +42,14 @@ impl ValkeyOutbox {
     }
 
     fn outbox_keys(&self) -> Vec<String> {
-        vec![self.key("out"), self.key("retry"), self.key("retry:age"), self.key("retry:e"), self.key("erased")]
+        vec![
+            self.key("out"),
+            self.key("retry"),
+            self.key("retry:age"),
+            self.key("retry:e"),
+            self.key("erased"),
+            self.key("bytes"),
+        ]
     }
 
     async fn outbox(&self, args: Vec<String>) -> EngineResult<Value> {
@@ -56,8 +63,8 @@ fn json(e: &Envelope) -> EngineResult<String> {
 
 #[async_trait]
 impl Outbox for ValkeyOutbox {
-    async fn push(&self, events: &[Envelope], max: usize) -> EngineResult<u64> {
-        let mut args = vec!["push".to_string(), max.to_string()];
+    async fn push(&self, events: &[Envelope], max: usize, max_bytes: usize) -> EngineResult<u64> {
+        let mut args = vec!["push".to_string(), max.to_string(), max_bytes.to_string()];
         for e in events {
             args.push(json(e)?);
         }
@@ -68,7 +75,7 @@ impl Outbox for ValkeyOutbox {
         let erased: Vec<Envelope> =
             r.iter().skip(1).filter_map(|i| events.get((*i as usize).checked_sub(1)?)).map(Envelope::erased).collect();
         if !erased.is_empty() {
-            let mut args = vec!["push".to_string(), max.to_string()];
+            let mut args = vec!["push".to_string(), max.to_string(), max_bytes.to_string()];
             for e in &erased {
                 args.push(json(e)?);
             }

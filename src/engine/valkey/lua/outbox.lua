@@ -9,9 +9,10 @@
 -- KEYS[4] hash: event id -> envelope (retries)
 -- KEYS[5] hash: user -> erasure (ms): `message.created` events of the user's
 --         messages that arrived up to then must go out erased
+-- KEYS[6] counter: bytes of the envelopes waiting (stream and retries)
 -- ARGV[1] op:
---   push  ARGV[2] max, ARGV[3..] envelopes
---         -> {number of the oldest events dropped to keep at most max,
+--   push  ARGV[2] max events, ARGV[3] max bytes, ARGV[4..] envelopes
+--         -> {number of the oldest events dropped to keep within both,
 --             positions (from 1) of envelopes refused as erased: the caller
 --             pushes their erased form}
 --   take  ARGV[2] group, ARGV[3] consumer, ARGV[4] max, ARGV[5] now ms,
@@ -31,6 +32,36 @@
 
 local op = ARGV[1]
 
+-- The byte counter: never below 0, and 0 when nothing waits (entries
+-- written before the counter existed are forgotten as they leave).
+local function count(delta)
+  if delta == 0 then return end
+  if redis.call('INCRBY', KEYS[6], delta) < 0
+    or (redis.call('XLEN', KEYS[1]) == 0 and redis.call('HLEN', KEYS[4]) == 0) then
+    redis.call('SET', KEYS[6], 0)
+  end
+end
+
+-- The envelope of a stream entry (nil when gone).
+local function entry(id)
+  local e = redis.call('XRANGE', KEYS[1], id, id)[1]
+  if not e then return nil end
+  local f = e[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'e' then return f[i + 1] end
+  end
+  return ''
+end
+
+-- XDEL with the counter; 1 when it was there.
+local function xdel(id)
+  local env = entry(id)
+  if not env then return 0 end
+  redis.call('XDEL', KEYS[1], id)
+  count(-#env)
+  return 1
+end
+
 -- Whether an erasure covers the envelope: `message.created` envelopes start
 -- with {"erasable":{"sender":...,"ts_ms":...}} (user ids have no quotes).
 local function erased(env)
@@ -46,30 +77,35 @@ local function ensure_group(group)
 end
 
 if op == 'push' then
-  local max = tonumber(ARGV[2])
+  local max, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
   local refused = {}
-  for i = 3, #ARGV do
+  local added = 0
+  for i = 4, #ARGV do
     if erased(ARGV[i]) then
-      table.insert(refused, i - 2)
+      table.insert(refused, i - 3)
     else
       redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
+      added = added + #ARGV[i]
     end
   end
+  count(added)
   local excess = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) - max
   local dropped = 0
   -- The oldest first, whether ready or waiting for a retry (a stream id
-  -- starts with the time it was queued).
-  while excess > 0 do
+  -- starts with the time it was queued), past either bound.
+  while excess > 0 or tonumber(redis.call('GET', KEYS[6]) or '0') > max_bytes do
     local ready = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
     local waiting = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
     local ready_ms = ready and tonumber(string.match(ready[1], '^(%d+)-')) or nil
     local waiting_ms = waiting[2] and tonumber(waiting[2]) or nil
     if ready_ms and (not waiting_ms or ready_ms <= waiting_ms) then
-      redis.call('XDEL', KEYS[1], ready[1])
+      xdel(ready[1])
     elseif waiting_ms then
+      local env = redis.call('HGET', KEYS[4], waiting[1])
       redis.call('ZREM', KEYS[2], waiting[1])
       redis.call('ZREM', KEYS[3], waiting[1])
       redis.call('HDEL', KEYS[4], waiting[1])
+      count(-(env and #env or 0))
     else
       break
     end
@@ -126,7 +162,7 @@ end
 
 if op == 'done' then
   redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
-  redis.call('XDEL', KEYS[1], ARGV[3])
+  xdel(ARGV[3])
   return 1
 end
 
@@ -136,12 +172,13 @@ if op == 'retry' then
   end
   redis.call('XACK', KEYS[1], ARGV[2], ARGV[3])
   -- Gone: dropped past the bound meanwhile; it stays dropped.
-  if redis.call('XDEL', KEYS[1], ARGV[3]) == 0 then
+  if xdel(ARGV[3]) == 0 then
     return 0
   end
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4])
   redis.call('HSET', KEYS[4], ARGV[4], ARGV[7])
+  count(#ARGV[7])
   return 1
 end
 
@@ -196,13 +233,18 @@ if op == 'replace' then
     if ARGV[2] == 's' then
       -- Taken by a node meanwhile: its retry finds the entry gone and
       -- leaves it to this copy; its done acknowledges the old one.
-      if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+      if xdel(ARGV[i]) == 1 then
         redis.call('XADD', KEYS[1], '*', 'e', ARGV[i + 1])
+        count(#ARGV[i + 1])
         n = n + 1
       end
-    elseif redis.call('HEXISTS', KEYS[4], ARGV[i]) == 1 then
-      redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
-      n = n + 1
+    else
+      local old = redis.call('HGET', KEYS[4], ARGV[i])
+      if old then
+        redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+        count(#ARGV[i + 1] - #old)
+        n = n + 1
+      end
     end
   end
   return n
