@@ -44,7 +44,7 @@ pub async fn engine(cfg: &Config, hub: Arc<Hub>) -> anyhow::Result<Arc<dyn Engin
          (chat.data_dir = memory); set CHAT_CHAT__DATA_DIR for durable history on this node, or CHAT_VALKEY__URL \
          for durable history and several nodes"
     );
-    Ok(Arc::new(MemoryEngine::new(hub, cfg.chat.history_max_messages)))
+    Ok(Arc::new(MemoryEngine::new(hub, cfg.chat.history_max_messages).with_max_age(cfg.chat.history_max_age_s)))
 }
 
 pub async fn build(cfg: Config) -> anyhow::Result<Arc<Node>> {

@@ -95,6 +95,14 @@ pub enum EngineError {
     RateLimited(u64),
 }
 
+impl EngineError {
+    /// The storage refused a write because it is full (Valkey `OOM` under
+    /// `maxmemory` with `noeviction`): reads still work.
+    pub fn is_full(&self) -> bool {
+        matches!(self, EngineError::Unavailable(d) if d.contains("OOM"))
+    }
+}
+
 impl From<EngineError> for ChatError {
     fn from(e: EngineError) -> Self {
         match e {

@@ -24,7 +24,7 @@
 //!   the engine door; `webhooks.rs`: which action makes which webhook event,
 //!   and the `message.unread` check.
 //! - [`hub`]: local fan-out with bounded per-connection queues (frames and
-//!   bytes); `batch.rs`: batching of presence and receipts in large
+//!   bytes); `batch.rs`: batching of presence, receipts and typing in large
 //!   conversations.
 //! - [`session`]: one WebSocket session from the upgraded socket to the closed
 //!   TCP connection, generic over the byte stream and unit-tested under a

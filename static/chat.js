@@ -96,7 +96,8 @@
  * - `ack`          {conversation, client_msg_id, seq, ts, duplicate}
  * - `receipt`      {conversation, user, delivered_seq, read_seq} (one event per user, also
  *                   for the batched `receipts:[...]` frames of large conversations)
- * - `typing`       {conversation, user:{id,name}}
+ * - `typing`       {conversation, user:{id,name}} (one event per user, also for the
+ *                   batched `users:[...]` frames of large conversations)
  * - `presence`     {conversation, user, online:boolean}  (push; one event per change, also
  *                   for the batched `changes:[...]` frames of large conversations)
  *                  {conversation, online:string[], query:true} (reply to presence())
@@ -719,11 +720,20 @@ export class ChatClient extends EventTarget {
     this._emit('ack', ack);
   }
 
+  /**
+   * A typing push: one user (`user`), or `users:[...]` (batched, large
+   * conversations: who typed since the last push), emitted as one `typing`
+   * event per user either way.
+   */
   _onTyping(f) {
-    const user = f.user && typeof f.user === 'object' ? f.user : { id: f.user };
-    if (!CONV_RE.test(f.conversation) || !user.id) return;
-    if (this.user && user.id === this.user.id) return;
-    this._emit('typing', { conversation: f.conversation, user });
+    if (!CONV_RE.test(f.conversation)) return;
+    const list = Array.isArray(f.users) ? f.users : [f.user];
+    for (const u of list) {
+      const user = u && typeof u === 'object' ? u : { id: u };
+      if (typeof user.id !== 'string' || !user.id) continue;
+      if (this.user && user.id === this.user.id) continue;
+      this._emit('typing', { conversation: f.conversation, user });
+    }
   }
 
   /**

@@ -64,6 +64,8 @@ abuse_suite!(
     mass_reconnect_of_a_1000_member_group_batches_presence,
     receipts_in_a_100_member_room_are_batched,
     typing_is_throttled_per_user_and_conversation,
+    typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate,
+    the_send_byte_budget_bounds_a_flood_of_the_largest_bodies,
     membership_change_racing_the_connect_is_honoured,
 );
 
@@ -1533,6 +1535,156 @@ async fn typing_is_throttled_per_user_and_conversation(engine: Engine) {
     }
     for t in &typers {
         assert!(t.frames().is_empty(), "typing goes to others only");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Typing in big rooms (issue 22, finding 8).
+
+/// 60 members (above the default `limits.batch_members`, 50) all typing for
+/// 3 s: each connection gets at most one typing frame per
+/// `limits.batch_interval_ms` (1 s) for the room, carrying `users` (who typed,
+/// never itself), instead of one frame per typist and second (3,540 a second
+/// in all). A group of three keeps the immediate single-user frame.
+async fn typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate(engine: Engine) {
+    let s = setup(engine, &[]).await;
+    const N: usize = 60;
+    let users: Vec<String> = (0..N).map(|i| format!("t{i:03}")).collect();
+    let g = unique("typists");
+    let refs: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
+    s.s(0).put_group(&g, &refs).await;
+    let g2 = g.clone();
+    let peers =
+        connect_peers(&s, &users, move |v: &Value| v["type"] == "typing" && v["conversation"] == g2.as_str()).await;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    for _ in 0..12 {
+        tick.tick().await;
+        for p in &peers {
+            p.send(&json!({"type":"typing","conversation":g}));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let window = start.elapsed();
+    let mut problems = Vec::new();
+    let mut total = 0;
+    for (i, p) in peers.iter().enumerate() {
+        let frames = p.frames();
+        total += frames.len();
+        let min_gap = frames.windows(2).map(|w| w[1].0 - w[0].0).min();
+        if frames.len() > window.as_secs() as usize + 1 || min_gap.is_some_and(|g| g < Duration::from_millis(700)) {
+            problems.push(format!(
+                "{}: {} typing frames in {window:?}, closest {min_gap:?} apart",
+                users[i],
+                frames.len()
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (_, f) in &frames {
+            let Some(list) = f["users"].as_array() else {
+                problems.push(format!("{}: a typing frame without `users` in a {N}-member room: {f}", users[i]));
+                break;
+            };
+            for u in list {
+                let id = u["id"].as_str().unwrap_or("").to_string();
+                if id == users[i] {
+                    problems.push(format!("{}: told about its own typing: {f}", users[i]));
+                }
+                assert!(u["name"].as_str().is_some_and(|n| !n.is_empty()), "a name for every typist: {f}");
+                seen.insert(id);
+            }
+        }
+        if seen.len() < N - 1 {
+            problems.push(format!("{}: heard {} of {} typists", users[i], seen.len(), N - 1));
+        }
+    }
+    eprintln!("typing: {total} typing frames to {N} connections in {window:?}");
+    assert!(
+        problems.is_empty(),
+        "typing in a {N}-member room must be batched: at most one frame per connection per batch_interval_ms,          naming who typed ({total} frames in all):\n{}",
+        problems[..problems.len().min(10)].join("\n")
+    );
+
+    // A small room: the single-user frame, at once (well within an interval).
+    let small = unique("small");
+    s.s(0).put_group(&small, &["t000", "t001", "t002"]).await;
+    let small2 = small.clone();
+    let keep = move |v: &Value| v["type"] == "typing" && v["conversation"] == small2.as_str();
+    let pair = connect_peers(&s, &["t001".to_string(), "t002".to_string()], keep).await;
+    let sent = Instant::now();
+    pair[0].send(&json!({"type":"typing","conversation":small}));
+    while pair[1].frames().is_empty() {
+        assert!(sent.elapsed() < TIMEOUT, "typing in a room of 3 never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (at, f) = pair[1].frames().remove(0);
+    assert!(at - sent < Duration::from_millis(500), "a small room's typing waits for no batch: {:?}", at - sent);
+    assert_eq!(f["user"]["id"], "t001", "{f}");
+    assert!(f["user"]["name"].is_string() && f.get("users").is_none(), "the single-user form: {f}");
+}
+
+// ---------------------------------------------------------------------------
+// Budgets in bytes (issue 22, finding 3).
+
+/// One user floods 4000-character bodies of control characters (24,002 bytes
+/// each as stored) at the message rate, from a connection on each node. With
+/// `limits.send_bytes_per_s` 8192 and a 32 KiB burst, what is stored in 6 s
+/// is at most the burst plus 6 s of refill, across the nodes together (the
+/// budget is cluster-wide on Valkey); refusals are `rate_limited` with
+/// `retry_after_ms`. Short messages of another user are untouched.
+async fn the_send_byte_budget_bounds_a_flood_of_the_largest_bodies(engine: Engine) {
+    let env = [("CHAT_LIMITS__SEND_BYTES_PER_S", "8192"), ("CHAT_LIMITS__SEND_BYTES_BURST", "32768")];
+    let s = setup(engine, &env).await;
+    let room = unique("bytes");
+    s.s(0).put_group(&room, &["flooder", "chatter"]).await;
+    let body: String = "\u{1}".repeat(4000);
+    const STORED: usize = 4000 * 6 + 2;
+    let start = Instant::now();
+    let mut acked = 0usize;
+    let mut limited = 0usize;
+    let mut conns = Vec::new();
+    for i in 0..2 {
+        conns.push(s.s(i).client("flooder").await);
+    }
+    // Each connection sends as fast as the server lets it: at once after an
+    // ack, after `retry_after_ms` after a refusal (as a client must, or
+    // strikes close it with 4008).
+    let mut not_before = [Instant::now(); 2];
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(6) {
+        for (i, c) in conns.iter_mut().enumerate() {
+            if Instant::now() < not_before[i] {
+                continue;
+            }
+            n += 1;
+            let r =
+                c.request(json!({"type":"send","conversation":room,"client_msg_id":format!("f{n}"),"body":body})).await;
+            if r["type"] == "ack" {
+                acked += 1;
+                continue;
+            }
+            let short: String = r.to_string().chars().take(300).collect();
+            assert_eq!(r["code"], "rate_limited", "{short}");
+            let ms = r["retry_after_ms"].as_u64().unwrap_or(0);
+            assert!(ms >= 1, "{short}");
+            not_before[i] = Instant::now() + Duration::from_millis(ms);
+            limited += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let allowed = 32_768.0 + 8_192.0 * secs;
+    eprintln!("bytes: {acked} bodies acked ({} bytes), {limited} refused, in {secs:.1} s", acked * STORED);
+    assert!(acked >= 1, "the first body fits the burst");
+    assert!(
+        (acked * STORED) as f64 <= allowed + STORED as f64,
+        "{acked} bodies of {STORED} bytes stored in {secs:.1} s: more than the burst + refill ({allowed} bytes)"
+    );
+    assert!(limited > 0);
+    let mut chatter = s.s(1).client("chatter").await;
+    for i in 0..20 {
+        let ack = chatter.say(&room, &format!("short message {i}")).await;
+        assert_eq!(ack["type"], "ack", "another user's chat is not limited: {ack}");
     }
 }
 

@@ -161,7 +161,7 @@ async function newClient(script, extra = {}) {
     backoffBaseMs: 20, backoffCapMs: 200, prefetch: true, ...extra,
   });
   const events = [];
-  for (const t of ['reset', 'presence', 'receipt', 'message', 'token_refreshed', 'token_expired', 'state', 'error']) {
+  for (const t of ['reset', 'presence', 'receipt', 'typing', 'message', 'token_refreshed', 'token_expired', 'state', 'error']) {
     client.on(t, (d) => events.push([t, d]));
   }
   client.connect();
@@ -212,6 +212,21 @@ const checks = {
     check(same(rc, [['bob', 2], ['carol', seq], ['bob', seq]]), `receipt events ${JSON.stringify(rc)}`);
     client.close();
     return 'one event per change, batched and single';
+  },
+
+  async batched_typing() {
+    const s = new Script();
+    s.fill('e1', ['a']);
+    const { client, events } = await newClient(s);
+    await client.load('general');
+    s.ws.push({ type: 'typing', conversation: 'general',
+      users: [{ id: 'bob', name: 'Bob' }, { id: 'carol', name: 'Carol' }] });
+    s.ws.push({ type: 'typing', conversation: 'general', user: { id: 'dave', name: 'Dave' } });
+    await until('3 typing events', () => events.filter(([t]) => t === 'typing').length >= 3);
+    const typ = events.filter(([t]) => t === 'typing').map(([, d]) => [d.user.id, d.user.name]);
+    check(same(typ, [['bob', 'Bob'], ['carol', 'Carol'], ['dave', 'Dave']]), `typing events ${JSON.stringify(typ)}`);
+    client.close();
+    return 'one event per user, batched and single';
   },
 
   async epoch_change_in_welcome() {

@@ -60,14 +60,30 @@ where
     F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    on_memory_with(config(), contract).await
+}
+
+async fn on_memory_with<F, Fut>(cfg: Config, contract: F)
+where
+    F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let hub = Hub::new();
-    let engine = app::engine(&config(), hub.clone()).await.expect("embedded engine");
+    let engine = app::engine(&cfg, hub.clone()).await.expect("embedded engine");
     assert_eq!(engine.name(), "memory");
     contract(engine, hub).await;
 }
 
 /// Runs a contract on the durable embedded engine, on a fresh directory.
 async fn on_durable<F, Fut>(contract: F)
+where
+    F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    on_durable_with(config(), contract).await
+}
+
+async fn on_durable_with<F, Fut>(mut cfg: Config, contract: F)
 where
     F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
     Fut: Future<Output = ()>,
@@ -79,7 +95,6 @@ where
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = config();
     cfg.chat.data_dir = Some(dir.display().to_string());
     let hub = Hub::new();
     let engine = app::engine(&cfg, hub.clone()).await.expect("durable engine");
@@ -97,9 +112,16 @@ where
     F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    on_valkey_with(config(), contract).await
+}
+
+async fn on_valkey_with<F, Fut>(mut cfg: Config, contract: F)
+where
+    F: FnOnce(Arc<dyn Engine>, Arc<Hub>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let server = valkey_server::Valkey::start().await;
-    let mut cfg = config();
     cfg.valkey.url = Some(Secret::new(server.url()));
     cfg.valkey.pool_size = 2;
     cfg.valkey.key_prefix = format!("conf{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
@@ -172,6 +194,71 @@ conformance!(
     delete_group_deletes_updates,
     published_update_is_the_stored_frame,
 );
+
+// ---- retention on a timer (issue 22, finding 6) ----
+
+/// `max_age` 3 s on every engine's own setting.
+fn retention_config() -> Config {
+    let mut cfg = config();
+    cfg.chat.history_max_age_s = 3;
+    cfg.valkey.retention_max_age_s = 3;
+    cfg
+}
+
+mod retention {
+    #[tokio::test]
+    async fn memory() {
+        super::on_memory_with(super::retention_config(), super::old_messages_go_on_a_timer).await
+    }
+    #[tokio::test]
+    async fn durable() {
+        super::on_durable_with(super::retention_config(), super::old_messages_go_on_a_timer).await
+    }
+    #[tokio::test]
+    async fn valkey() {
+        super::on_valkey_with(super::retention_config(), super::old_messages_go_on_a_timer).await
+    }
+}
+
+/// Messages older than `max_age` leave history while the conversation stays
+/// idle (no later write): the engine's own timer removes them (the app runs
+/// `maintain` every `maintenance_interval`; the durable writer has its own
+/// tick). `last_seq` and the epoch stay: the next message gets the next seq.
+async fn old_messages_go_on_a_timer(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
+    let conv = "retained";
+    let route = vec![Topic::Conv(conv.into())];
+    for i in 1..=3 {
+        e.append(new_message(conv, "alice", &format!("r{i}"), "soon gone"), &route).await.expect("append");
+    }
+    let before = e.history(conv, Page::Before(None, 10)).await.expect("history");
+    assert_eq!(before.messages.len(), 3);
+    // What the app does: maintain on the engine's interval (none: the engine
+    // keeps its own timer).
+    let every = e.maintenance_interval();
+    let started = std::time::Instant::now();
+    let left = loop {
+        if let Some(every) = every {
+            tokio::time::sleep(every).await;
+            e.maintain().await.expect("maintain");
+        } else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let page = e.history(conv, Page::Before(None, 10)).await.expect("history");
+        if page.messages.is_empty() || started.elapsed() > Duration::from_secs(15) {
+            break page;
+        }
+    };
+    assert!(left.messages.is_empty(), "after 15 s idle with max_age 3 s, history holds {:?}", left.messages);
+    assert!(started.elapsed() >= Duration::from_secs(2), "not before they are old");
+    assert_eq!(e.last_seq(conv).await.expect("last_seq"), 3, "trimming keeps last_seq");
+    assert_eq!(left.epoch, before.epoch, "trimming keeps the epoch");
+    let next = e.append(new_message(conv, "alice", "r4", "after"), &route).await.expect("append").expect("stored");
+    assert_eq!(next.seq, 4, "seqs are never reused");
+    // The repeat of a dropped message's id is no longer known (its record
+    // went with it), but it never takes an old seq.
+    let again = e.append(new_message(conv, "alice", "r1", "again"), &route).await.expect("append").expect("stored");
+    assert_eq!(again.seq, 5);
+}
 
 /// A local connection as a session would hold it.
 struct Client {

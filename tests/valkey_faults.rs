@@ -191,3 +191,61 @@ async fn pubsub_connection_cut_leaves_no_silent_gap() {
     let m = nodes[0].metrics().await;
     assert!(m.contains("chat_valkey_command_seconds_bucket{") && m.contains("script=\"append\""), "{m}");
 }
+
+/// Issue 22, finding 3: Valkey full (`maxmemory` reached, `noeviction`: every
+/// write answers OOM). Connecting still works (`welcome`), reads and history
+/// work, sends answer `unavailable` and store nothing; once memory is freed,
+/// sends work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_valkey_still_lets_users_connect_and_read() {
+    let valkey = Valkey::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--maxmemory",
+        "32mb",
+        "--maxmemory-policy",
+        "noeviction",
+    ])
+    .await;
+    let nodes = start_nodes(1, &valkey.url(), false, &[]).await;
+    let s = &nodes[0];
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    s.put_group(&room, &[&a, &b]).await;
+    let mut alice = s.client(&a).await;
+    let ack = alice.say(&room, "before the memory ran out").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // One write pushes used memory past maxmemory: a 40 MB string.
+    valkey.cli(&["SETRANGE", "filler", "40000000", "x"]).await.expect("the filler");
+    let refused = valkey.cli(&["SET", "probe", "1"]).await.unwrap_or_default();
+    assert!(refused.contains("OOM"), "Valkey refuses writes now: {refused}");
+
+    // A new connection: welcome, with the group and its counters.
+    let mut bob = s.client(&b).await;
+    let listed = bob.welcome["conversations"].as_array().unwrap();
+    assert!(listed.iter().any(|c| c["id"] == room.as_str() && c["last_seq"] == 1), "{}", bob.welcome);
+    let page = bob.request(json!({"type":"history","conversation":room,"limit":10})).await;
+    assert_eq!(page["type"], "history", "{page}");
+    assert_eq!(page["messages"][0]["body"], "before the memory ran out");
+    let send = bob.request(json!({"type":"send","conversation":room,"client_msg_id":"full-1","body":"no room"})).await;
+    assert_eq!((send["type"].as_str(), send["code"].as_str()), (Some("error"), Some("unavailable")), "{send}");
+    let send =
+        alice.request(json!({"type":"send","conversation":room,"client_msg_id":"full-2","body":"no room"})).await;
+    assert_eq!(send["code"], "unavailable", "{send}");
+    let p = bob.request(json!({"type":"presence","conversation":room})).await;
+    assert_eq!(p["type"], "presence", "{p}");
+    bob.close().await;
+
+    // Memory freed: sends work again, and nothing refused was stored.
+    valkey.cli(&["DEL", "filler"]).await.expect("free the filler");
+    let ack =
+        alice.request(json!({"type":"send","conversation":room,"client_msg_id":"full-2","body":"room again"})).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["seq"].as_u64(), ack["duplicate"].as_bool()),
+        (Some("ack"), Some(2), Some(false))
+    );
+    let all = stored(s, &room).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+}

@@ -233,7 +233,132 @@ macro_rules! both_engines {
     };
 }
 
-both_engines!(every_event_type_arrives_once_per_action_signed, the_receiver_down_for_30_s_loses_nothing);
+both_engines!(
+    every_event_type_arrives_once_per_action_signed,
+    the_receiver_down_for_30_s_loses_nothing,
+    an_erasure_removes_the_body_from_events_not_delivered_yet,
+    the_outbox_is_bounded_in_bytes_too
+);
+
+/// Issue 22, finding 3: with the receiver down, 80 events of ~24 KB each
+/// (bodies of control characters) exceed `webhooks.outbox_max_bytes` (1 MiB)
+/// long before `outbox_max`: the oldest are dropped (counted as
+/// `outbox_full`), and what arrives when the receiver is back is the newest.
+async fn the_outbox_is_bounded_in_bytes_too(engine: Engine) {
+    const N: u64 = 80;
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let extra = [
+        ("CHAT_WEBHOOKS__OUTBOX_MAX_BYTES", "1048576"),
+        ("CHAT_LIMITS__SEND_BYTES_PER_S", "100000000"),
+        ("CHAT_LIMITS__SEND_BYTES_BURST", "100000000"),
+        ("CHAT_LIMITS__SEND_BURST", "1000"),
+    ];
+    let chat: Chat = engine.start(&hook_env(&url, &extra)).await;
+    let room = unique("room");
+    let (a, b) = (unique("a"), unique("b"));
+    chat.put_group(&room, &[&a, &b]).await;
+    receiver.wait_for("conversation.updated", Duration::from_secs(10), |s| s.len() == 1).await;
+    receiver.down();
+    let mut sender = chat.client(&a).await;
+    let body = "\u{1}".repeat(4000);
+    for _ in 0..N {
+        let ack = sender.say(&room, &body).await;
+        assert_eq!(ack["type"], "ack", "{}", &ack.to_string()[..100.min(ack.to_string().len())]);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut dropped = 0.0;
+    for n in &chat.nodes {
+        dropped += common::extra::metric_sum(&n.metrics().await, "chat_webhooks_dropped_total").unwrap_or(0.0);
+    }
+    assert!(dropped >= 20.0, "{N} events of ~24 KB, at most 1 MiB kept: only {dropped} dropped");
+    receiver.up().await;
+    receiver
+        .wait_for("the newest message.created", Duration::from_secs(30), |s| {
+            s.iter().any(|e| e.json["type"] == "message.created" && e.json["data"]["seq"] == N)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got: Vec<u64> =
+        receiver.of_type("message.created").iter().map(|s| s.json["data"]["seq"].as_u64().unwrap()).collect();
+    got.sort();
+    got.dedup();
+    // 1 MiB holds ~43 of them; a few more may have been in flight.
+    assert!(got.len() <= 60, "{} of {N} delivered: more than the byte bound holds", got.len());
+    assert!(got.first().is_some_and(|s| *s > 15), "the oldest were dropped: {got:?}");
+    receiver.down();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_an_erasure_removes_the_body_from_events_not_delivered_yet() {
+    an_erasure_removes_the_body_from_events_not_delivered_yet(Engine::Durable).await
+}
+
+/// Issue 22, finding 2: the receiver is down while a user sends; the user is
+/// erased; the receiver comes back. Every `message.created` still arrives,
+/// once per message, under its `webhook-id`, but with an empty body and
+/// `deleted: true` (some waited in the outbox, some for a retry). A message
+/// the user sends after the erasure keeps its body.
+async fn an_erasure_removes_the_body_from_events_not_delivered_yet(engine: Engine) {
+    const N: usize = 20;
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url();
+    let chat: Chat = engine.start(&hook_env(&url, &[])).await;
+    let room = unique("room");
+    let (a, b) = (unique("erased"), unique("b"));
+    chat.put_group(&room, &[&a, &b]).await;
+    receiver.wait_for("conversation.updated", Duration::from_secs(10), |s| s.len() == 1).await;
+    receiver.down();
+    let mut sender = chat.client(&a).await;
+    let mut seqs = Vec::new();
+    for i in 0..N {
+        let ack = sender.say(&room, &format!("PRIVATE-{i}-do-not-leak")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        seqs.push(ack["seq"].as_u64().unwrap());
+    }
+    let mut other = chat.client(&b).await;
+    let kept = other.say(&room, "bob's message stays").await;
+    // Attempts fail meanwhile: some events wait for a retry, some are still queued.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (status, v) = chat.api(reqwest::Method::DELETE, &format!("/api/v1/users/{a}/messages"), None).await;
+    assert_eq!((status, v["erased"].as_u64()), (200, Some(N as u64)), "{v}");
+    let after = sender.say(&room, "after the erasure").await;
+    receiver.up().await;
+    receiver
+        .wait_for("every message.created", Duration::from_secs(30), |s| {
+            s.iter()
+                .filter(|e| e.json["type"] == "message.created")
+                .map(|e| &e.id)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == N + 2
+        })
+        .await;
+    let seen = receiver.seen();
+    for s in &seen {
+        assert!(!s.body.contains("PRIVATE-"), "an erased body was delivered: {}", s.body);
+        verify(s).unwrap();
+    }
+    let mut erased: Vec<u64> = Vec::new();
+    for s in receiver.of_type("message.created") {
+        let d = &s.json["data"];
+        let seq = d["seq"].as_u64().unwrap();
+        if seq == kept["seq"].as_u64().unwrap() {
+            assert_eq!(d["body"], "bob's message stays");
+        } else if seq == after["seq"].as_u64().unwrap() {
+            assert_eq!(d["body"], "after the erasure", "a message after the erasure keeps its body");
+            assert!(d.get("deleted").is_none(), "{d}");
+        } else {
+            assert_eq!((d["body"].as_str(), d["deleted"].as_bool()), (Some(""), Some(true)), "{d}");
+            assert_eq!(d["sender"]["id"], a.as_str());
+            erased.push(seq);
+        }
+    }
+    erased.sort();
+    erased.dedup();
+    assert_eq!(erased, seqs, "every erased message's event still arrives, erased");
+    receiver.down();
+}
 
 /// The outbox and the unread schedule on a three-master Valkey Cluster (their
 /// keys share one slot, `{wh}`).

@@ -204,6 +204,15 @@ pub struct LimitsConfig {
     pub send_per_s: f64,
     /// Token bucket size per user. Default 100.
     pub send_burst: u32,
+    /// Sustained bytes of message bodies per second per user, counted as
+    /// stored (JSON-escaped), across the cluster on Valkey; over it a send
+    /// answers `rate_limited` with `retry_after_ms`. Sized so that chat never
+    /// meets it while a flood of the largest bodies is cut from ~1.2 MB/s to
+    /// this. Default 16384.
+    pub send_bytes_per_s: u64,
+    /// Byte bucket size per user: at least the largest body
+    /// (`max_body_chars` x 6, every character escaped). Default 262144.
+    pub send_bytes_burst: u64,
     /// Outbound frames queued per connection before it counts as a slow
     /// consumer and is closed with 1013. Default 1024.
     pub outbound_queue: usize,
@@ -247,10 +256,10 @@ pub struct LimitsConfig {
     pub connects_per_s: f64,
     /// Connect bucket size per user. Default 30.
     pub connects_burst: u32,
-    /// Conversations with more members than this get presence and receipt
-    /// pushes batched. Default 50.
+    /// Conversations with more members than this get presence, receipt and
+    /// typing pushes batched. Default 50.
     pub batch_members: usize,
-    /// Milliseconds between batched presence/receipt pushes. Default 1000.
+    /// Milliseconds between batched presence/receipt/typing pushes. Default 1000.
     pub batch_interval_ms: u64,
     /// Members of one group conversation (service API PUT and members
     /// route; more is `400 bad_request`). Each `conversation` event lists
@@ -273,6 +282,8 @@ impl Default for LimitsConfig {
             connections_per_user: 20,
             send_per_s: 50.0,
             send_burst: 100,
+            send_bytes_per_s: 16_384,
+            send_bytes_burst: 256 << 10,
             outbound_queue: 1024,
             presence_max_members: 1000,
             api_body_bytes: 1 << 20,
@@ -303,8 +314,9 @@ pub struct ChatConfig {
     /// Embedded engine: messages kept per conversation (oldest dropped first).
     /// Default 10000.
     pub history_max_messages: usize,
-    /// Embedded engine: messages older than this many seconds are dropped
-    /// (0: no age limit). Default 0.
+    /// Embedded engine: messages older than this many seconds are dropped on
+    /// a timer, idle conversations included (in memory every second, durable
+    /// every 10 s; 0: no age limit). Default 0.
     pub history_max_age_s: u64,
     /// Embedded engine: directory of the durable store (history, receipts,
     /// groups, idempotency records survive restarts), or `memory` for history
@@ -367,7 +379,8 @@ pub struct ValkeyConfig {
     pub pool_size: usize,
     /// Keep at most this many messages per conversation. Default 100000.
     pub retention_max_messages: u64,
-    /// Drop messages older than this many seconds (0: keep). Default 0.
+    /// Drop messages older than this many seconds (0: keep): on each write,
+    /// and on the maintenance timer for idle conversations. Default 0.
     pub retention_max_age_s: u64,
     /// Seconds after which a silent node's users count as offline. Default 30.
     pub node_lease_s: u64,
@@ -441,6 +454,10 @@ pub struct WebhooksConfig {
     /// per cluster on Valkey); past it the oldest are dropped and counted.
     /// Default 100000.
     pub outbox_max: usize,
+    /// Bytes of events (their JSON) waiting for delivery at most, counted as
+    /// `outbox_max` is; past it the oldest are dropped and counted
+    /// (`outbox_full`). Default 67108864 (64 MiB).
+    pub outbox_max_bytes: usize,
     /// Deliveries in flight per node at most. Default 16.
     pub concurrency: usize,
 }
@@ -458,6 +475,7 @@ impl Default for WebhooksConfig {
             unread_after_s: 60,
             max_backoff_s: 600,
             outbox_max: 100_000,
+            outbox_max_bytes: 64 << 20,
             concurrency: 16,
         }
     }

@@ -74,6 +74,20 @@ fn production_requires_long_secrets_and_refuses_dev_tokens() {
 }
 
 #[test]
+fn the_byte_bucket_holds_the_largest_body() {
+    Jail::expect_with(|jail| {
+        // 4000 characters, each escaped to 6 bytes, and the quotes.
+        jail.set_env("CHAT_LIMITS__SEND_BYTES_BURST", "24001");
+        assert_eq!(Config::load(None).unwrap_err().key, "limits.send_bytes_burst");
+        jail.set_env("CHAT_LIMITS__SEND_BYTES_BURST", "24002");
+        assert!(Config::load(None).is_ok());
+        jail.set_env("CHAT_LIMITS__SEND_BYTES_PER_S", "0");
+        assert_eq!(Config::load(None).unwrap_err().key, "limits.send_bytes_per_s");
+        Ok(())
+    });
+}
+
+#[test]
 fn errors_name_the_key() {
     Jail::expect_with(|jail| {
         jail.set_env("CHAT_LIMITS__OUTBOUND_QUEUE", "2");

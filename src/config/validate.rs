@@ -120,6 +120,17 @@ impl Config {
         if !(1..=1000).contains(&l.reactions_per_message) {
             return Err(err("limits.reactions_per_message", "must be between 1 and 1000"));
         }
+        if !(64..=1 << 30).contains(&l.send_bytes_per_s) {
+            return Err(err("limits.send_bytes_per_s", "must be between 64 and 1073741824"));
+        }
+        // The largest body (every character escaped) must fit in the bucket.
+        let largest = (l.max_body_chars as u64).saturating_mul(6).saturating_add(2);
+        if l.send_bytes_burst < largest || l.send_bytes_burst > u64::from(u32::MAX) {
+            return Err(err(
+                "limits.send_bytes_burst",
+                format!("must be between {largest} (max_body_chars x 6 + 2: the largest body) and 4294967295"),
+            ));
+        }
         if !(8..=1 << 20).contains(&l.outbound_queue) {
             return Err(err("limits.outbound_queue", "must be between 8 and 1048576"));
         }
@@ -263,6 +274,10 @@ impl Config {
         }
         if w.outbox_max == 0 {
             return Err(err("webhooks.outbox_max", "must be at least 1"));
+        }
+        // Room for the largest event (a body of max_body_chars escaped).
+        if w.outbox_max_bytes < 1 << 20 {
+            return Err(err("webhooks.outbox_max_bytes", "must be at least 1048576"));
         }
         if w.concurrency == 0 || w.concurrency > 1024 {
             return Err(err("webhooks.concurrency", "must be between 1 and 1024"));

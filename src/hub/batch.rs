@@ -1,6 +1,7 @@
 //! Batching in large conversations (PROTOCOL v1.1): presence and receipt
 //! changes are collected per conversation and pushed at most once per
-//! `limits.batch_interval_ms`, carrying the latest state per user.
+//! `limits.batch_interval_ms`, carrying the latest state per user; so is
+//! typing (issue 22: who typed since the last push).
 
 use super::*;
 
@@ -9,6 +10,20 @@ use super::*;
 pub(super) struct Batch {
     presence: BTreeMap<Arc<str>, bool>,
     receipts: BTreeMap<Arc<str>, (u64, u64)>,
+    /// Who typed: user id -> display name.
+    typing: BTreeMap<Arc<str>, Arc<str>>,
+}
+
+/// The user of a single typing frame, read back when it joins a batch.
+#[derive(Deserialize)]
+struct Typist {
+    user: TypistRef,
+}
+
+#[derive(Deserialize)]
+struct TypistRef {
+    id: Arc<str>,
+    name: Arc<str>,
 }
 
 /// The fields of a single-change presence or receipt frame (v1 form), read
@@ -26,6 +41,15 @@ impl Hub {
     /// local connection follows the conversation).
     pub(super) fn collect(&self, conv: &Arc<str>, event: &Event) {
         if !self.convs.read().contains_key(conv) {
+            return;
+        }
+        if event.kind == EventKind::Typing {
+            let Ok(t) = serde_json::from_str::<Typist>(event.frame.as_str()) else {
+                tracing::warn!("unreadable batchable frame");
+                return;
+            };
+            let mut batches = self.batches.lock();
+            batches.entry(conv.clone()).or_default().typing.insert(t.user.id, t.user.name);
             return;
         }
         let Ok(c) = serde_json::from_str::<Change>(event.frame.as_str()) else {
@@ -46,9 +70,10 @@ impl Hub {
         }
     }
 
-    /// Pushes every pending batch: one presence and one receipt frame per
-    /// conversation to each subscribed connection, carrying the latest state
-    /// per user. A connection does not hear its own user's presence.
+    /// Pushes every pending batch: one presence, one receipt and one typing
+    /// frame per conversation to each subscribed connection, carrying the
+    /// latest state per user. A connection does not hear its own user's
+    /// presence or typing.
     pub fn flush_batches(&self) {
         let batches = std::mem::take(&mut *self.batches.lock());
         for (conv, b) in batches {
@@ -77,6 +102,17 @@ impl Hub {
                 let (all, cuts) = render_cuttable(empty, &changes);
                 self.push_all(&conns, kind::PRESENCE, |c| match changes.binary_search_by(|p| p.user.cmp(&*c.user)) {
                     Ok(_) if changes.len() == 1 => None,
+                    Ok(i) => Some(Outgoing::cut(&all, cuts[i].clone())),
+                    Err(_) => Some(all.clone().into()),
+                });
+            }
+            if !b.typing.is_empty() {
+                // Sorted by id, as `presence` is: the same cut per recipient.
+                let users: Vec<SenderRef> = b.typing.iter().map(|(id, name)| SenderRef { id, name }).collect();
+                let empty = render(&ServerFrame::TypingBatch(TypingBatch { conversation: &conv, users: Vec::new() }));
+                let (all, cuts) = render_cuttable(empty, &users);
+                self.push_all(&conns, kind::TYPING, |c| match users.binary_search_by(|u| u.id.cmp(&*c.user)) {
+                    Ok(_) if users.len() == 1 => None,
                     Ok(i) => Some(Outgoing::cut(&all, cuts[i].clone())),
                     Err(_) => Some(all.clone().into()),
                 });

@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     metrics,
     protocol::{
-        Outgoing, PresenceBatch, PresenceState, ReceiptBatch, ReceiptState, ServerFrame, Text, close, kind, render,
-        render_cuttable,
+        Outgoing, PresenceBatch, PresenceState, ReceiptBatch, ReceiptState, SenderRef, ServerFrame, Text, TypingBatch,
+        close, kind, render, render_cuttable,
     },
 };
 

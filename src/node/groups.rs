@@ -149,6 +149,11 @@ impl Node {
     pub async fn erase_user_messages(&self, user: &str) -> Result<u64, ChatError> {
         let n = self.engine.erase_sender(user).await?;
         metrics::messages_erased(n);
+        // Every message erased above arrived before now: its webhook event,
+        // if not delivered yet, loses its body too.
+        if let Some(w) = &self.webhooks {
+            w.erase(user, protocol::now_ms()).await?;
+        }
         Ok(n)
     }
 

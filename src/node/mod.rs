@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod bytes;
 mod changes;
 mod groups;
 mod reads;
@@ -72,6 +73,8 @@ pub struct Node {
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
     /// Per-user connect bucket on this node (`limits.connects_per_s`).
     connects: DefaultKeyedRateLimiter<Arc<str>>,
+    /// `limits.send_bytes_per_s`: bytes of message bodies per user.
+    bytes_limiter: DefaultKeyedRateLimiter<Arc<str>>,
     draining: AtomicBool,
     next_conn: AtomicU64,
     /// Every WebSocket session task, so shutdown can wait for them.
@@ -121,6 +124,9 @@ pub struct OpenSession {
     pub came_online: bool,
     /// The other participants of the user's direct conversations (presence).
     pub dm_partners: Vec<String>,
+    /// Presence counted this connection (false when storage was full): pass
+    /// to [`Node::close_session`].
+    pub counted: bool,
 }
 
 fn title_case(id: &str) -> String {
@@ -154,6 +160,10 @@ impl Node {
             open: cfg.chat.open_conversations.iter().cloned().collect(),
             limiter: RateLimiter::keyed(quota),
             connects: RateLimiter::keyed(self::quota(l.connects_per_s, l.connects_burst)),
+            bytes_limiter: RateLimiter::keyed(self::quota(
+                l.send_bytes_per_s as f64,
+                u32::try_from(l.send_bytes_burst).unwrap_or(u32::MAX),
+            )),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -204,6 +214,8 @@ impl Node {
         self.limiter.shrink_to_fit();
         self.connects.retain_recent();
         self.connects.shrink_to_fit();
+        self.bytes_limiter.retain_recent();
+        self.bytes_limiter.shrink_to_fit();
         let now = Instant::now();
         self.typing_seen.lock().retain(|_, t| now.duration_since(*t) < TYPING_EVERY);
         self.member_counts.lock().retain(|_, (_, t)| now.duration_since(*t) < MEMBER_COUNT_TTL);
@@ -233,7 +245,7 @@ impl Node {
         }
     }
 
-    /// Whether presence and receipt pushes of a conversation are batched
+    /// Whether presence, receipt and typing pushes of a conversation are batched
     /// (more than `limits.batch_members` members). Direct conversations never are.
     async fn batched(&self, kind: Kind<'_>, conversation: &str) -> Result<bool, ChatError> {
         let open = match kind {
@@ -446,7 +458,10 @@ impl Node {
             Kind::Direct(a, b) => vec![Topic::User(if a == user.id { b } else { a }.into())],
             _ => kind.route(conversation),
         };
-        self.engine.publish(&route, Event::new(EventKind::Typing, frame).excluding(&user.id)).await?;
+        // Large conversations: collected and pushed once per interval (hub/batch.rs).
+        let batch = self.batched(kind, conversation).await?;
+        let event = Event::new(EventKind::Typing, frame).excluding(&user.id).batched(batch);
+        self.engine.publish(&route, event).await?;
         Ok(())
     }
 }

@@ -64,7 +64,16 @@ impl Node {
         for c in &self.cfg.chat.open_conversations {
             // The exact count, fresh: whether this user's presence goes out
             // (and batched or not) is decided from it.
-            let n = self.engine.join_open(c, &user.id).await?;
+            let n = match self.engine.join_open(c, &user.id).await {
+                Ok(n) => n,
+                // Storage full: connecting still works (reads do), the user
+                // is just not counted as a known member yet.
+                Err(e) if e.is_full() => {
+                    tracing::warn!(error = %e, conversation = %c, "storage full: open conversation not joined");
+                    self.engine.member_count(c, true).await?
+                }
+                Err(e) => return Err(e.into()),
+            };
             self.remember_member_count(c, n);
         }
         let joins = conn.joins();
@@ -96,11 +105,20 @@ impl Node {
                 _ => None,
             })
             .collect();
-        let came_online = self.engine.presence_up(&user.id).await?;
+        // Storage full: the session opens uncounted (no presence, nothing to
+        // count down at close); reads work and sends answer `unavailable`.
+        let (came_online, counted) = match self.engine.presence_up(&user.id).await {
+            Ok(up) => (up, true),
+            Err(e) if e.is_full() => {
+                tracing::warn!(error = %e, "storage full: connection not counted for presence");
+                (false, false)
+            }
+            Err(e) => return Err(e.into()),
+        };
         if came_online {
             self.on_presence(&user.id, true);
         }
-        Ok(OpenSession { entries, came_online, dm_partners })
+        Ok(OpenSession { entries, came_online, dm_partners, counted })
     }
 
     /// Undoes [`Node::open_session`]: unregisters the connection and, when

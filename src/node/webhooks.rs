@@ -47,7 +47,8 @@ impl Node {
     /// conversation's unread check.
     pub(super) fn on_stored(&self, frame: &MessageFrame<'_>, kind: Kind<'_>) {
         let Some(w) = self.webhooks.as_deref() else { return };
-        w.emit(EventType::MessageCreated, frame);
+        let author = crate::webhooks::Erasable { sender: frame.sender.id.to_string(), ts_ms: frame.ts };
+        w.emit_erasable(EventType::MessageCreated, frame, Some(author));
         // Open conversations (everyone's lobby) send no unread notices.
         if kind != Kind::Open {
             w.schedule_unread(frame.conversation, frame.ts);

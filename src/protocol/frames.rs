@@ -39,6 +39,9 @@ pub enum ServerFrame<'a> {
     #[serde(rename = "receipt")]
     ReceiptBatch(ReceiptBatch<'a>),
     Typing(Typing<'a>),
+    /// A batched typing push (large conversations, issue 22).
+    #[serde(rename = "typing")]
+    TypingBatch(TypingBatch<'a>),
     History(HistoryPage<'a>),
     /// The reply to a `presence` request.
     #[serde(rename = "presence")]
@@ -64,7 +67,7 @@ impl ServerFrame<'_> {
             ServerFrame::Update(_) => kind::UPDATE,
             ServerFrame::Ack(_) => kind::ACK,
             ServerFrame::Receipt(_) | ServerFrame::ReceiptBatch(_) => kind::RECEIPT,
-            ServerFrame::Typing(_) => kind::TYPING,
+            ServerFrame::Typing(_) | ServerFrame::TypingBatch(_) => kind::TYPING,
             ServerFrame::History(_) => kind::HISTORY,
             ServerFrame::PresenceReply(_) | ServerFrame::PresenceChange(_) | ServerFrame::PresenceBatch(_) => {
                 kind::PRESENCE
@@ -280,6 +283,14 @@ pub struct Typing<'a> {
     pub user: SenderRef<'a>,
 }
 
+/// A batched typing push (large conversations): who typed since the last
+/// one. The list is the last field (cut per recipient, see [`render_cuttable`]).
+#[derive(Serialize)]
+pub struct TypingBatch<'a> {
+    pub conversation: &'a str,
+    pub users: Vec<SenderRef<'a>>,
+}
+
 #[derive(Serialize)]
 pub struct HistoryPage<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -422,6 +433,7 @@ mod tests {
             ServerFrame::Receipt(Receipt { conversation: "g", user: "u", delivered_seq: 1, read_seq: 1 }),
             ServerFrame::ReceiptBatch(ReceiptBatch { conversation: "g", receipts: vec![] }),
             ServerFrame::Typing(Typing { conversation: "g", user: sender }),
+            ServerFrame::TypingBatch(TypingBatch { conversation: "g", users: vec![] }),
             ServerFrame::History(HistoryPage {
                 id: None,
                 conversation: "g",

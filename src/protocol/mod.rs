@@ -120,9 +120,29 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A body's length as a JSON string (what is stored and sent out): `"` and
+/// `\` take 2 bytes, control characters 2 or 6 (`\u0001`), the quotes 2.
+pub fn json_len(body: &str) -> usize {
+    2 + body
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_len_is_the_escaped_length() {
+        for s in ["", "plain", "quote \" and \\", "\u{1}\u{1f}\n\t\r\u{8}\u{c}\u{7f}", "é中😀"] {
+            assert_eq!(json_len(s), serde_json::to_string(s).unwrap().len(), "{s:?}");
+        }
+    }
 
     #[test]
     fn timestamps_have_milliseconds_and_z() {

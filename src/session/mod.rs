@@ -154,7 +154,7 @@ pub async fn run<W: Wire>(node: Arc<Node>, mut wire: W, pre_auth: Option<(Verifi
         conn.closer.close(close::NORMAL);
         Box::pin(finish(ws, end, Some((&mut out, &conn, &mut rx)), write_timeout)).await;
         metrics::connection_closed(W::TRANSPORT);
-        Box::pin(node.close_session(&conn, true, &opened.dm_partners)).await;
+        Box::pin(node.close_session(&conn, opened.counted, &opened.dm_partners)).await;
         tracing::debug!(?end, "closed");
     }
     .instrument(span)
@@ -336,10 +336,19 @@ impl Session<'_> {
         }
     }
 
-    /// Takes one send from the user's budget (messages and changes alike).
-    fn send_budget(&mut self) -> Result<(), ChatError> {
-        if let Err(e) = self.node.check_send_rate(&self.conn.user) {
-            if self.strikes.limited() {
+    /// Takes one send from the user's budget, and the bytes of its body
+    /// (a message's, an edit's) from the byte budget (messages and changes
+    /// alike). Past a budget too often in a row: close 4008.
+    async fn send_budget(&mut self, body: Option<&str>) -> Result<(), ChatError> {
+        let limited = match self.node.check_send_rate(&self.conn.user) {
+            Ok(()) => match body {
+                Some(b) => self.node.check_send_bytes(&self.conn.user, b).await.err(),
+                None => None,
+            },
+            Err(e) => Some(e),
+        };
+        if let Some(e) = limited {
+            if e.code == ErrorCode::RateLimited && self.strikes.limited() {
                 self.conn.closer.close(close::POLICY);
             }
             return Err(e);
@@ -372,19 +381,24 @@ impl Session<'_> {
             Command::Send { conversation, client_msg_id, body, reply_to } => {
                 node.validate_message(client_msg_id, body)?;
                 node.classify(conversation)?;
-                self.send_budget()?;
+                self.send_budget(Some(body)).await?;
                 let a = node.store_message(user, conversation, client_msg_id.clone(), body.clone(), *reply_to).await?;
                 let ack = Ack { id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
                 self.reply(kind::ACK, protocol::render(&ServerFrame::Ack(ack)));
             }
             // v1.2: changes draw from the send budget (limits.send_per_s and
-            // limits.send_burst, per user), like messages.
+            // limits.send_burst, per user), like messages; an edit's body
+            // from the byte budget too (limits.send_bytes_per_s).
             Command::Edit { conversation, seq, .. }
             | Command::Delete { conversation, seq }
             | Command::React { conversation, seq, .. } => {
                 let change = node.change_of(&inbound.cmd)?;
                 node.classify(conversation)?;
-                self.send_budget()?;
+                let body = match &inbound.cmd {
+                    Command::Edit { body, .. } => Some(body.as_str()),
+                    _ => None,
+                };
+                self.send_budget(body).await?;
                 let a = node.change(user, conversation, *seq, change).await?;
                 let ack = Ack { id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
                 self.reply(kind::ACK, protocol::render(&ServerFrame::Ack(ack)));

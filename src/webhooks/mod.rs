@@ -25,8 +25,17 @@
 //!   events not delivered yet are lost when the process stops.
 //! - Bounded: the hand-off queue holds [`QUEUE`] events (past it new events
 //!   are dropped, counted as `queue_full`: the outbox is unreachable); the
-//!   outbox holds `webhooks.outbox_max` (past it the oldest are dropped,
+//!   outbox holds `webhooks.outbox_max` events and `webhooks.outbox_max_bytes`
+//!   bytes (past either the oldest are dropped,
 //!   counted as `outbox_full`: the receiver has been down for long).
+//!
+//! # Erasure
+//! `message.created` events carry the message body. An erasure of a user
+//! (`DELETE /api/v1/users/{id}/messages`) rewrites every such event of the
+//! user not delivered yet, wherever it waits (outbox, retries, a node's
+//! hand-off queue, an attempt in flight that fails): it is still sent, once,
+//! under its `webhook-id`, with `body` empty and `deleted: true`, as history
+//! shows the message ([`Webhooks::erase`], [`Outbox::erase`]).
 //!
 //! # `message.unread`
 //! Storing a message asks for a check of its conversation
@@ -47,7 +56,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-pub use outbox::{Claimed, Envelope, MemoryOutbox, Outbox};
+pub use outbox::{Claimed, Envelope, Erasable, MemoryOutbox, Outbox};
 pub use sign::{sign, signing_key};
 
 use crate::{config::WebhooksConfig, metrics, protocol};
@@ -200,6 +209,12 @@ impl Webhooks {
     /// Queues an event of type `ty` with `data`, when that type is sent.
     /// Never waits; a full hand-off queue drops the event (counted).
     pub fn emit<T: Serialize>(&self, ty: EventType, data: &T) {
+        self.emit_erasable(ty, data, None)
+    }
+
+    /// [`Webhooks::emit`] for an event carrying a message body of `author`,
+    /// so that an erasure of the author finds it ([`Webhooks::erase`]).
+    pub fn emit_erasable<T: Serialize>(&self, ty: EventType, data: &T, author: Option<Erasable>) {
         if !self.wants(ty) {
             return;
         }
@@ -212,6 +227,7 @@ impl Webhooks {
             }
         };
         let envelope = Envelope {
+            erasable: author,
             id: format!("msg_{now:012x}{:016x}", rand::random::<u64>()),
             created_ms: now,
             attempt: 0,
@@ -224,6 +240,20 @@ impl Webhooks {
             metrics::webhook_dropped("queue_full", 1);
             tracing::warn!(event = ty.as_str(), "webhook hand-off queue full: event dropped");
         }
+    }
+
+    /// `sender`'s messages that arrived up to `upto_ms` were erased: so are
+    /// their bodies in every `message.created` not delivered yet (they go
+    /// out with an empty body and `deleted: true`). Returns how many waiting
+    /// events were rewritten.
+    pub async fn erase(&self, sender: &str, upto_ms: i64) -> crate::error::EngineResult<u64> {
+        // Events older than webhooks.max_age_s are dropped anyway.
+        let keep_ms = (self.cfg.max_age_s as i64).saturating_mul(1000);
+        let n = self.outbox.erase(sender, upto_ms, keep_ms).await?;
+        if n > 0 {
+            tracing::info!(user = sender, events = n, "erased bodies removed from webhook events not delivered yet");
+        }
+        Ok(n)
     }
 
     /// A message was stored in `conversation` at `stored_ms`: check its
@@ -264,13 +294,14 @@ impl Webhooks {
             }
             let mut wait = std::time::Duration::from_millis(100);
             while !events.is_empty() {
-                match self.outbox.push(&events, self.cfg.outbox_max).await {
+                match self.outbox.push(&events, self.cfg.outbox_max, self.cfg.outbox_max_bytes).await {
                     Ok(dropped) => {
                         if dropped > 0 {
                             metrics::webhook_dropped("outbox_full", dropped);
                             tracing::warn!(
                                 dropped,
                                 outbox_max = self.cfg.outbox_max,
+                                outbox_max_bytes = self.cfg.outbox_max_bytes,
                                 "webhook outbox full: oldest events dropped"
                             );
                         }

@@ -117,6 +117,25 @@ impl Conversation {
         }
     }
 
+    /// Drops every retained event (message or update) stored before
+    /// `cutoff_ms`, oldest first, with the idempotency records of its
+    /// messages; `last_seq` stays (seqs are never reused). Returns how many
+    /// messages went.
+    pub(super) fn drop_older_than(&mut self, cutoff_ms: i64) -> u64 {
+        let mut dropped = 0;
+        while self.entries.front().is_some_and(|e| match e {
+            Entry::Message(m) => m.ts_ms < cutoff_ms,
+            Entry::Update(u) => u.ts_ms < cutoff_ms,
+        }) {
+            if let Some(Entry::Message(old)) = self.entries.pop_front() {
+                self.message_seqs.pop_front();
+                self.idempotency.remove(&(old.sender_id, old.client_msg_id));
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// Decides a change against its target's current state; on a change,
     /// stores the update and the target's new state together.
     pub(super) fn change(&mut self, u: &NewUpdate, max: usize) -> Decided {

@@ -1,7 +1,8 @@
 //! The embedded engine: one node, everything in process memory.
 //!
 //! History is bounded per conversation (`chat.history_max_messages`, oldest
-//! dropped first) and lost on restart; the server says so in its start-up log,
+//! dropped first; `chat.history_max_age_s`, dropped by [`Engine::maintain`]
+//! once a second, so an idle conversation is trimmed too) and lost on restart; the server says so in its start-up log,
 //! and every start has a new epoch, so clients drop what they held. A group
 //! deleted through the service API and created again gets an epoch of its
 //! own (its `seq` starts again at 1).
@@ -38,6 +39,8 @@ use crate::{
 pub struct MemoryEngine {
     hub: Arc<Hub>,
     max_messages: usize,
+    /// Messages older than this are dropped by [`Engine::maintain`] (0: no age limit).
+    max_age_ms: i64,
     convs: RwLock<HashMap<String, Arc<Mutex<Conversation>>>>,
     /// user -> group conversations and direct conversations with messages.
     user_index: RwLock<HashMap<String, BTreeSet<String>>>,
@@ -52,11 +55,31 @@ impl MemoryEngine {
         Self {
             hub,
             max_messages: max_messages.max(1),
+            max_age_ms: 0,
             convs: RwLock::default(),
             user_index: RwLock::default(),
             presence: LocalPresence::default(),
             epoch: super::new_epoch().into(),
         }
+    }
+
+    /// Drops messages older than `max_age_s` seconds (0: keep them), on the
+    /// maintenance timer.
+    pub fn with_max_age(mut self, max_age_s: u64) -> Self {
+        self.max_age_ms = (max_age_s as i64).saturating_mul(1000);
+        self
+    }
+
+    /// Drops every retained event stored before `cutoff_ms` (see
+    /// `Conversation::drop_older_than`); `last_seq` and the epoch stay.
+    /// Returns how many messages went.
+    fn drop_older_than(&self, cutoff_ms: i64) -> u64 {
+        let convs: Vec<_> = self.convs.read().values().cloned().collect();
+        let mut dropped = 0;
+        for conv in convs {
+            dropped += conv.lock().drop_older_than(cutoff_ms);
+        }
+        dropped
     }
 
     fn conv(&self, id: &str) -> Arc<Mutex<Conversation>> {
@@ -355,5 +378,24 @@ impl Engine for MemoryEngine {
         true
     }
 
+    /// Age retention (`chat.history_max_age_s`).
+    async fn maintain(&self) -> EngineResult<Vec<String>> {
+        if self.max_age_ms > 0 {
+            let dropped = self.drop_older_than(crate::protocol::now_ms().saturating_sub(self.max_age_ms));
+            if dropped > 0 {
+                tracing::debug!(dropped, "messages older than chat.history_max_age_s dropped");
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn maintenance_interval(&self) -> Option<std::time::Duration> {
+        (self.max_age_ms > 0).then_some(RETENTION_EVERY)
+    }
+
     async fn shutdown(&self) {}
 }
+
+/// How often age retention runs (memory and Valkey engines): a message
+/// outlives `max_age` by at most about this.
+pub(crate) const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(1);

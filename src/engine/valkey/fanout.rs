@@ -495,6 +495,14 @@ impl Broker for ValkeyEngine {
         Ok(set.is_some())
     }
 
+    async fn send_bytes_gate(&self, user: &str, bytes: u64, per_s: f64, burst: u64) -> EngineResult<Option<u64>> {
+        let key = format!("{}:{{u:{user}}}:rate:b", self.inner.keys.prefix);
+        let args = vec![bytes.to_string(), per_s.to_string(), burst.to_string()];
+        let wait: u64 =
+            self.inner.scripts.bytes.run(&self.inner.pool, vec![key], args).await?.convert().map_err(err)?;
+        Ok((wait > 0).then_some(wait))
+    }
+
     async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()> {
         self.inner.subscribe(topics).await
     }

@@ -27,8 +27,9 @@
 //!   POSTs forwarded to the node holding the session, and their answers;
 //!   `forward.rs`)
 //! - `<p>:{wh}:out` stream (consumer group `delivery`), `<p>:{wh}:retry`,
-//!   `<p>:{wh}:retry:age` sorted sets and `<p>:{wh}:retry:e` hash: the
-//!   webhook outbox; `<p>:{wh}:unread` sorted set and
+//!   `<p>:{wh}:retry:age` sorted sets, `<p>:{wh}:retry:e` hash,
+//!   `<p>:{wh}:bytes` (the bytes waiting) and `<p>:{wh}:erased` (erasures:
+//!   user -> ms): the webhook outbox; `<p>:{wh}:unread` sorted set and
 //!   `<p>:{wh}:unread:n:<id>` hashes: the `message.unread` schedule
 //!
 //! # Fan-out
@@ -59,7 +60,8 @@
 //! - `store.rs` ([`MessageStore`](super::MessageStore)), `groups.rs`
 //!   ([`Groups`](super::Groups)), `fanout.rs` ([`Broker`](super::Broker),
 //!   receive loop, missed-traffic recovery), `presence.rs`
-//!   ([`Presence`](super::Presence), leases, sweep), `outbox.rs` (the
+//!   ([`Presence`](super::Presence), leases, sweep), `retention.rs` (age
+//!   retention on the maintenance timer), `outbox.rs` (the
 //!   webhook [`Outbox`](crate::webhooks::Outbox)).
 //! - `scripts.rs` and `lua/`: the atomic scripts.
 //! - `lost.rs`: a history that went back after a failover is announced
@@ -79,6 +81,7 @@ mod lost;
 mod outbox;
 mod payload;
 mod presence;
+mod retention;
 mod scripts;
 mod store;
 
@@ -123,6 +126,8 @@ struct Inner {
     lease: Duration,
     retention_max: u64,
     retention_age_ms: u64,
+    /// When this node last walked every conversation for age retention (ms).
+    retention_walk_ms: AtomicI64,
     /// Cluster-wide per-user send quota (checked in the append script).
     send_per_s: f64,
     send_burst: u32,
@@ -262,6 +267,7 @@ impl ValkeyEngine {
             lease: Duration::from_secs(v.node_lease_s),
             retention_max: v.retention_max_messages,
             retention_age_ms: v.retention_max_age_s * 1000,
+            retention_walk_ms: AtomicI64::new(0),
             send_per_s: cfg.limits.send_per_s,
             send_burst: cfg.limits.send_burst,
             scripts: scripts::Scripts::new(),
@@ -313,11 +319,19 @@ impl Engine for ValkeyEngine {
         if self.inner.sub.is_connected() {
             self.inner.healthy_at_ms.store(crate::protocol::now_ms(), Ordering::Release);
         }
-        self.inner.sweep().await
+        let gone = self.inner.sweep().await?;
+        if let Err(e) = self.inner.retain().await {
+            tracing::warn!(error = %e, "age retention failed; retrying at the next maintenance");
+        }
+        Ok(gone)
     }
 
     fn maintenance_interval(&self) -> Option<Duration> {
-        Some((self.inner.lease / 3).max(Duration::from_millis(500)))
+        let mut every = (self.inner.lease / 3).max(Duration::from_millis(500));
+        if self.inner.retention_age_ms > 0 {
+            every = every.min(self.inner.retention_every());
+        }
+        Some(every)
     }
 
     fn outbox(&self) -> Option<Arc<dyn crate::webhooks::Outbox>> {

@@ -39,6 +39,8 @@ pub struct Scripts {
     pub connect: Lua,
     pub update: Lua,
     pub page: Lua,
+    pub retain: Lua,
+    pub bytes: Lua,
 }
 
 impl Scripts {
@@ -57,6 +59,8 @@ impl Scripts {
             connect: Lua::new("connect", include_str!("lua/connect.lua")),
             update: Lua::new("update", concat!(include_str!("lua/retention.lua"), include_str!("lua/update.lua"))),
             page: Lua::new("page", include_str!("lua/page.lua")),
+            retain: Lua::new("retain", concat!(include_str!("lua/retention.lua"), include_str!("lua/retain.lua"))),
+            bytes: Lua::new("bytes", include_str!("lua/bytes.lua")),
         }
     }
 }

@@ -225,7 +225,7 @@ impl MessageStore for ValkeyEngine {
 }
 
 /// `*`, `?`, `[`, `]` and `\\` escaped for a SCAN pattern.
-fn glob_escape(s: &str) -> String {
+pub(super) fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for ch in s.chars() {
         if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
