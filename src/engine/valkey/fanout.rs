@@ -14,7 +14,7 @@ use fred::prelude::*;
 use tracing::Instrument;
 
 use super::{
-    Inner, ValkeyEngine,
+    Inner, ValkeyEngine, broadcast,
     errors::err,
     payload::{Decoded, StreamEntry, decode, encode, entry_event},
 };
@@ -41,7 +41,7 @@ pub(super) async fn receive(inner: Arc<Inner>) {
                     continue;
                 }
                 if msg.channel == inner.keys.broadcast() {
-                    deliver_to_users(&inner, &payload).await;
+                    broadcast::deliver(&inner, &payload).await;
                     continue;
                 }
                 let Some(topic) = inner.keys.topic(&msg.channel) else { continue };
@@ -77,7 +77,7 @@ pub(super) async fn receive(inner: Arc<Inner>) {
 /// Dispatches a non-message event to local `topics`. A membership change
 /// of a local user subscribes this node to the group before the user hears
 /// of it, so nothing sent after the event can be missed.
-async fn dispatch_users(inner: &Arc<Inner>, topics: &[Topic], event: &Event, span: &tracing::Span) -> usize {
+pub(super) async fn dispatch_users(inner: &Arc<Inner>, topics: &[Topic], event: &Event, span: &tracing::Span) -> usize {
     let joined = match &event.kind {
         EventKind::Membership { conversation, member } if topics.iter().any(|t| inner.hub.wants(t)) => {
             Some((conversation.clone(), *member))
@@ -97,66 +97,6 @@ async fn dispatch_users(inner: &Arc<Inner>, topics: &[Topic], event: &Event, spa
         None => {}
     }
     n
-}
-
-/// An event for many users at once, from the broadcast channel
-/// ([`encode_users`]): delivered to those of them with a local connection.
-async fn deliver_to_users(inner: &Arc<Inner>, payload: &str) {
-    let Some((users, rest)) = payload.split_once('\n') else { return };
-    let Some(Decoded { event, traceparent, .. }) = decode(rest) else {
-        tracing::warn!("undecodable broadcast payload");
-        return;
-    };
-    let local: Vec<Topic> = users.split(' ').map(|u| Topic::User(u.into())).filter(|t| inner.hub.wants(t)).collect();
-    if local.is_empty() {
-        return;
-    }
-    let span = tracing::debug_span!("fanout", kind = event.kind.frame_type(), recipients = tracing::field::Empty);
-    if let Some(tp) = traceparent {
-        telemetry::join_remote(&span, tp);
-    }
-    let n = dispatch_users(inner, &local, &event, &span).await;
-    span.record("recipients", n);
-}
-
-/// The broadcast payload of [`Broker::publish_users`]: the users separated
-/// by spaces (user ids hold none), a newline, then the event as [`encode`]
-/// writes it. The frame travels once, whatever the number of users.
-fn encode_users(users: &[String], event: &Event) -> String {
-    let event = encode(event);
-    let mut out = String::with_capacity(users.iter().map(|u| u.len() + 1).sum::<usize>() + event.len());
-    for (i, u) in users.iter().enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
-        out.push_str(u);
-    }
-    out.push('\n');
-    out.push_str(&event);
-    out
-}
-
-/// Subscribes to the broadcast channel (at start, and again after every
-/// reconnect: a subscription that failed while Valkey was down is not one
-/// the client restores). Retries until it holds.
-pub(super) async fn subscribe_broadcast(inner: &Inner) {
-    let ch = inner.keys.broadcast();
-    for attempt in 0u32.. {
-        let r = if inner.cluster {
-            inner.sub.ssubscribe(ch.as_str()).await
-        } else {
-            inner.sub.subscribe(ch.as_str()).await
-        };
-        match r {
-            Ok(()) => return,
-            Err(e) => {
-                if attempt % 20 == 0 {
-                    tracing::warn!(error = %e, "subscribing to the broadcast channel failed; retrying");
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
 }
 
 /// Subscribes this node to a group a local user joined (logged on failure:
@@ -265,7 +205,7 @@ pub(super) async fn watch_reconnects(inner: Arc<Inner>) {
                 }
             }
         }
-        subscribe_broadcast(&inner).await;
+        broadcast::subscribe_broadcast(&inner).await;
         inner.presence_lost.store(true, Ordering::Release);
         recover(&inner).await;
     }
@@ -470,17 +410,7 @@ impl Broker for ValkeyEngine {
     }
 
     async fn publish_users(&self, users: &[String], event: Event) -> EngineResult<()> {
-        if users.is_empty() {
-            return Ok(());
-        }
-        let i = &self.inner;
-        let payload = encode_users(users, &event);
-        let client = i.pool.next();
-        if i.cluster {
-            client.spublish::<(), _, _>(i.keys.broadcast(), payload).await.map_err(err)
-        } else {
-            client.publish::<(), _, _>(i.keys.broadcast(), payload).await.map_err(err)
-        }
+        broadcast::publish(&self.inner, users, &event).await
     }
 
     async fn typing_gate(&self, user: &str, conversation: &str, every: Duration) -> EngineResult<bool> {

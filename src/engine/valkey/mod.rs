@@ -71,6 +71,7 @@
 //!   its client is answered.
 
 mod acks;
+mod broadcast;
 mod changes;
 mod errors;
 mod fanout;
@@ -103,8 +104,9 @@ use fred::{
 use parking_lot::Mutex;
 
 use self::{
+    broadcast::subscribe_broadcast,
     errors::err,
-    fanout::{Mark, receive, subscribe_broadcast, watch_reconnects},
+    fanout::{Mark, receive, watch_reconnects},
     keys::Keys,
 };
 use crate::{
