@@ -44,8 +44,10 @@
 //!   `writer.rs` the group-commit thread, `ops.rs` each operation in the
 //!   batch's transaction, `changes.rs` changes and pages) and
 //!   `engine::valkey`, one file per concern (`keys`, `payload`, `errors`,
-//!   `store`, `changes`, `groups`, `fanout`, `presence`, `outbox`, `scripts`
-//!   + `lua/`). `tests/engine_conformance.rs` runs every contract on all three.
+//!   `store`, `changes`, `groups`, `fanout`, `broadcast` (events for many
+//!   users at once), `forward` (HTTP streaming POSTs to the holding node),
+//!   `acks` (`WAIT` group commits), `lost` (a history that went back),
+//!   `retention`, `presence`, `outbox`, `scripts` + `lua/`). `tests/engine_conformance.rs` runs every contract on all three.
 //! - [`transport`]: the public and internal routers, the accept loop
 //!   (header timeout, connection caps), the WebSocket upgrade, service API,
 //!   health.

@@ -137,6 +137,8 @@ async fn sentinel_failover_with_ack_replicas_1_loses_no_acked_message() {
     while i < N {
         assert!(Instant::now() < deadline, "traffic did not finish: {} of {N} acked", acked.len());
         if i == 40 && killed.is_none() {
+            // The first Sentinel the nodes know is down too: they ask the others.
+            ha.sentinels[0].kill().await;
             ha.primary.kill().await;
             killed = Some(Instant::now());
         }
@@ -185,7 +187,7 @@ async fn sentinel_failover_with_ack_replicas_1_loses_no_acked_message() {
         DOWN_AFTER_MS + 3000
     );
     assert!(refused_while_alone > 0, "a send was acked while no replica confirmed");
-    let new_primary = ha.sentinels[0].primary_port(NAME).await;
+    let new_primary = ha.sentinels[1].primary_port(NAME).await;
     assert_eq!(new_primary, Some(ha.replica.port), "Sentinel promoted the replica");
 
     // Every acked message is stored once, under its seq; seqs have no gap.

@@ -103,17 +103,20 @@ impl Acks {
     /// round task started on first use.
     fn shard(&self, slot_key: &str) -> Arc<Shard> {
         let primary = if self.cluster {
+            // Unknown routing: the slot alone (a round never confirms writes
+            // of another primary).
             let slot = ClusterRouting::hash_key(slot_key.as_bytes());
-            self.client.cached_cluster_state().and_then(|s| s.get_server(slot).map(|s| s.to_string()))
+            let owner = self.client.cached_cluster_state().and_then(|s| s.get_server(slot).map(|s| s.to_string()));
+            owner.unwrap_or_else(|| format!("slot {slot}"))
         } else {
-            None
+            String::new()
         };
         let mut shards = self.shards.lock();
-        if let Some(s) = shards.get(primary.as_deref().unwrap_or_default()) {
+        if let Some(s) = shards.get(&primary) {
             return s.clone();
         }
         let shard = Arc::new(Shard::default());
-        shards.insert(primary.unwrap_or_default(), shard.clone());
+        shards.insert(primary, shard.clone());
         let round = Rounds {
             client: self.client.clone(),
             replicas: self.replicas,
