@@ -286,6 +286,18 @@ async fn the_outbox_is_bounded_in_bytes_too(engine: Engine) {
     // 1 MiB holds ~43 of them; a few more may have been in flight.
     assert!(got.len() <= 60, "{} of {N} delivered: more than the byte bound holds", got.len());
     assert!(got.first().is_some_and(|s| *s > 15), "the oldest were dropped: {got:?}");
+    // Valkey: the byte counter follows the outbox back to empty.
+    if let Some(v) = &chat.valkey {
+        let t0 = std::time::Instant::now();
+        loop {
+            let bytes = v.cli(&["GET", "chat:{wh}:bytes"]).await.unwrap_or_default();
+            if bytes.trim() == "0" {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "outbox bytes after delivery: {bytes}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     receiver.down();
 }
 
