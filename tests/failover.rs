@@ -79,25 +79,6 @@ async fn ready(s: &Server) -> u16 {
     s.http.get(s.url("/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
 }
 
-/// Every stored message of a conversation (oldest first).
-async fn stored(s: &Server, conv: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let (status, v) =
-            s.api(Method::GET, &format!("/api/v1/conversations/{conv}/messages?after={after}&limit=200"), None).await;
-        assert_eq!(status, 200, "{v}");
-        let page = v["messages"].as_array().unwrap().clone();
-        if let Some(last) = page.last() {
-            after = last["seq"].as_u64().unwrap();
-        }
-        all.extend(page);
-        if v["has_more"] != true {
-            return all;
-        }
-    }
-}
-
 /// A watcher's live `message` frames of `conv`, by seq (a repeat must be identical).
 fn take_messages(c: &mut Vec<Value>, conv: &str, got: &mut BTreeMap<u64, String>) {
     for f in c.drain(..) {
@@ -191,7 +172,7 @@ async fn sentinel_failover_with_ack_replicas_1_loses_no_acked_message() {
     assert_eq!(new_primary, Some(ha.replica.port), "Sentinel promoted the replica");
 
     // Every acked message is stored once, under its seq; seqs have no gap.
-    let all = stored(&nodes[1], &conv).await;
+    let all = nodes[1].stored(&conv).await;
     let by_cmid: HashMap<String, u64> =
         all.iter().map(|m| (m["client_msg_id"].as_str().unwrap().to_string(), m["seq"].as_u64().unwrap())).collect();
     assert_eq!(by_cmid.len(), all.len(), "a client_msg_id stored twice");

@@ -10,7 +10,6 @@ use std::{
 };
 
 use common::{Client, Server, is_presence, start_nodes, unique, valkey::Valkey};
-use reqwest::Method;
 use serde_json::{Value, json};
 
 async fn ready(s: &Server) -> u16 {
@@ -22,25 +21,6 @@ async fn wait_ready(s: &Server, want: u16, within: Duration) {
     while ready(s).await != want {
         assert!(Instant::now() < deadline, "/readyz never answered {want}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Every stored message of a conversation, through the service API.
-async fn stored(s: &Server, conv: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let (status, v) =
-            s.api(Method::GET, &format!("/api/v1/conversations/{conv}/messages?after={after}&limit=200"), None).await;
-        assert_eq!(status, 200, "{v}");
-        let page = v["messages"].as_array().unwrap().clone();
-        if let Some(last) = page.last() {
-            after = last["seq"].as_u64().unwrap();
-        }
-        all.extend(page);
-        if v["has_more"] != true {
-            return all;
-        }
     }
 }
 
@@ -116,7 +96,7 @@ async fn valkey_killed_mid_traffic_and_restarted_from_aof_loses_no_acked_message
 
     // Every acked message is stored once, under the seq it was acked with,
     // and the seqs have no gaps.
-    let all = stored(&nodes[1], &conv).await;
+    let all = nodes[1].stored(&conv).await;
     let seqs: Vec<u64> = all.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "gap-free");
     let mut by_cmid: HashMap<String, u64> = HashMap::new();
@@ -246,6 +226,6 @@ async fn a_full_valkey_still_lets_users_connect_and_read() {
         (ack["type"].as_str(), ack["seq"].as_u64(), ack["duplicate"].as_bool()),
         (Some("ack"), Some(2), Some(false))
     );
-    let all = stored(s, &room).await;
+    let all = s.stored(&room).await;
     assert_eq!(all.len(), 2, "{all:?}");
 }

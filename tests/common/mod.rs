@@ -153,6 +153,26 @@ impl Server {
         v
     }
 
+    /// Every stored message of a conversation (oldest first), page by page
+    /// through the service API.
+    pub async fn stored(&self, conv: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let path = format!("/api/v1/conversations/{conv}/messages?after={after}&limit=200");
+            let (status, v) = self.api(reqwest::Method::GET, &path, None).await;
+            assert_eq!(status, 200, "{v}");
+            let page = v["messages"].as_array().unwrap().clone();
+            if let Some(last) = page.last() {
+                after = last["seq"].as_u64().unwrap();
+            }
+            all.extend(page);
+            if v["has_more"] != true {
+                return all;
+            }
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         self.http.get(self.internal_url("/metrics")).send().await.unwrap().text().await.unwrap()
     }

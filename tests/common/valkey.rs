@@ -42,6 +42,14 @@ pub fn cli_binary() -> PathBuf {
     if beside.is_file() { beside } else { PathBuf::from(name) }
 }
 
+/// Runs a command with the CLI against a server (or Sentinel) on loopback;
+/// `None` when it failed.
+pub async fn cli_at(port: u16, args: &[&str]) -> Option<String> {
+    let out =
+        Command::new(cli_binary()).args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args).output().await.ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -151,13 +159,7 @@ impl Valkey {
 
     /// Runs a command with the CLI; `None` when it failed.
     pub async fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new(cli_binary())
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+        cli_at(self.port, args).await
     }
 
     /// SIGKILL, no shutdown: what a crash looks like.
@@ -329,13 +331,7 @@ impl Sentinel {
     }
 
     pub async fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new(cli_binary())
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+        cli_at(self.port, args).await
     }
 
     /// The primary's port as this Sentinel sees it.
