@@ -137,6 +137,12 @@ async fn random_and_malformed_frames_get_only_documented_answers() {
         ("CHAT_LIMITS__MAX_BAD_FRAMES", "1000000"),
         ("CHAT_LIMITS__SEND_PER_S", "100000"),
         ("CHAT_LIMITS__SEND_BURST", "100000"),
+        ("CHAT_LIMITS__SEND_BYTES_PER_S", "1073741824"),
+        ("CHAT_LIMITS__SEND_BYTES_BURST", "1073741824"),
+        // One connection per case, as the same user: far past the per-user
+        // connect rate, which is not what this test is about.
+        ("CHAT_LIMITS__CONNECTS_PER_S", "100000"),
+        ("CHAT_LIMITS__CONNECTS_BURST", "100000"),
         ("CHAT_LIMITS__MAX_FRAME_BYTES", "65536"),
     ])
     .await;
