@@ -123,6 +123,9 @@ impl Valkey {
 
     /// A replica of `primary`, without persistence, syncing at once.
     pub async fn start_replica_of(primary: &Valkey) -> Valkey {
+        // The delay before a diskless full sync is the primary's setting
+        // (5 s by default): without this, the first sync waits that long.
+        primary.cli(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"]).await;
         let port = primary.port.to_string();
         let r = Self::start_with(&[
             "--save",
@@ -136,7 +139,8 @@ impl Valkey {
             "0",
         ])
         .await;
-        for _ in 0..100 {
+        // Up to 20 s: a loaded machine (a parallel build) makes a sync slow.
+        for _ in 0..400 {
             let info = r.cli(&["INFO", "replication"]).await.unwrap_or_default();
             if info.contains("master_link_status:up") {
                 return r;
