@@ -16,6 +16,9 @@
 #   CHAT_INTERNAL_PORT         host port of nginx's internal side (default 8081)
 #   CHAT_NET_SUBNET            the stack's network (default 172.29.241.0/24, not
 #                              compose.yaml's, so a developer's own stack can run)
+#   CHAT_HA_NET_SUBNET         the ha profile's network, created by compose even
+#                              when the profile is off (default 172.29.243.0/24,
+#                              apart from the above and from compose.yaml's)
 #   CHAT_E2E_COMPOSE_PROJECT   compose project name (default crm-chat-e2e)
 #   CRM_CHAT_SHARED            the shared directory (default ../shared)
 #   CRM_CHAT_E2E_KEEP=1        leave the stack running afterwards (debugging)
@@ -31,6 +34,7 @@ export CHAT_INTERNAL_PORT=${CHAT_INTERNAL_PORT:-8081}
 # Loopback only, whatever the caller's environment says.
 export CHAT_BIND=127.0.0.1
 export CHAT_NET_SUBNET=${CHAT_NET_SUBNET:-172.29.241.0/24}
+export CHAT_HA_NET_SUBNET=${CHAT_HA_NET_SUBNET:-172.29.243.0/24}
 export CHAT_E2E_COMPOSE_PROJECT=${CHAT_E2E_COMPOSE_PROJECT:-crm-chat-e2e}
 url=http://127.0.0.1:$CHAT_HTTP_PORT
 internal_url=http://127.0.0.1:$CHAT_INTERNAL_PORT
