@@ -73,6 +73,22 @@ pub struct NewMessage {
     pub reply_to: Option<u64>,
 }
 
+impl NewMessage {
+    /// The message as stored under `seq` (no edit, reaction or erasure yet).
+    pub fn stored(&self, seq: u64) -> StoredMessage {
+        StoredMessage {
+            seq,
+            ts_ms: self.ts_ms,
+            sender_id: self.sender.id.as_str().into(),
+            sender_name: self.sender.name.as_str().into(),
+            body: self.body.as_str().into(),
+            client_msg_id: self.client_msg_id.as_str().into(),
+            reply_to: self.reply_to,
+            ..StoredMessage::default()
+        }
+    }
+}
+
 /// What became of a receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiptOutcome {

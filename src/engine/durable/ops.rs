@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 use super::State;
 use crate::{
     engine::{
-        Appended, Group, MembershipChange, NewMessage, NewUpdate, ReceiptOutcome, ReceiptRow, Route, StoredMessage,
-        UpdateOutcome, membership,
+        Appended, Group, MembershipChange, NewMessage, NewUpdate, ReceiptOutcome, ReceiptRow, Route, UpdateOutcome,
+        membership,
     },
     error::{EngineError, EngineResult},
     hub::{Event, EventKind},
@@ -245,16 +245,7 @@ pub(super) fn apply(tx: &Transaction, state: &State, b: &mut Batch, op: Op) -> r
             {
                 index(tx, b, &msg.conversation, pair, &[])?;
             }
-            let stored = StoredMessage {
-                seq,
-                ts_ms: msg.ts_ms,
-                sender_id: msg.sender.id.as_str().into(),
-                sender_name: msg.sender.name.as_str().into(),
-                body: msg.body.as_str().into(),
-                client_msg_id: msg.client_msg_id.as_str().into(),
-                reply_to: msg.reply_to,
-                ..StoredMessage::default()
-            };
+            let stored = msg.stored(seq);
             let frame = render(&ServerFrame::Message(message_frame(&msg.conversation, &stored)));
             b.events.push((route, Event::new(EventKind::Message, frame)));
             b.pending.push(pending(reply, Some(Appended { seq, ts_ms: msg.ts_ms, duplicate: false })));

@@ -182,15 +182,7 @@ impl ValkeyEngine {
             payload_head.clone(),
         ];
         args.extend(route.iter().map(|t| k.channel(t)));
-        let keys = vec![
-            k.conv(conv, "meta"),
-            k.conv(conv, "msgs"),
-            k.conv(conv, "idem"),
-            k.conv(conv, "mem"),
-            self.bucket(conv, &u.user.id),
-            k.conv(conv, "mseq"),
-            k.conv(conv, "st"),
-        ];
+        let keys = self.write_keys(conv, &u.user.id);
         let r: Vec<i64> = i.scripts.update.run(&i.pool, keys, args).await?.convert().map_err(err)?;
         let seq = match r.as_slice() {
             [-1] => return refused(Refusal::NotMember),

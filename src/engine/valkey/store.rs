@@ -30,16 +30,7 @@ impl MessageStore for ValkeyEngine {
         let k = &i.keys;
         let conv = msg.conversation.as_str();
         // The frame is rendered around the seq the script assigns.
-        let draft = StoredMessage {
-            seq: 0,
-            ts_ms: msg.ts_ms,
-            sender_id: msg.sender.id.as_str().into(),
-            sender_name: msg.sender.name.as_str().into(),
-            body: msg.body.as_str().into(),
-            client_msg_id: msg.client_msg_id.as_str().into(),
-            reply_to: msg.reply_to,
-            ..StoredMessage::default()
-        };
+        let draft = msg.stored(0);
         let (head, tail) = message_template(conv, &draft)?;
         let min_ts = if i.retention_age_ms > 0 { msg.ts_ms - i.retention_age_ms as i64 } else { 0 };
         // On Cluster a shard channel must hash to the script's slot: direct
@@ -72,15 +63,7 @@ impl MessageStore for ValkeyEngine {
             // that holds messages.
             self.index(conv, pair, true).await?;
         }
-        let keys = vec![
-            k.conv(conv, "meta"),
-            k.conv(conv, "msgs"),
-            k.conv(conv, "idem"),
-            k.conv(conv, "mem"),
-            self.bucket(conv, &msg.sender.id),
-            k.conv(conv, "mseq"),
-            k.conv(conv, "st"),
-        ];
+        let keys = self.write_keys(conv, &msg.sender.id);
         let r: Vec<fred::types::Value> = i.scripts.append.run(&i.pool, keys, args).await?.convert().map_err(err)?;
         let int =
             |v: &fred::types::Value| v.as_i64().ok_or_else(|| EngineError::Internal(format!("append returned {r:?}")));
@@ -242,6 +225,22 @@ impl ValkeyEngine {
     /// keys share the conversation's slot, so the bucket is per user and
     /// conversation there (the node-local limiter still bounds a user across
     /// conversations on each node).
+    /// The keys of a write to a conversation (`append.lua`, `update.lua`):
+    /// meta, events, idempotency, members, the user's send bucket, the
+    /// message-seq index, the current states.
+    pub(super) fn write_keys(&self, conv: &str, user: &str) -> Vec<String> {
+        let k = &self.inner.keys;
+        vec![
+            k.conv(conv, "meta"),
+            k.conv(conv, "msgs"),
+            k.conv(conv, "idem"),
+            k.conv(conv, "mem"),
+            self.bucket(conv, user),
+            k.conv(conv, "mseq"),
+            k.conv(conv, "st"),
+        ]
+    }
+
     pub(super) fn bucket(&self, conv: &str, user: &str) -> String {
         let k = &self.inner.keys;
         if self.inner.cluster {
