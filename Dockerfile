@@ -56,8 +56,9 @@ ARG TARGETARCH
 # /rust-target: the Rust target triple of TARGETARCH (default: this machine's).
 # A foreign one gets `rustup target add` and Debian's cross gcc, and
 # /rust-cross.env names them for cargo and the cc crate; the native path
-# installs nothing. (A separate layer from cargo-chef, which stays shared
-# between target architectures.)
+# installs only `make` where the image lacks it (jemalloc's build needs it).
+# (A separate layer from cargo-chef, which stays shared between target
+# architectures.)
 SHELL ["/bin/bash", "-Eeuo", "pipefail", "-c"]
 # hadolint ignore=DL3008,DL3059
 RUN host_arch=$(dpkg --print-architecture); arch=${TARGETARCH:-$host_arch}; \
@@ -68,6 +69,9 @@ RUN host_arch=$(dpkg --print-architecture); arch=${TARGETARCH:-$host_arch}; \
     esac; \
     echo "$triple" >/rust-target; \
     : >/rust-cross.env; \
+    if ! command -v make >/dev/null; then \
+      apt-get update; apt-get install -y --no-install-recommends make; rm -rf /var/lib/apt/lists/*; \
+    fi; \
     if [[ $arch != "$host_arch" ]]; then \
       rustup target add "$triple"; \
       apt-get update; \

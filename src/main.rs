@@ -11,6 +11,12 @@ use std::{
 use clap::{Parser, Subcommand};
 use crm_chat::{app, config::Config, telemetry};
 
+/// jemalloc instead of glibc's malloc: frames are allocated on one worker
+/// thread and freed on another, and glibc's arenas then serialise the
+/// workers on their locks (BENCHMARKS.md, "allocator").
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "crm-chat", version, about = "Real-time chat server for a CRM platform")]
 struct Cli {

@@ -278,6 +278,11 @@ async fn followed(inner: &Inner) -> EngineResult<Vec<(Topic, String)>> {
 async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> EngineResult<usize> {
     let conv: Arc<str> = conv.into();
     let client = inner.pool.next();
+    // The mark first: what this node delivered was stored before it was
+    // delivered, so a `last` read after the mark is never below it unless
+    // the history really went back (read the other way round, a live
+    // delivery between the two reads looks like a regression).
+    let mark = inner.delivered.lock().get(&(topic.clone(), conv.clone())).cloned();
     let (epoch, last, prev): (Option<String>, Option<u64>, Option<String>) =
         client.hmget(inner.keys.conv(&conv, "meta"), vec!["epoch", "last", "prev"]).await.map_err(err)?;
     let Some(epoch) = epoch.map(Arc::<str>::from) else {
@@ -285,7 +290,6 @@ async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> Engi
         return Ok(0);
     };
     let meta = super::lost::Meta { epoch: epoch.clone(), last: last.unwrap_or(0), prev };
-    let mark = inner.delivered.lock().get(&(topic.clone(), conv.clone())).cloned();
     if super::lost::regressed(inner, topic, &conv, &meta, mark.as_ref()).await? {
         return Ok(0);
     }

@@ -37,9 +37,13 @@ pub(super) async fn regressed(
             return Ok(false);
         }
         let keys = vec![inner.keys.conv(conv, "meta")];
-        let args = vec![epoch.to_string(), seq.to_string(), crate::engine::new_epoch()];
-        inner.scripts.regress.run(&inner.pool, keys, args).await?;
-        true
+        let fresh = crate::engine::new_epoch();
+        let args = vec![epoch.to_string(), seq.to_string(), fresh.clone()];
+        let r: Vec<String> = inner.scripts.regress.run(&inner.pool, keys, args).await?.convert().map_err(super::err)?;
+        let (now, prev) = (r.first().map_or("", |s| s.as_str()), r.get(1).map_or("", |s| s.as_str()));
+        // Ours, or another node's announcement of the same regression; not
+        // when the script found `last` caught up after all.
+        now == fresh || (now != &**epoch && prev == &**epoch)
     } else {
         // Another node announced it first.
         meta.prev.as_deref() == Some(&**epoch)

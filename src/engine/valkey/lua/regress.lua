@@ -6,10 +6,11 @@
 -- KEYS[1] meta hash
 -- ARGV[1] the epoch the node delivered under, ARGV[2] the highest seq it
 -- delivered, ARGV[3] a fresh epoch
--- Returns the conversation's epoch after the call.
+-- Returns {epoch, prev} after the call ('' for a missing field).
 local e = redis.call('HGET', KEYS[1], 'epoch')
-if e ~= ARGV[1] then return e or '' end
+local p = redis.call('HGET', KEYS[1], 'prev') or ''
+if e ~= ARGV[1] then return {e or '', p} end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
-if last >= tonumber(ARGV[2]) then return e end
+if last >= tonumber(ARGV[2]) then return {e, p} end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'prev', ARGV[1])
-return ARGV[3]
+return {ARGV[3], ARGV[1]}
