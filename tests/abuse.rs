@@ -1962,7 +1962,11 @@ async fn close_1013_slow_consumer_arrives_as_a_close_frame() {
     node.server.put_group(&conv, &refs).await;
     let mut slow = Vec::new();
     for i in 0..20 {
-        let mut r = Raw::connect(addr, Some(&sign_token(&format!("slow{i}"))), Some(4096))
+        // A 64 KiB receive window: with 4 KiB (window scale 0, 536-byte
+        // segments on loopback) the backlog after the pause drained at a few
+        // KB/s under CPU load, so a socket could make no progress for the
+        // whole write_timeout_s and the server rightly reset it (seen in CI).
+        let mut r = Raw::connect(addr, Some(&sign_token(&format!("slow{i}"))), Some(65536))
             .await
             .unwrap_or_else(|e| panic!("slow{i}: {e:?}"));
         assert_eq!(r.next_json(TIMEOUT).await.unwrap()["type"], "welcome");
