@@ -109,7 +109,14 @@ impl From<EngineError> for ChatError {
             EngineError::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "storage unavailable");
                 crate::metrics::storage_error();
-                ChatError::new(ErrorCode::Unavailable, "storage unavailable; nothing was stored, retry later")
+                // Acks after replication: the write is stored, only not yet
+                // confirmed, and the retry must reuse its client_msg_id.
+                let text = if detail.starts_with(UNCONFIRMED) {
+                    "stored, but not confirmed by replicas in time; retry with the same client_msg_id"
+                } else {
+                    "storage unavailable; nothing was stored, retry later"
+                };
+                ChatError::new(ErrorCode::Unavailable, text)
             }
             EngineError::RateLimited(ms) => ChatError::rate_limited(ms),
             EngineError::Internal(detail) => {
@@ -122,3 +129,7 @@ impl From<EngineError> for ChatError {
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
+
+/// How an [`EngineError::Unavailable`] detail starts when the write was
+/// stored but replicas did not confirm it (`valkey.ack_replicas`).
+pub const UNCONFIRMED: &str = "stored, but not confirmed by";

@@ -89,6 +89,7 @@ async fn acks_wait_for_a_replica_in_group_commits_and_a_silent_replica_gives_una
     assert!(t.elapsed() < Duration::from_millis(400), "a read waited {:?} behind a WAIT", t.elapsed());
     let (mut sender, r, took) = pending.await.unwrap();
     assert_eq!(r["code"], "unavailable", "{r}");
+    assert!(r["message"].as_str().is_some_and(|m| m.contains("same client_msg_id")), "says it was stored: {r}");
     assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(5), "answered after {took:?}");
     let all = stored(node, &conv).await;
     assert_eq!(all.len(), 11);

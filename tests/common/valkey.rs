@@ -140,14 +140,39 @@ impl Valkey {
         ])
         .await;
         // Up to 20 s: a loaded machine (a parallel build) makes a sync slow.
+        // Synced from both sides: the replica's link is up, and a write is
+        // confirmed by it.
         for _ in 0..400 {
             let info = r.cli(&["INFO", "replication"]).await.unwrap_or_default();
-            if info.contains("master_link_status:up") {
+            if info.contains("master_link_status:up") && primary.write_confirmed().await {
                 return r;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("replica on {} never synced with {}", r.port, primary.port);
+    }
+
+    /// Whether a write on one connection is confirmed by a replica (`SET`,
+    /// then `WAIT 1` on the same connection). Redis 7 answered a node's first
+    /// WAIT after a sync with 0 replicas for over 500 ms (the acks test's
+    /// timeout) although the replica's link was up, in about 1 run of 4.
+    async fn write_confirmed(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
+        if s.write_all(b"SET crm-chat-test:synced 1\r\nWAIT 1 2000\r\n").await.is_err() {
+            return false;
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while got.iter().filter(|b| **b == b'\n').count() < 2 {
+            match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return false,
+            }
+        }
+        // "+OK\r\n:<replicas>\r\n"
+        let replies = String::from_utf8_lossy(&got).to_string();
+        replies.lines().nth(1).is_some_and(|l| l.trim_start_matches(':').parse::<u32>().is_ok_and(|n| n >= 1))
     }
 
     /// Sends a signal (`STOP`, `CONT`, `KILL`) to the server process.

@@ -86,7 +86,8 @@ impl Acks {
         shard.wake.notify_one();
         let unconfirmed = |why: String| {
             EngineError::Unavailable(format!(
-                "stored, but not confirmed by {} replica(s) ({why}); retry with the same client_msg_id",
+                "{} {} replica(s) ({why}); retry with the same client_msg_id",
+                crate::error::UNCONFIRMED,
                 self.replicas
             ))
         };
