@@ -172,8 +172,10 @@ function resolveUrl(url) {
  * @param {Function} [options.WebSocket] WebSocket constructor (tests).
  * @param {'auto'|'http'|'websocket'} [options.transport] `auto` (default):
  *   the WebSocket, and HTTP streaming (`/stream/chat`) after two upgrades in a
- *   row fail without opening (a proxy that drops `Upgrade`); a later
- *   reconnect tries the WebSocket once again. `http`: HTTP streaming only.
+ *   row fail without opening (a proxy that drops `Upgrade`; four right after
+ *   the server closed with 1012 or 1001, when a draining node refuses
+ *   upgrades with 503); a later reconnect tries the WebSocket once again.
+ *   `http`: HTTP streaming only.
  * Other tunables: see DEFAULTS (requestTimeoutMs, backoffBaseMs, backoffCapMs,
  * stableMs, syncLimit, prefetch, prefetchLimit, maxSyncGap, typingIntervalMs,
  * maxBodyChars, maxFrameBytes, autoDelivered, refreshFraction, refreshLeadMs,
@@ -428,7 +430,10 @@ export class ChatClient extends EventTarget {
     } else if (!this._wsOpened) {
       this._wsFailures++;
     } else {
-      this._wsFailures = 0;
+      // After a restart or drain (1012, 1001) the closing node answers the
+      // next upgrades with 503 for a while, which says nothing about the
+      // path: two more failed upgrades are allowed before HTTP streaming.
+      this._wsFailures = code === 1012 || code === 1001 ? -2 : 0;
     }
     this._teardown(new ChatError('disconnected', `connection closed (${code})`));
     if (this._stopped) {
