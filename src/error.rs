@@ -87,6 +87,11 @@ pub enum EngineError {
     /// stored; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The write is stored but replicas did not confirm it in time
+    /// (`valkey.ack_replicas`); a retry with the same `client_msg_id` finds
+    /// it.
+    #[error("stored, but not confirmed: {0}")]
+    Unconfirmed(String),
     /// Storage answered something that cannot be (a bug or corrupt data).
     #[error("storage error: {0}")]
     Internal(String),
@@ -109,14 +114,15 @@ impl From<EngineError> for ChatError {
             EngineError::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "storage unavailable");
                 crate::metrics::storage_error();
-                // Acks after replication: the write is stored, only not yet
-                // confirmed, and the retry must reuse its client_msg_id.
-                let text = if detail.starts_with(UNCONFIRMED) {
-                    "stored, but not confirmed by replicas in time; retry with the same client_msg_id"
-                } else {
-                    "storage unavailable; nothing was stored, retry later"
-                };
-                ChatError::new(ErrorCode::Unavailable, text)
+                ChatError::new(ErrorCode::Unavailable, "storage unavailable; nothing was stored, retry later")
+            }
+            EngineError::Unconfirmed(detail) => {
+                tracing::warn!(error = %detail, "write not confirmed by replicas");
+                crate::metrics::storage_error();
+                ChatError::new(
+                    ErrorCode::Unavailable,
+                    "stored, but not confirmed by replicas in time; retry with the same client_msg_id",
+                )
             }
             EngineError::RateLimited(ms) => ChatError::rate_limited(ms),
             EngineError::Internal(detail) => {
@@ -129,7 +135,3 @@ impl From<EngineError> for ChatError {
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
-
-/// How an [`EngineError::Unavailable`] detail starts when the write was
-/// stored but replicas did not confirm it (`valkey.ack_replicas`).
-pub const UNCONFIRMED: &str = "stored, but not confirmed by";

@@ -84,13 +84,7 @@ impl Acks {
         let (tx, rx) = oneshot::channel();
         shard.waiting.lock().push((slot_key.to_string(), tx));
         shard.wake.notify_one();
-        let unconfirmed = |why: String| {
-            EngineError::Unavailable(format!(
-                "{} {} replica(s) ({why}); retry with the same client_msg_id",
-                crate::error::UNCONFIRMED,
-                self.replicas
-            ))
-        };
+        let unconfirmed = |why: String| EngineError::Unconfirmed(format!("by {} replica(s) ({why})", self.replicas));
         match tokio::time::timeout(self.give_up, rx).await {
             Ok(Ok(Ok(n))) if n >= self.replicas => Ok(()),
             Ok(Ok(Ok(n))) => Err(unconfirmed(format!("{n} within {} ms", self.timeout_ms))),

@@ -220,11 +220,6 @@ pub(super) fn glob_escape(s: &str) -> String {
 }
 
 impl ValkeyEngine {
-    /// The user's send bucket (messages and changes draw from it): the
-    /// user's own slot where keys may span slots; on Cluster the script's
-    /// keys share the conversation's slot, so the bucket is per user and
-    /// conversation there (the node-local limiter still bounds a user across
-    /// conversations on each node).
     /// The keys of a write to a conversation (`append.lua`, `update.lua`):
     /// meta, events, idempotency, members, the user's send bucket, the
     /// message-seq index, the current states.
@@ -241,6 +236,11 @@ impl ValkeyEngine {
         ]
     }
 
+    /// The user's send bucket (messages and changes draw from it): the
+    /// user's own slot where keys may span slots; on Cluster the script's
+    /// keys share the conversation's slot, so the bucket is per user and
+    /// conversation there (the node-local limiter still bounds a user across
+    /// conversations on each node).
     pub(super) fn bucket(&self, conv: &str, user: &str) -> String {
         let k = &self.inner.keys;
         if self.inner.cluster {
