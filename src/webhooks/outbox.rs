@@ -92,9 +92,11 @@ pub struct Claimed {
 ///
 /// # Contract
 /// - [`push`](Outbox::push) keeps at most `max` events and `max_bytes` bytes
-///   (their JSON envelopes, [`Envelope::weight`]) waiting, ready and
-///   scheduled for retry together; past either the oldest are dropped, and
-///   their number is returned.
+///   (their JSON envelopes, [`Envelope::weight`]) waiting: ready, scheduled
+///   for retry and being attempted together; past either the oldest are
+///   dropped, and their number is returned. An event dropped while it is
+///   being attempted stays dropped: its [`retry`](Outbox::retry) does
+///   nothing (a failed attempt cannot bring it back past the bound).
 /// - An event is handed out by [`take`](Outbox::take) to one node at a time.
 ///   It is handed out again only after [`retry`](Outbox::retry) comes due,
 ///   or — on an outbox shared by several nodes — when the node that took it
@@ -165,7 +167,11 @@ struct MemoryState {
     notified: HashMap<String, HashMap<String, (u64, i64)>>,
     /// Erasures: sender -> (up to ms, remembered until ms).
     erased: HashMap<String, (i64, i64)>,
-    /// [`Envelope::weight`] of every event in `ready` and `waiting`.
+    /// Events handed out and not settled yet, by key (their handle), with
+    /// their weight: they count toward the bound as on Valkey, where a
+    /// taken entry stays in the stream until it is settled.
+    in_flight: BTreeMap<WaitKey, usize>,
+    /// [`Envelope::weight`] of every event in `ready`, `waiting` and `in_flight`.
     bytes: usize,
 }
 
@@ -182,7 +188,24 @@ impl MemoryState {
     }
 
     fn len(&self) -> usize {
-        self.ready.len() + self.waiting.len()
+        self.ready.len() + self.waiting.len() + self.in_flight.len()
+    }
+
+    /// Hands `e` out: it stays counted, under a fresh key, until settled.
+    fn hand_out(&mut self, e: Envelope) -> Claimed {
+        let k = (e.created_ms, self.next);
+        self.next += 1;
+        self.in_flight.insert(k, e.weight());
+        Claimed { envelope: e, handle: format!("{}:{}", k.0, k.1) }
+    }
+
+    /// Settles a handed-out event: its weight if it was still counted,
+    /// `None` when the bound dropped it meanwhile.
+    fn settle(&mut self, handle: &str) -> Option<usize> {
+        let (t, n) = handle.split_once(':')?;
+        let w = self.in_flight.remove(&(t.parse().ok()?, n.parse().ok()?))?;
+        self.bytes = self.bytes.saturating_sub(w);
+        Some(w)
     }
 
     /// Drops the oldest events (by creation) until at most `max` events and
@@ -191,16 +214,22 @@ impl MemoryState {
     fn trim(&mut self, max: usize, max_bytes: usize) -> u64 {
         let mut dropped = 0;
         while self.len() > max || self.bytes > max_bytes {
-            // The oldest ready event, or the oldest waiting for a retry (its
-            // entry in `retries` is skipped when it comes due).
-            let oldest_waiting = self.waiting.first_key_value().map(|(k, _)| *k);
-            let gone = match (self.ready.front().map(|e| e.created_ms), oldest_waiting) {
-                (Some(r), Some(k)) if k.0 < r => self.waiting.remove(&k).map(|(_, e)| e),
-                (Some(_), _) => self.ready.pop_front(),
-                (None, Some(k)) => self.waiting.remove(&k).map(|(_, e)| e),
-                (None, None) => break,
+            // The oldest of: the first ready event, the first waiting for a
+            // retry (its entry in `retries` is skipped when it comes due),
+            // the first being attempted (its settling finds it gone).
+            let ready = self.ready.front().map(|e| e.created_ms);
+            let waiting = self.waiting.first_key_value().map(|(k, _)| *k);
+            let in_flight = self.in_flight.first_key_value().map(|(k, _)| *k);
+            let oldest = [ready, waiting.map(|k| k.0), in_flight.map(|k| k.0)].into_iter().flatten().min();
+            let gone = match oldest {
+                None => break,
+                Some(t) if ready == Some(t) => self.ready.pop_front().map(|e| e.weight()),
+                Some(t) if waiting.is_some_and(|k| k.0 == t) => {
+                    waiting.and_then(|k| self.waiting.remove(&k)).map(|(_, e)| e.weight())
+                }
+                Some(_) => in_flight.and_then(|k| self.in_flight.remove(&k)),
             };
-            self.bytes = self.bytes.saturating_sub(gone.map_or(0, |e| e.weight()));
+            self.bytes = self.bytes.saturating_sub(gone.unwrap_or(0));
             dropped += 1;
         }
         dropped
@@ -229,26 +258,29 @@ impl Outbox for MemoryOutbox {
                 _ => break,
             }
             let Some(Reverse((_, k))) = s.retries.pop() else { break };
-            // Gone when it was trimmed meanwhile.
+            // Gone when it was trimmed meanwhile. Its weight moves to `in_flight`.
             if let Some((_, e)) = s.waiting.remove(&k) {
-                s.bytes = s.bytes.saturating_sub(e.weight());
-                out.push(Claimed { envelope: e, handle: String::new() });
+                out.push(s.hand_out(e));
             }
         }
         while out.len() < max {
             let Some(e) = s.ready.pop_front() else { break };
-            s.bytes = s.bytes.saturating_sub(e.weight());
-            out.push(Claimed { envelope: e, handle: String::new() });
+            out.push(s.hand_out(e));
         }
         Ok(out)
     }
 
-    async fn done(&self, _event: &Claimed) -> EngineResult<()> {
+    async fn done(&self, event: &Claimed) -> EngineResult<()> {
+        self.inner.lock().settle(&event.handle);
         Ok(())
     }
 
     async fn retry(&self, event: &Claimed, due_ms: i64) -> EngineResult<()> {
         let mut s = self.inner.lock();
+        // Dropped past the bound while it was attempted: it stays dropped.
+        if s.settle(&event.handle).is_none() {
+            return Ok(());
+        }
         let k = (event.envelope.created_ms, s.next);
         s.next += 1;
         // An erasure while it was being attempted: only the erased form waits.
@@ -327,138 +359,4 @@ impl Outbox for MemoryOutbox {
 }
 
 #[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    fn env(id: &str, created_ms: i64) -> Envelope {
-        Envelope { erasable: None, id: id.into(), created_ms, attempt: 0, body: "{}".into(), trace: None }
-    }
-
-    #[tokio::test]
-    async fn the_oldest_events_are_dropped_past_the_bound() {
-        let o = MemoryOutbox::default();
-        assert_eq!(o.push(&[env("a", 1), env("b", 2)], 3, usize::MAX).await.unwrap(), 0);
-        let a = o.take(1, 0).await.unwrap().remove(0);
-        assert_eq!(a.envelope.id, "a");
-        // "a" waits for a retry far away: it still counts toward the bound.
-        o.retry(&a, i64::MAX).await.unwrap();
-        assert_eq!(o.push(&[env("c", 3), env("d", 4)], 3, usize::MAX).await.unwrap(), 1, "a, the oldest, goes");
-        let ids: Vec<String> = o.take(10, 0).await.unwrap().into_iter().map(|c| c.envelope.id).collect();
-        assert_eq!(ids, ["b", "c", "d"]);
-    }
-
-    #[tokio::test]
-    async fn a_long_outage_keeps_memory_bounded() {
-        // Every event fails and waits for a retry far away; the bound drops
-        // the oldest. What is kept, heap entries included, stays near `max`.
-        let o = MemoryOutbox::default();
-        for i in 0..10_000 {
-            o.push(&[env(&format!("e{i}"), i)], 100, usize::MAX).await.unwrap();
-            for c in o.take(10, 0).await.unwrap() {
-                o.retry(&c, i64::MAX).await.unwrap();
-            }
-        }
-        let s = o.inner.lock();
-        assert_eq!(s.len(), 100);
-        assert!(s.retries.len() <= 2 * 100 + 64 + 1, "heap entries: {}", s.retries.len());
-        assert_eq!(s.waiting.first_key_value().map(|(k, _)| k.0), Some(9_900), "the newest 100 are kept");
-    }
-
-    #[tokio::test]
-    async fn the_oldest_events_are_dropped_past_the_byte_bound() {
-        let o = MemoryOutbox::default();
-        let big = |id: &str, t: i64| Envelope { body: "x".repeat(1000), ..env(id, t) };
-        let w = big("a", 1).weight();
-        assert_eq!(o.push(&[big("a", 1), big("b", 2), big("c", 3)], 100, 2 * w).await.unwrap(), 1);
-        let a = o.take(1, 0).await.unwrap().remove(0);
-        assert_eq!(a.envelope.id, "b");
-        o.retry(&a, i64::MAX).await.unwrap();
-        assert_eq!(o.inner.lock().bytes, 2 * w, "b waiting, c ready");
-        assert_eq!(o.push(&[big("d", 4)], 100, 2 * w).await.unwrap(), 1, "b, the oldest, goes");
-        let ids: Vec<String> = o.take(10, 0).await.unwrap().into_iter().map(|c| c.envelope.id).collect();
-        assert_eq!(ids, ["c", "d"]);
-        assert_eq!(o.inner.lock().bytes, 0);
-    }
-
-    #[tokio::test]
-    async fn a_retry_comes_back_when_due_and_not_before() {
-        let o = MemoryOutbox::default();
-        o.push(&[env("a", 1)], 10, usize::MAX).await.unwrap();
-        let a = o.take(1, 0).await.unwrap().remove(0);
-        assert!(o.take(1, 0).await.unwrap().is_empty(), "taken: not handed out twice");
-        o.retry(&a, crate::protocol::now_ms() + 60_000).await.unwrap();
-        assert!(o.take(1, 0).await.unwrap().is_empty(), "not due yet");
-        let b = o.take(1, 0).await.unwrap();
-        assert!(b.is_empty());
-        o.retry(&a, 0).await.unwrap();
-        assert_eq!(o.take(5, 0).await.unwrap().len(), 1, "the due copy comes back");
-    }
-
-    fn created(id: &str, sender: &str, ts_ms: i64) -> Envelope {
-        let body = json!({"type":"message.created","timestamp":"t","data":{"sender":{"id":sender},"body":"secret"}});
-        Envelope {
-            erasable: Some(Erasable { sender: sender.into(), ts_ms }),
-            id: id.into(),
-            created_ms: ts_ms,
-            attempt: 0,
-            body: body.to_string(),
-            trace: None,
-        }
-    }
-
-    fn body_of(c: &Claimed) -> serde_json::Value {
-        serde_json::from_str::<serde_json::Value>(&c.envelope.body).unwrap()["data"].clone()
-    }
-
-    #[test]
-    fn the_erasable_field_leads_the_json() {
-        // lua/outbox.lua reads the sender from the start of the envelope.
-        let json = serde_json::to_string(&created("e", "alice.b@x-1", 42)).unwrap();
-        assert!(json.starts_with(r#"{"erasable":{"sender":"alice.b@x-1","ts_ms":42}"#), "{json}");
-        let plain = serde_json::to_string(&env("p", 1)).unwrap();
-        assert!(plain.starts_with(r#"{"id":"#), "{plain}");
-    }
-
-    #[tokio::test]
-    async fn an_erasure_reaches_waiting_retried_and_later_events() {
-        let o = MemoryOutbox::default();
-        o.push(&[created("a", "alice", 10), created("b", "bob", 11), created("c", "alice", 12)], 100, usize::MAX)
-            .await
-            .unwrap();
-        // "c" is being attempted while the erasure happens.
-        let taken = o.take(3, 0).await.unwrap();
-        o.push(&[taken[0].envelope.clone(), taken[1].envelope.clone()], 100, usize::MAX).await.unwrap();
-        let in_flight = taken[2].clone();
-        assert_eq!(o.erase("alice", 100, 60_000).await.unwrap(), 1, "a, waiting");
-        o.retry(&in_flight, 0).await.unwrap();
-        // A message of alice that arrived before the erasure, pushed after it
-        // (it was in a hand-off queue), and one that arrived after it.
-        o.push(&[created("d", "alice", 99), created("e", "alice", 101)], 100, usize::MAX).await.unwrap();
-        let all = o.take(10, 0).await.unwrap();
-        let by_id: HashMap<&str, serde_json::Value> =
-            all.iter().map(|c| (c.envelope.id.as_str(), body_of(c))).collect();
-        for id in ["a", "c", "d"] {
-            assert_eq!(by_id[id]["body"], "", "{id}");
-            assert_eq!(by_id[id]["deleted"], true, "{id}");
-        }
-        assert_eq!(by_id["b"]["body"], "secret", "bob's stays");
-        assert_eq!(by_id["e"]["body"], "secret", "after the erasure");
-        assert!(
-            all.iter().all(|c| !c.envelope.body.contains("secret") || ["b", "e"].contains(&c.envelope.id.as_str()))
-        );
-    }
-
-    #[tokio::test]
-    async fn the_unread_schedule_keeps_the_earliest_time_per_conversation() {
-        let o = MemoryOutbox::default();
-        o.schedule_unread("c", 200).await.unwrap();
-        o.schedule_unread("c", 300).await.unwrap();
-        o.schedule_unread("d", 100).await.unwrap();
-        o.schedule_unread("c", 150).await.unwrap();
-        assert!(o.due_unread(99, 10).await.unwrap().is_empty());
-        assert_eq!(o.due_unread(160, 10).await.unwrap(), ["d", "c"]);
-        assert!(o.due_unread(1000, 10).await.unwrap().is_empty(), "each is handed out once");
-    }
-}
+mod tests;
