@@ -394,3 +394,51 @@ async fn full_disk_answers_unavailable_then_recovers() {
     drop(a);
     drop(server);
 }
+
+#[tokio::test]
+async fn the_wal_is_checkpointed_in_the_background_while_the_server_runs() {
+    // The writer never checkpoints (wal_autocheckpoint=0); the syncer thread
+    // copies the WAL into the database every second. 40 messages of 4,000
+    // characters (160 KB, about 200 WAL frames) stay below SQLite's automatic
+    // threshold of 1,000 frames, so only that thread moves them into the
+    // database file while the server runs.
+    let dir = TempDir::new("checkpoint");
+    for fsync in ["everysec", "always"] {
+        let db = dir.path().join(format!("{fsync}-data"));
+        std::fs::create_dir_all(&db).unwrap();
+        let db_str = db.to_str().unwrap().to_string();
+        let mut e = env(&dir, fsync);
+        e[0] = ("CHAT_CHAT__DATA_DIR", &db_str);
+        e.extend([("CHAT_LIMITS__SEND_BYTES_PER_S", "100000000"), ("CHAT_LIMITS__SEND_BYTES_BURST", "100000000")]);
+        let mut server = Server::start(&e).await;
+        server.put_group("deal-1", &["alice", "bob"]).await;
+        let mut a = server.client("alice").await;
+        let size = |name: &str| std::fs::metadata(db.join(name)).map_or(0, |m| m.len());
+        let before = size("chat.db");
+        for i in 0..40 {
+            let body = format!("{i:04}{}", "x".repeat(3996));
+            let r = a
+                .request(json!({"type":"send","conversation":"deal-1","client_msg_id":format!("c{i}"),"body":body}))
+                .await;
+            assert_eq!(r["type"], "ack", "{r}");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while size("chat.db") < before + 160_000 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{fsync}: the database file stays at {} bytes (it was {before}), the WAL holds {}: no checkpoint ran",
+                size("chat.db"),
+                size("chat.db-wal")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(a);
+        server.signal("KILL");
+        let _ = server.wait_exit(Duration::from_secs(10)).await;
+        // What the checkpoint copied and what the WAL still holds: all there.
+        let server = Server::start(&e).await;
+        let mut b = server.client("bob").await;
+        let (msgs, _, _) = all_messages(&mut b, "deal-1", None).await;
+        assert_eq!(msgs.len(), 40, "{fsync}");
+    }
+}

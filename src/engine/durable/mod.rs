@@ -147,11 +147,12 @@ impl DurableEngine {
             }
         });
         let unsynced = Arc::new(AtomicBool::new(false));
-        if cfg.chat.fsync == crate::config::Fsync::Everysec {
+        {
+            let fsync_wal = cfg.chat.fsync == crate::config::Fsync::Everysec;
             let (dir, unsynced, alive) = (dir.clone(), unsynced.clone(), alive.clone());
             std::thread::Builder::new()
                 .name("chat-store-sync".into())
-                .spawn(move || writer::syncer(dir, unsynced, alive))?;
+                .spawn(move || writer::syncer(dir, fsync_wal, unsynced, alive))?;
         }
         let w = Writer::new(opened.conn, state.clone(), outbox.clone(), settings, alive.clone(), unsynced);
         let handle = std::thread::Builder::new().name("chat-store-writer".into()).spawn(move || w.run(rx))?;

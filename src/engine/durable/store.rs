@@ -119,11 +119,33 @@ pub fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
 }
 
+/// Pages of the write connection's cache (`cache_size`, negative: KiB): the
+/// idempotency index is written at random places, and a miss is a `pread`.
+const WRITER_CACHE_KIB: i64 = 16 << 10;
+
 /// The write connection's settings for `fsync`: WAL, and `synchronous=FULL`
 /// (every commit fsyncs the WAL) or `NORMAL` (commits reach the OS; the
-/// writer fsyncs the WAL once a second).
+/// syncer thread fsyncs the WAL once a second). In both the writer never
+/// checkpoints (`wal_autocheckpoint=0`): the syncer thread does, on its own
+/// connection ([`open_checkpointer`], `writer::syncer`).
 pub fn set_sync(conn: &Connection, fsync: Fsync) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "synchronous", if fsync == Fsync::Always { "FULL" } else { "NORMAL" })
+    conn.pragma_update(None, "synchronous", if fsync == Fsync::Always { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+}
+
+/// The syncer thread's connection, for checkpoints only: read-write, never
+/// creating the database; waits briefly for the writer's own checkpoints.
+pub fn open_checkpointer(dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        db_path(dir),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_millis(200))?;
+    // A checkpoint syncs the WAL before it copies and the database after,
+    // as the writer's own did (`synchronous=NORMAL` and `FULL` alike).
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
 }
 
 /// A read-only connection for history pages and counters.
