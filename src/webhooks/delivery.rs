@@ -35,6 +35,11 @@ impl Webhooks {
         self.cfg.timeout_ms.saturating_mul(2).saturating_add(10_000)
     }
 
+    /// Keeps up to `webhooks.concurrency` attempts in flight (one, a probe,
+    /// while the receiver is down), taking more from the outbox whenever half
+    /// the slots are free. (It used to take a batch and wait for all of it:
+    /// every batch waited for its slowest attempt, and a backlog drained at
+    /// a fraction of what the receiver could take.)
     pub(super) async fn deliver_loop(self: Arc<Self>) {
         let mut attempts = JoinSet::new();
         // Failed attempts in a row, and the wait before the next probe.
@@ -43,47 +48,53 @@ impl Webhooks {
         let mut probe_wait = Duration::from_secs(1).min(probe_max);
         loop {
             let down = failures >= DOWN_AFTER;
-            let max = if down { 1 } else { self.cfg.concurrency };
-            let batch = match self.outbox.take(max, self.claim_idle_ms()).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook outbox unavailable");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+            let slots = if down { 1 } else { self.cfg.concurrency.max(1) };
+            if attempts.len() <= slots / 2 {
+                match self.outbox.take(slots - attempts.len(), self.claim_idle_ms()).await {
+                    // Every attempt ends within webhooks.timeout_ms: long
+                    // before another node may claim its event.
+                    Ok(batch) => {
+                        for event in batch {
+                            attempts.spawn(self.clone().attempt(event));
+                        }
+                    }
+                    Err(e) if attempts.is_empty() => {
+                        tracing::warn!(error = %e, "webhook outbox unavailable");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "webhook outbox unavailable"),
                 }
-            };
-            if batch.is_empty() {
+            }
+            if attempts.is_empty() {
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(POLL) => {}
                 }
                 continue;
             }
-            // Every attempt ends within webhooks.timeout_ms: the batch is done
-            // long before another node may claim its events.
-            for event in batch {
-                attempts.spawn(self.clone().attempt(event));
-            }
-            let mut delivered = false;
-            while let Some(r) = attempts.join_next().await {
-                match r {
-                    Ok(Some(true)) => delivered = true,
-                    Ok(None) => {}
-                    _ => failures = failures.saturating_add(1),
+            let Some(r) = attempts.join_next().await else { continue };
+            match r {
+                Ok(Some(true)) => {
+                    if failures >= DOWN_AFTER {
+                        tracing::info!("webhook receiver answers again");
+                    }
+                    failures = 0;
+                    probe_wait = Duration::from_secs(1).min(probe_max);
                 }
-            }
-            if delivered {
-                if failures >= DOWN_AFTER {
-                    tracing::info!("webhook receiver answers again");
+                Ok(None) => {}
+                _ => {
+                    failures = failures.saturating_add(1);
+                    if failures == DOWN_AFTER {
+                        tracing::warn!(failures, "webhook receiver looks down: probing with one event at a time");
+                    }
+                    // Down: wait before the next probe, once the attempts
+                    // started before it noticed have ended.
+                    if failures >= DOWN_AFTER && attempts.is_empty() {
+                        tokio::time::sleep(probe_wait).await;
+                        probe_wait = (probe_wait * 2).min(probe_max);
+                    }
                 }
-                failures = 0;
-                probe_wait = Duration::from_secs(1).min(probe_max);
-            } else if failures >= DOWN_AFTER {
-                if !down {
-                    tracing::warn!(failures, "webhook receiver looks down: probing with one event at a time");
-                }
-                tokio::time::sleep(probe_wait).await;
-                probe_wait = (probe_wait * 2).min(probe_max);
             }
         }
     }

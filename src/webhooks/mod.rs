@@ -63,6 +63,8 @@ use crate::{config::WebhooksConfig, metrics, protocol};
 
 /// Events waiting in one node's hand-off queue at most.
 pub const QUEUE: usize = 16_384;
+/// The least time between two "outbox full" warnings.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The event types (PROTOCOL v1.1, *Webhooks*).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,6 +135,8 @@ pub struct Webhooks {
     key: Vec<u8>,
     url: reqwest::Url,
     client: reqwest::Client,
+    /// When the last "hand-off queue full" line was logged (ms).
+    queue_full_warned_ms: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Serialize)]
@@ -191,6 +195,7 @@ impl Webhooks {
             key,
             url,
             client,
+            queue_full_warned_ms: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
         })))
     }
 
@@ -238,7 +243,24 @@ impl Webhooks {
             metrics::webhook_queued(ty.as_str());
         } else {
             metrics::webhook_dropped("queue_full", 1);
-            tracing::warn!(event = ty.as_str(), "webhook hand-off queue full: event dropped");
+            // At most one line per WARN_EVERY (the metric counts them all).
+            let last = self.queue_full_warned_ms.load(std::sync::atomic::Ordering::Relaxed);
+            if now.saturating_sub(last) >= WARN_EVERY.as_millis() as i64
+                && self
+                    .queue_full_warned_ms
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                tracing::warn!(
+                    event = ty.as_str(),
+                    "webhook hand-off queue full: events dropped (chat_webhooks_dropped_total{{reason=\"queue_full\"}}; this line comes at most every 10 s)"
+                );
+            }
         }
     }
 
@@ -277,6 +299,11 @@ impl Webhooks {
     /// unreachable the batch waits and the hand-off queue fills (then drops).
     async fn emit_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Queued>) {
         let mut buf = Vec::with_capacity(256);
+        // The outbox-full warning, at most once per WARN_EVERY with the
+        // number dropped since (each push could drop: 85,000 lines in 10 s
+        // of a flood, before).
+        let mut warned: Option<std::time::Instant> = None;
+        let mut unreported = 0u64;
         while rx.recv_many(&mut buf, 256).await > 0 {
             let mut events = Vec::new();
             let mut unread: Vec<(String, i64)> = Vec::new();
@@ -298,12 +325,17 @@ impl Webhooks {
                     Ok(dropped) => {
                         if dropped > 0 {
                             metrics::webhook_dropped("outbox_full", dropped);
-                            tracing::warn!(
-                                dropped,
-                                outbox_max = self.cfg.outbox_max,
-                                outbox_max_bytes = self.cfg.outbox_max_bytes,
-                                "webhook outbox full: oldest events dropped"
-                            );
+                            unreported += dropped;
+                            if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                                warned = Some(std::time::Instant::now());
+                                tracing::warn!(
+                                    dropped = unreported,
+                                    outbox_max = self.cfg.outbox_max,
+                                    outbox_max_bytes = self.cfg.outbox_max_bytes,
+                                    "webhook outbox full: oldest events dropped (this line comes at most every 10 s)"
+                                );
+                                unreported = 0;
+                            }
                         }
                         break;
                     }
