@@ -11,6 +11,8 @@
 //!   socket work), to run `fanout` against (see [`floor`]).
 //! - `reactions`: the reaction storm (v1.2): M members each toggle a reaction on
 //!   one message within a second; every member must end with the stored state.
+//! - `storm`: a reconnect storm: M members of one group drop, miss K messages,
+//!   reconnect at once and `sync`; time to all synced, nothing lost.
 //!
 //! It prints exactly one JSON line of figures on stdout; progress goes to stderr.
 //! Several `--url`s make clients alternate between nodes.
@@ -27,6 +29,7 @@ mod http;
 mod pairs;
 mod reactions;
 mod stats;
+mod storm;
 mod sys;
 mod target;
 mod ws;
@@ -115,6 +118,8 @@ enum Scenario {
     FloorServer(floor::Opts),
     /// The reaction storm: M members each toggle a reaction on the same message within `--window-ms`.
     Reactions(reactions::Opts),
+    /// A reconnect storm: M members of one group drop, miss K messages, reconnect at once and `sync`.
+    Storm(storm::Opts),
 }
 
 impl Scenario {
@@ -125,6 +130,7 @@ impl Scenario {
             Scenario::Pairs(_) => "pairs",
             Scenario::Reactions(_) => "reactions",
             Scenario::FloorServer(_) => "floor-server",
+            Scenario::Storm(_) => "storm",
         }
     }
 
@@ -135,6 +141,7 @@ impl Scenario {
             Scenario::Fanout(o) => o.members,
             Scenario::Pairs(o) => o.pairs.saturating_mul(2),
             Scenario::Reactions(o) => o.members,
+            Scenario::Storm(o) => o.members,
             Scenario::FloorServer(_) => 0,
         }
     }
@@ -146,6 +153,7 @@ impl Scenario {
             Scenario::Fanout(_) => 120,
             Scenario::Pairs(_) => 10,
             Scenario::Reactions(_) => 120,
+            Scenario::Storm(_) => 300,
             Scenario::FloorServer(_) => 600,
         };
         Duration::from_secs(duration_s.unwrap_or(default))
@@ -155,7 +163,11 @@ impl Scenario {
     fn watchdog_s(&self, duration_s: Option<u64>) -> u64 {
         let d = self.duration(duration_s).as_secs();
         match self {
-            Scenario::Conns(_) | Scenario::Fanout(_) | Scenario::Reactions(_) | Scenario::FloorServer(_) => d + 60,
+            Scenario::Conns(_)
+            | Scenario::Fanout(_)
+            | Scenario::Reactions(_)
+            | Scenario::Storm(_)
+            | Scenario::FloorServer(_) => d + 60,
             Scenario::Pairs(o) => d + o.setup_timeout_s + o.rt_timeout_s + 60,
         }
     }
@@ -364,6 +376,7 @@ async fn run(cli: Cli) -> Result<(Value, Value), Fatal> {
         Scenario::Fanout(o) => fanout::run(&ctx, o, duration).await?,
         Scenario::Pairs(o) => pairs::run(&ctx, o, duration).await?,
         Scenario::Reactions(o) => reactions::run(&ctx, o, duration).await?,
+        Scenario::Storm(o) => storm::run(&ctx, o, duration).await?,
         Scenario::FloorServer(_) => return Err(fatal("floor-server is served by main")),
     };
     Ok((common, figures))

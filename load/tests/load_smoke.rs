@@ -109,6 +109,19 @@ async fn every_scenario_over(servers: &[Server], transport: &str) {
     assert_eq!(v["update_deliveries"], 900, "every member saw every reaction: {v}");
     assert_eq!(v["distinct_final_states"], 1, "{v}");
     assert_eq!(v["members_agree_with_server"], true, "{v}");
+
+    // storm: 40 members drop, miss 230 messages (two sync pages), reconnect.
+    let args = ["--jwt-secret", JWT_SECRET, "storm", "--members", "40", "--missed", "230", "--duration-s", "60"];
+    let v = load_over(servers, transport, &args).await;
+    assert_eq!(v["errors"], serde_json::json!({}), "errors: {v}");
+    assert_eq!((v["connected_before"].as_u64(), v["saw_live_before"].as_u64()), (Some(40), Some(40)), "{v}");
+    assert_eq!((v["reconnected"].as_u64(), v["synced"].as_u64()), (Some(40), Some(40)), "{v}");
+    assert_eq!(
+        (v["missing"].as_u64(), v["repeated"].as_u64(), v["out_of_order"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+    assert!(v["sync_pages"].as_u64().unwrap() >= 80, "230 messages take two pages of 200: {v}");
+    assert!(v["all_synced_s"].is_number(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
