@@ -69,11 +69,8 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
             v["seq"].as_u64().filter(|_| status < 300).ok_or_else(|| fatal(format!("POST {path}: {status} {v}")))
         }
     };
-    // Before the drop: one message every member holds (its seq is what a
-    // client would `sync` after).
-    let held = post("before".into()).await?;
-
-    // Everybody connects, sees `held` live, then drops at the signal.
+    // Everybody connects and keeps the highest seq it got live (what a
+    // client `sync`s after); one message goes out to all; then all drop.
     let (drop_tx, drop_rx) = tokio::sync::watch::channel(false);
     let t_ramp = Instant::now();
     let first = crate::ramp(o.members, ctx.concurrency, deadline, |i, permit| {
@@ -82,14 +79,17 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
         async move {
             let mut ws = ws::open(&target, &token, 4096).await?;
             drop(permit);
-            let mut seen = false;
+            let mut top = 0;
             loop {
                 tokio::select! {
                     _ = go.wait_for(|d| *d) => break,
                     m = ws.next() => match m {
                         Some(Ok(Message::Text(t))) => {
-                            if let Ok(f) = serde_json::from_str::<ws::Frame>(&t) {
-                                seen |= f.ty == "message" && f.in_conv(&quoted) && f.seq == Some(held);
+                            if let Ok(f) = serde_json::from_str::<ws::Frame>(&t)
+                                && f.ty == "message"
+                                && f.in_conv(&quoted)
+                            {
+                                top = top.max(f.seq.unwrap_or(0));
                             }
                         }
                         Some(Ok(_)) => {}
@@ -98,22 +98,24 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
                 }
             }
             let _ = timeout(Duration::from_secs(5), ws.close(None)).await;
-            Ok::<bool, String>(seen)
+            Ok::<u64, String>(top)
         }
     })
     .await;
     let ramp_s = t_ramp.elapsed().as_secs_f64();
-    // Live delivery of `held` to everyone, then the drop.
+    let before = post("before".into()).await?;
+    // Live delivery of `before` to everyone, then the drop.
     sleep(Duration::from_secs(1)).await;
     let _ = drop_tx.send(true);
     let mut errors = Counts::new();
-    let mut connected_before = 0;
-    let mut saw_held = 0;
-    for h in first {
+    let mut held = vec![0u64; o.members];
+    let (mut connected_before, mut saw_live_before) = (0usize, 0usize);
+    for (i, h) in first.into_iter().enumerate() {
         match timeout(deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(10), h).await {
-            Ok(Ok(Ok(seen))) => {
+            Ok(Ok(Ok(top))) => {
                 connected_before += 1;
-                saw_held += seen as usize;
+                saw_live_before += (top == before) as usize;
+                held[i] = top;
             }
             Ok(Ok(Err(e))) => bump(&mut errors, format!("before_{e}")),
             _ => bump(&mut errors, "before_task"),
@@ -121,13 +123,12 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
     }
     // Let the server notice every close before the messages go out.
     sleep(Duration::from_secs(1)).await;
-    let mut last = held;
+    let mut last = before;
     for k in 0..o.missed {
         last = post(format!("missed-{k}")).await?;
     }
-    let expected: Vec<u64> = ((held + 1)..=last).collect();
-    if expected.len() as u64 != o.missed {
-        return Err(fatal(format!("seqs {held}..={last} for {} messages: another writer in the group", o.missed)));
+    if last - before != o.missed {
+        return Err(fatal(format!("seqs {before}..={last} for {} messages: another writer in the group", o.missed)));
     }
 
     // The storm: all reconnect at once and sync after `held`.
@@ -139,8 +140,7 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
     let t0_us = now_us();
     let t0 = Instant::now();
     let second = crate::ramp(o.members, ctx.concurrency, deadline, |i, permit| {
-        let (target, token, group, expected) =
-            (ctx.target(i).clone(), tokens[i].clone(), group.clone(), expected.clone());
+        let (target, token, group, held) = (ctx.target(i).clone(), tokens[i].clone(), group.clone(), held[i]);
         let (mut connect_hist, mut synced_hist) = (connect_hist.recorder(), synced_hist.recorder());
         async move {
             let mut r = Resync::default();
@@ -208,7 +208,7 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
                     }
                 }
             }
-            r.missing = expected.iter().filter(|s| !got.contains(s)).count() as u64;
+            r.missing = ((held + 1)..=last).filter(|s| !got.contains(s)).count() as u64;
             if r.missing == 0 {
                 let us = now_us().saturating_sub(t0_us);
                 r.synced_us = Some(us);
@@ -244,7 +244,7 @@ pub async fn run(ctx: &Ctx, o: &Opts, duration: Duration) -> Result<Value, Fatal
         "members": o.members,
         "missed": o.missed,
         "connected_before": connected_before,
-        "saw_live_before": saw_held,
+        "saw_live_before": saw_live_before,
         "first_ramp_s": round2(ramp_s),
         "reconnected": connected,
         "synced": synced,
