@@ -591,13 +591,16 @@ async fn put_and_update_group_report_changes(e: Arc<dyn Engine>, _hub: Arc<Hub>)
     assert_eq!(c, Some(change(&["bob", "carol", "dave"], 1, &["dave"], &[])));
     let c = e.update_group("team", users(&["zed"]), users(&["bob", "dave"])).await.unwrap();
     assert_eq!(c, Some(change(&["carol", "zed"], 1, &["zed"], &["bob", "dave"])));
-    assert_eq!(e.group("team").await.unwrap(), Some(Group { title: "Team".into(), members: users(&["carol", "zed"]) }));
+    assert_eq!(
+        e.group("team").await.unwrap().as_deref(),
+        Some(&Group { title: "Team".into(), members: users(&["carol", "zed"]) })
+    );
     assert_eq!(e.member_count("team", false).await.unwrap(), 2);
 
     // A new title, and an empty group still exists.
     let c = e.put_group("team", "Renamed", vec![]).await.unwrap();
     assert_eq!((c.conversation.title.as_str(), c.removed, c.added), ("Renamed", users(&["carol", "zed"]), vec![]));
-    assert_eq!(e.group("team").await.unwrap(), Some(Group { title: "Renamed".into(), members: vec![] }));
+    assert_eq!(e.group("team").await.unwrap().as_deref(), Some(&Group { title: "Renamed".into(), members: vec![] }));
     assert!(e.update_group("team", vec![], vec![]).await.unwrap().is_some());
 }
 
@@ -607,11 +610,11 @@ async fn groups_answer_in_order(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
     // A conversation with messages but no group is no group.
     send(&e, "b", "u1", "m1").await;
     let ask = users(&["c", "b", "a", "missing", "a"]);
-    let got = e.groups(&ask).await.unwrap();
+    let got: Vec<Option<Group>> = e.groups(&ask).await.unwrap().into_iter().map(|g| g.as_deref().cloned()).collect();
     let a = Group { title: "A".into(), members: users(&["u1", "u2"]) };
     let c = Group { title: "C".into(), members: users(&["u3"]) };
     assert_eq!(got, vec![Some(c), None, Some(a.clone()), None, Some(a.clone())]);
-    assert_eq!(e.group("a").await.unwrap(), Some(a));
+    assert_eq!(e.group("a").await.unwrap().as_deref(), Some(&a));
     assert!(e.groups(&[]).await.unwrap().is_empty());
 }
 

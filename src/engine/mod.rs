@@ -291,10 +291,12 @@ pub trait MessageStore: Send + Sync + 'static {
 ///   *Epochs*): a `seq` is never reused within an epoch.
 #[async_trait]
 pub trait Groups: Send + Sync + 'static {
-    async fn group(&self, conversation: &str) -> EngineResult<Option<Group>>;
+    /// The group, shared: a group of 15,000 members is not copied for every
+    /// reader (a reconnect storm read it twice per member).
+    async fn group(&self, conversation: &str) -> EngineResult<Option<Arc<Group>>>;
 
     /// Several groups at once, in order (one round trip where the engine can).
-    async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Group>>> {
+    async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Arc<Group>>>> {
         let mut out = Vec::with_capacity(conversations.len());
         for c in conversations {
             out.push(self.group(c).await?);

@@ -69,7 +69,10 @@ impl Node {
             Kind::Direct(a, b) => (String::new(), vec![a.to_string(), b.to_string()]),
             Kind::Open => (title_case(conversation), self.engine.open_members(conversation).await?),
             Kind::Group => match self.engine.group(conversation).await? {
-                Some(g) => (g.title, g.members),
+                Some(g) => {
+                    let g = std::sync::Arc::unwrap_or_clone(g);
+                    (g.title, g.members)
+                }
                 None => return Ok(None),
             },
         };

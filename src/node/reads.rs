@@ -30,8 +30,8 @@ impl Node {
         let mut receipts = self.engine.receipts(conversation).await?;
         if kind == Kind::Group {
             // Receipts of members only (a removed member's marks stay stored).
-            let members = self.engine.group(conversation).await?.map(|g| g.members).unwrap_or_default();
-            receipts.retain(|r| members.binary_search(&r.user).is_ok());
+            let group = self.engine.group(conversation).await?;
+            receipts.retain(|r| group.as_ref().is_some_and(|g| g.members.binary_search(&r.user).is_ok()));
         }
         let budget = self.cfg.limits.max_reply_bytes;
         // Receipts take at most half the reply; beyond that the most advanced
@@ -113,8 +113,8 @@ impl Node {
             Kind::Direct(a, b) => self.engine.online(Some(&[a.to_string(), b.to_string()])).await?,
             Kind::Open => self.engine.online(None).await?,
             Kind::Group => {
-                let members = self.engine.group(conversation).await?.map(|g| g.members).unwrap_or_default();
-                self.engine.online(Some(&members)).await?
+                let group = self.engine.group(conversation).await?;
+                self.engine.online(Some(group.as_ref().map_or(&[][..], |g| g.members.as_slice()))).await?
             }
         };
         Ok(protocol::render(&ServerFrame::PresenceReply(PresenceReply { id, conversation, online: &online })))
@@ -151,8 +151,8 @@ impl Node {
                     // Membership is read from the group's own member set: an
                     // index entry left by a failed write grants nothing.
                     Some((_, Some(g))) if g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok() => {
-                        let members = (g.members.len() <= limit).then_some(g.members);
-                        (g.title, "group", members)
+                        let members = (g.members.len() <= limit).then(|| g.members.clone());
+                        (g.title.clone(), "group", members)
                     }
                     // Removed between the two reads, or never a member: not listed.
                     _ => continue,

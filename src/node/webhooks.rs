@@ -126,7 +126,7 @@ impl Node {
             Kind::Direct(a, b) => vec![a.to_string(), b.to_string()],
             Kind::Open => return Ok(()),
             Kind::Group => match self.engine.group(conversation).await? {
-                Some(g) => g.members,
+                Some(g) => std::sync::Arc::unwrap_or_clone(g).members,
                 None => return Ok(()),
             },
         };

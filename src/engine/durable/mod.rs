@@ -348,8 +348,8 @@ impl MessageStore for DurableEngine {
 
 #[async_trait]
 impl Groups for DurableEngine {
-    async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
-        Ok(self.state.convs.read().get(conversation).and_then(|c| c.group.as_deref().cloned()))
+    async fn group(&self, conversation: &str) -> EngineResult<Option<Arc<Group>>> {
+        Ok(self.state.convs.read().get(conversation).and_then(|c| c.group.clone()))
     }
 
     async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool> {

@@ -40,7 +40,7 @@ pub(super) struct Conversation {
     /// `(sender, client_msg_id)` -> seq, for retained messages.
     idempotency: HashMap<(Arc<str>, Arc<str>), u64>,
     pub(super) receipts: HashMap<String, (u64, u64)>,
-    pub(super) group: Option<Group>,
+    pub(super) group: Option<Arc<Group>>,
     pub(super) open_members: BTreeSet<String>,
     /// Set when the conversation was deleted: its history starts again under
     /// this epoch instead of the process's.

@@ -274,7 +274,7 @@ impl MessageStore for MemoryEngine {
 
 #[async_trait]
 impl Groups for MemoryEngine {
-    async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
+    async fn group(&self, conversation: &str) -> EngineResult<Option<Arc<Group>>> {
         Ok(self.existing(conversation).and_then(|c| c.lock().group.clone()))
     }
 
@@ -288,7 +288,7 @@ impl Groups for MemoryEngine {
             let mut c = conv.lock();
             let old = c.group.as_ref().map(|g| g.members.as_slice()).unwrap_or_default();
             let (members, added, removed) = membership::replace(old, members);
-            c.group = Some(Group { title: title.to_string(), members });
+            c.group = Some(Arc::new(Group { title: title.to_string(), members }));
             MembershipChange { conversation: c.object(conversation), added, removed }
         };
         self.index_members(conversation, &change.added, &change.removed);
@@ -310,7 +310,7 @@ impl Groups for MemoryEngine {
                 return Ok(None);
             };
             let (members, added, removed) = membership::update(&group.members, add, remove);
-            group.members = members;
+            *group = Arc::new(Group { title: group.title.clone(), members });
             MembershipChange { conversation: c.object(conversation), added, removed }
         };
         self.index_members(conversation, &change.added, &change.removed);
@@ -323,7 +323,7 @@ impl Groups for MemoryEngine {
         };
         let change = {
             let mut c = conv.lock();
-            let Some(group) = c.group.take() else {
+            let Some(group) = c.group.take().map(Arc::unwrap_or_clone) else {
                 return Ok(None);
             };
             // Reset in place, under the lock: a send that raced the delete

@@ -1,6 +1,8 @@
 //! Group membership (`group.lua`, atomic per group), the per-user
 //! conversation index, and known members of open conversations.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use fred::prelude::*;
 
@@ -13,11 +15,11 @@ use crate::{
 
 #[async_trait]
 impl Groups for ValkeyEngine {
-    async fn group(&self, conversation: &str) -> EngineResult<Option<Group>> {
+    async fn group(&self, conversation: &str) -> EngineResult<Option<Arc<Group>>> {
         Ok(self.groups(&[conversation.to_string()]).await?.pop().flatten())
     }
 
-    async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Group>>> {
+    async fn groups(&self, conversations: &[String]) -> EngineResult<Vec<Option<Arc<Group>>>> {
         if conversations.is_empty() {
             return Ok(Vec::new());
         }
@@ -27,17 +29,19 @@ impl Groups for ValkeyEngine {
             let _: () = pipe.hmget(k.conv(c, "meta"), vec!["group", "title"]).await.map_err(err)?;
             let _: () = pipe.smembers(k.conv(c, "mem")).await.map_err(err)?;
         }
-        let replies: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
+        let mut replies: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
         let mut out = Vec::with_capacity(conversations.len());
-        for pair in replies.chunks(2) {
-            let meta: Vec<Option<String>> = pair[0].clone().convert().map_err(err)?;
+        for pair in replies.chunks_mut(2) {
+            let meta: Vec<Option<String>> =
+                std::mem::replace(&mut pair[0], fred::types::Value::Null).convert().map_err(err)?;
             if meta.first().cloned().flatten().as_deref() != Some("1") {
                 out.push(None);
                 continue;
             }
-            let mut members: Vec<String> = pair[1].clone().convert().map_err(err)?;
+            let mut members: Vec<String> =
+                std::mem::replace(&mut pair[1], fred::types::Value::Null).convert().map_err(err)?;
             members.sort();
-            out.push(Some(Group { title: meta.get(1).cloned().flatten().unwrap_or_default(), members }));
+            out.push(Some(Arc::new(Group { title: meta.get(1).cloned().flatten().unwrap_or_default(), members })));
         }
         Ok(out)
     }
