@@ -31,7 +31,7 @@ use std::{
 use crm_chat::{
     app,
     config::{Config, Secret},
-    engine::{Engine, Group, MembershipChange, NewMessage, Page, ReceiptOutcome, ReceiptRow, Route},
+    engine::{Engine, Group, GroupHead, MembershipChange, NewMessage, Page, ReceiptOutcome, ReceiptRow, Route},
     hub::{Conn, Event, EventKind, Hub, Topic},
     ids,
     node::message_frame,
@@ -616,6 +616,24 @@ async fn groups_answer_in_order(e: Arc<dyn Engine>, _hub: Arc<Hub>) {
     assert_eq!(got, vec![Some(c), None, Some(a.clone()), None, Some(a.clone())]);
     assert_eq!(e.group("a").await.unwrap().as_deref(), Some(&a));
     assert!(e.groups(&[]).await.unwrap().is_empty());
+
+    // What welcome reads: members listed only to a member, and only up to the limit.
+    let head = |title: &str, member: bool, members: Option<&[&str]>| {
+        Some(GroupHead { title: title.into(), member, members: members.map(users) })
+    };
+    let ask = users(&["c", "b", "a", "missing"]);
+    assert_eq!(
+        e.group_heads(&ask, "u1", 2).await.unwrap(),
+        vec![head("C", false, None), None, head("A", true, Some(&["u1", "u2"])), None]
+    );
+    assert_eq!(e.group_heads(&ask, "u1", 1).await.unwrap()[2], head("A", true, None), "over the limit");
+    assert_eq!(e.group_heads(&ask, "u3", 1).await.unwrap()[0], head("C", true, Some(&["u3"])));
+    assert!(e.group_heads(&[], "u1", 10).await.unwrap().is_empty());
+    // Which readers are members (a sync's receipts).
+    assert_eq!(e.are_members("a", &["u2", "x", "u1"]).await.unwrap(), [true, false, true]);
+    assert_eq!(e.are_members("missing", &["u1"]).await.unwrap(), [false]);
+    assert_eq!(e.are_members("b", &["u1"]).await.unwrap(), [false], "not a group");
+    assert!(e.are_members("a", &[]).await.unwrap().is_empty());
 }
 
 async fn open_conversations_count_known_members(e: Arc<dyn Engine>, _hub: Arc<Hub>) {

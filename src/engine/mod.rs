@@ -179,6 +179,16 @@ pub struct Group {
     pub members: Vec<String>,
 }
 
+/// What `welcome` lists of a group ([`Groups::group_heads`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupHead {
+    pub title: String,
+    /// Whether the user asked about is a member.
+    pub member: bool,
+    /// The members, when there are few enough to list.
+    pub members: Option<Vec<String>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MembershipChange {
     pub conversation: ConversationObject,
@@ -304,8 +314,40 @@ pub trait Groups: Send + Sync + 'static {
         Ok(out)
     }
 
+    /// What `welcome` needs of several groups, in order: the title, whether
+    /// `user` is a member, and the members only when `user` is one and there
+    /// are at most `members_up_to` (`None` for a group that does not exist). An engine
+    /// that stores groups remotely answers without sending the member sets of
+    /// big groups: every connect of a 15,000-member group's members read it.
+    async fn group_heads(
+        &self,
+        conversations: &[String],
+        user: &str,
+        members_up_to: usize,
+    ) -> EngineResult<Vec<Option<GroupHead>>> {
+        Ok(self
+            .groups(conversations)
+            .await?
+            .into_iter()
+            .map(|g| {
+                g.map(|g| {
+                    let member = membership::contains(&g.members, user);
+                    let members = (member && g.members.len() <= members_up_to).then(|| g.members.clone());
+                    GroupHead { title: g.title.clone(), member, members }
+                })
+            })
+            .collect())
+    }
+
     /// Whether `user` is a member of the group (false when it does not exist).
     async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool>;
+
+    /// For each of `users`, whether it is a member of the group (all false
+    /// when it does not exist).
+    async fn are_members(&self, conversation: &str, users: &[&str]) -> EngineResult<Vec<bool>> {
+        let g = self.group(conversation).await?;
+        Ok(users.iter().map(|u| g.as_ref().is_some_and(|g| membership::contains(&g.members, u))).collect())
+    }
 
     /// Creates or replaces a group (title and the whole member list).
     async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange>;

@@ -30,8 +30,12 @@ impl Node {
         let mut receipts = self.engine.receipts(conversation).await?;
         if kind == Kind::Group {
             // Receipts of members only (a removed member's marks stay stored).
-            let group = self.engine.group(conversation).await?;
-            receipts.retain(|r| group.as_ref().is_some_and(|g| g.members.binary_search(&r.user).is_ok()));
+            // Asked of the readers only: the member set of a big group is not
+            // read for every sync.
+            let users: Vec<&str> = receipts.iter().map(|r| r.user.as_str()).collect();
+            let keep = self.engine.are_members(conversation, &users).await?;
+            let mut keep = keep.into_iter();
+            receipts.retain(|_| keep.next().unwrap_or(false));
         }
         let budget = self.cfg.limits.max_reply_bytes;
         // Receipts take at most half the reply; beyond that the most advanced
@@ -133,9 +137,9 @@ impl Node {
         let counters = self.engine.counters(user, ids).await?;
         let groups: Vec<String> =
             ids.iter().filter(|id| matches!(self.classify(id), Ok(Kind::Group))).cloned().collect();
-        let group_info = self.engine.groups(&groups).await?;
-        let mut group_info = groups.iter().zip(group_info);
         let limit = self.cfg.limits.presence_max_members;
+        let group_info = self.engine.group_heads(&groups, user, limit).await?;
+        let mut group_info = groups.iter().zip(group_info);
         let mut out = Vec::with_capacity(ids.len());
         for (id, c) in ids.iter().zip(counters) {
             let c = &c;
@@ -150,10 +154,7 @@ impl Node {
                 Kind::Group => match group_info.next() {
                     // Membership is read from the group's own member set: an
                     // index entry left by a failed write grants nothing.
-                    Some((_, Some(g))) if g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok() => {
-                        let members = (g.members.len() <= limit).then(|| g.members.clone());
-                        (g.title.clone(), "group", members)
-                    }
+                    Some((_, Some(g))) if g.member => (g.title, "group", g.members),
                     // Removed between the two reads, or never a member: not listed.
                     _ => continue,
                 },

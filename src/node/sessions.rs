@@ -242,10 +242,9 @@ impl Node {
         groups: Vec<Arc<str>>,
     ) -> Result<(Vec<Arc<str>>, Vec<Arc<str>>), ChatError> {
         let ids: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-        let found = self.engine.groups(&ids).await?;
-        let (members, rest): (Vec<_>, Vec<_>) = groups.into_iter().zip(found).partition(|(_, g)| {
-            g.as_ref().is_some_and(|g| g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok())
-        });
+        let found = self.engine.group_heads(&ids, user, 0).await?;
+        let (members, rest): (Vec<_>, Vec<_>) =
+            groups.into_iter().zip(found).partition(|(_, g)| g.as_ref().is_some_and(|g| g.member));
         Ok((members.into_iter().map(|(g, _)| g).collect(), rest.into_iter().map(|(g, _)| g).collect()))
     }
 }

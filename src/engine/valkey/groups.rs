@@ -8,7 +8,7 @@ use fred::prelude::*;
 
 use super::{ValkeyEngine, errors::err};
 use crate::{
-    engine::{Group, Groups, MembershipChange},
+    engine::{Group, GroupHead, Groups, MembershipChange},
     error::{EngineError, EngineResult},
     protocol::ConversationObject,
 };
@@ -46,8 +46,80 @@ impl Groups for ValkeyEngine {
         Ok(out)
     }
 
+    async fn group_heads(
+        &self,
+        conversations: &[String],
+        user: &str,
+        members_up_to: usize,
+    ) -> EngineResult<Vec<Option<GroupHead>>> {
+        if conversations.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The title, the user's membership and the size; then the member
+        // sets of the small groups the user is in (two round trips, never
+        // the member set of a big group).
+        let k = &self.inner.keys;
+        let pipe = self.inner.pool.next().pipeline();
+        for c in conversations {
+            let _: () = pipe.hmget(k.conv(c, "meta"), vec!["group", "title"]).await.map_err(err)?;
+            let _: () = pipe.sismember(k.conv(c, "mem"), user).await.map_err(err)?;
+            let _: () = pipe.scard(k.conv(c, "mem")).await.map_err(err)?;
+        }
+        let replies: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
+        let mut out = Vec::with_capacity(conversations.len());
+        let mut listed = Vec::new();
+        for (i, r) in replies.chunks(3).enumerate() {
+            let meta: Vec<Option<String>> = r[0].clone().convert().map_err(err)?;
+            if meta.first().cloned().flatten().as_deref() != Some("1") {
+                out.push(None);
+                continue;
+            }
+            let member: bool = r[1].clone().convert().map_err(err)?;
+            let count: usize = r[2].clone().convert().map_err(err)?;
+            if member && count <= members_up_to {
+                listed.push(i);
+            }
+            out.push(Some(GroupHead {
+                title: meta.get(1).cloned().flatten().unwrap_or_default(),
+                member,
+                members: None,
+            }));
+        }
+        if !listed.is_empty() {
+            let pipe = self.inner.pool.next().pipeline();
+            for &i in &listed {
+                let _: () = pipe.smembers(k.conv(&conversations[i], "mem")).await.map_err(err)?;
+            }
+            let sets: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
+            for (&i, set) in listed.iter().zip(sets) {
+                let mut members: Vec<String> = set.convert().map_err(err)?;
+                members.sort();
+                if let Some(h) = out[i].as_mut() {
+                    h.members = Some(members);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn is_member(&self, conversation: &str, user: &str) -> EngineResult<bool> {
         self.inner.pool.next().sismember(self.inner.keys.conv(conversation, "mem"), user).await.map_err(err)
+    }
+
+    async fn are_members(&self, conversation: &str, users: &[&str]) -> EngineResult<Vec<bool>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = self.inner.keys.conv(conversation, "mem");
+        let client = self.inner.pool.next();
+        let mut out = Vec::with_capacity(users.len());
+        // Bounded commands: a receipt list of 100,000 users is asked in parts.
+        for part in users.chunks(1000) {
+            let part: Vec<&str> = part.to_vec();
+            let got: Vec<bool> = client.smismember(key.clone(), part).await.map_err(err)?;
+            out.extend(got);
+        }
+        Ok(out)
     }
 
     async fn put_group(&self, conversation: &str, title: &str, members: Vec<String>) -> EngineResult<MembershipChange> {
