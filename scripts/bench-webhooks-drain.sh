@@ -8,6 +8,8 @@
 # drain with no chat load and prints the drain rate and the CPU per event of
 # the server and of the nginx worker (from /proc/PID/stat). 127.0.0.1 only.
 set -euo pipefail
+# shellcheck source=scripts/lib/sink.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/sink.sh"
 bin=$(cd "${1:?usage: bench-webhooks-drain.sh BINDIR}" && pwd)
 work=$(mktemp -d)
 port=18800
@@ -15,26 +17,11 @@ sink_port=18391
 pid=
 cleanup() {
   if [[ -n $pid ]]; then kill "$pid" 2>/dev/null || true; fi
-  if [[ -f $work/nginx.pid ]]; then kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; fi
+  stop_sink "$work"
   if [[ -n ${KEEP:-} ]]; then echo "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log $work/access.log;
-  client_body_temp_path $work/body;
-  server {
-    listen 127.0.0.1:$sink_port;
-    keepalive_requests 1000000;
-    location /hook { return 204; }
-  }
-}
-NGINX
-nginx -c "$work/nginx.conf"
+start_sink "$work" "$sink_port"
 ulimit -n 20000
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 env CHAT_SERVER__LISTEN=127.0.0.1:$port CHAT_CHAT__DATA_DIR=memory CHAT_LOG__LEVEL=warn CHAT_SERVER__DRAIN_S=1 \

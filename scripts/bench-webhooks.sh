@@ -12,6 +12,8 @@
 # many events reached it and how fast (every message makes one message.created).
 # Prints one line per run; traffic stays on 127.0.0.1.
 set -euo pipefail
+# shellcheck source=scripts/lib/sink.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/sink.sh"
 bin=$(cd "${1:?usage: bench-webhooks.sh BINDIR}" && pwd)
 work=$(mktemp -d)
 sink_port=18391
@@ -21,27 +23,12 @@ jwt=crm-chat-local-development-secret-do-not-use
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  if [[ -f $work/nginx.pid ]]; then kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; fi
+  stop_sink "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log $work/access.log;
-  client_body_temp_path $work/body;
-  server {
-    listen 127.0.0.1:$sink_port;
-    keepalive_requests 1000000;
-    location /hook { return 204; }
-  }
-}
-NGINX
-nginx -c "$work/nginx.conf"
+start_sink "$work" "$sink_port"
 
 events_seen() { if [[ -f $work/access.log ]]; then wc -l <"$work/access.log"; else echo 0; fi; }
 

@@ -137,11 +137,7 @@ pub fn set_sync(conn: &Connection, fsync: Fsync) -> rusqlite::Result<()> {
 /// The syncer thread's connection, for checkpoints only: read-write, never
 /// creating the database; waits briefly for the writer's own checkpoints.
 pub fn open_checkpointer(dir: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        db_path(dir),
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_millis(200))?;
+    let conn = open_existing(dir, OpenFlags::SQLITE_OPEN_READ_WRITE, std::time::Duration::from_millis(200))?;
     // A checkpoint syncs the WAL before it copies and the database after,
     // as the writer's own did (`synchronous=NORMAL` and `FULL` alike).
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -150,11 +146,15 @@ pub fn open_checkpointer(dir: &Path) -> rusqlite::Result<Connection> {
 
 /// A read-only connection for history pages and counters.
 pub fn open_reader(dir: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        db_path(dir),
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    open_existing(dir, OpenFlags::SQLITE_OPEN_READ_ONLY, std::time::Duration::from_secs(5))
+}
+
+/// A further connection to the store the writer opened (`mode`: read-only
+/// or read-write, never create), waiting up to `busy` for a lock.
+fn open_existing(dir: &Path, mode: OpenFlags, busy: std::time::Duration) -> rusqlite::Result<Connection> {
+    let conn =
+        Connection::open_with_flags(db_path(dir), mode | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI)?;
+    conn.busy_timeout(busy)?;
     Ok(conn)
 }
 
