@@ -155,7 +155,8 @@ pub struct MemoryOutbox {
 
 #[derive(Default)]
 struct MemoryState {
-    ready: VecDeque<Envelope>,
+    /// Events not taken yet, in the order pushed, each under its key.
+    ready: VecDeque<(WaitKey, Envelope)>,
     /// Retries by due time: (due ms, key in `waiting`).
     retries: BinaryHeap<Reverse<(i64, WaitKey)>>,
     /// Events waiting for a retry, oldest (by creation) first, with their due time.
@@ -175,7 +176,9 @@ struct MemoryState {
     bytes: usize,
 }
 
-/// (created ms, a sequence number that keeps equal times apart).
+/// (created ms, the push order): given once, when the event is pushed, and
+/// kept through attempts and retries, so "oldest" breaks ties of equal
+/// milliseconds by push order (a burst of events shares a millisecond).
 type WaitKey = (i64, u64);
 
 impl MemoryState {
@@ -191,21 +194,20 @@ impl MemoryState {
         self.ready.len() + self.waiting.len() + self.in_flight.len()
     }
 
-    /// Hands `e` out: it stays counted, under a fresh key, until settled.
-    fn hand_out(&mut self, e: Envelope) -> Claimed {
-        let k = (e.created_ms, self.next);
-        self.next += 1;
+    /// Hands `e` out: it stays counted, under its key, until settled.
+    fn hand_out(&mut self, k: WaitKey, e: Envelope) -> Claimed {
         self.in_flight.insert(k, e.weight());
         Claimed { envelope: e, handle: format!("{}:{}", k.0, k.1) }
     }
 
-    /// Settles a handed-out event: its weight if it was still counted,
-    /// `None` when the bound dropped it meanwhile.
-    fn settle(&mut self, handle: &str) -> Option<usize> {
+    /// Settles a handed-out event: its key if it was still counted, `None`
+    /// when the bound dropped it meanwhile.
+    fn settle(&mut self, handle: &str) -> Option<WaitKey> {
         let (t, n) = handle.split_once(':')?;
-        let w = self.in_flight.remove(&(t.parse().ok()?, n.parse().ok()?))?;
+        let k = (t.parse().ok()?, n.parse().ok()?);
+        let w = self.in_flight.remove(&k)?;
         self.bytes = self.bytes.saturating_sub(w);
-        Some(w)
+        Some(k)
     }
 
     /// Drops the oldest events (by creation) until at most `max` events and
@@ -217,17 +219,15 @@ impl MemoryState {
             // The oldest of: the first ready event, the first waiting for a
             // retry (its entry in `retries` is skipped when it comes due),
             // the first being attempted (its settling finds it gone).
-            let ready = self.ready.front().map(|e| e.created_ms);
+            let ready = self.ready.front().map(|(k, _)| *k);
             let waiting = self.waiting.first_key_value().map(|(k, _)| *k);
             let in_flight = self.in_flight.first_key_value().map(|(k, _)| *k);
-            let oldest = [ready, waiting.map(|k| k.0), in_flight.map(|k| k.0)].into_iter().flatten().min();
+            let oldest = [ready, waiting, in_flight].into_iter().flatten().min();
             let gone = match oldest {
                 None => break,
-                Some(t) if ready == Some(t) => self.ready.pop_front().map(|e| e.weight()),
-                Some(t) if waiting.is_some_and(|k| k.0 == t) => {
-                    waiting.and_then(|k| self.waiting.remove(&k)).map(|(_, e)| e.weight())
-                }
-                Some(_) => in_flight.and_then(|k| self.in_flight.remove(&k)),
+                Some(k) if ready == Some(k) => self.ready.pop_front().map(|(_, e)| e.weight()),
+                Some(k) if waiting == Some(k) => self.waiting.remove(&k).map(|(_, e)| e.weight()),
+                Some(k) => self.in_flight.remove(&k),
             };
             self.bytes = self.bytes.saturating_sub(gone.unwrap_or(0));
             dropped += 1;
@@ -243,7 +243,9 @@ impl Outbox for MemoryOutbox {
         for e in events {
             let e = s.unless_erased(e);
             s.bytes += e.weight();
-            s.ready.push_back(e);
+            let k = (e.created_ms, s.next);
+            s.next += 1;
+            s.ready.push_back((k, e));
         }
         Ok(s.trim(max, max_bytes))
     }
@@ -260,12 +262,12 @@ impl Outbox for MemoryOutbox {
             let Some(Reverse((_, k))) = s.retries.pop() else { break };
             // Gone when it was trimmed meanwhile. Its weight moves to `in_flight`.
             if let Some((_, e)) = s.waiting.remove(&k) {
-                out.push(s.hand_out(e));
+                out.push(s.hand_out(k, e));
             }
         }
         while out.len() < max {
-            let Some(e) = s.ready.pop_front() else { break };
-            out.push(s.hand_out(e));
+            let Some((k, e)) = s.ready.pop_front() else { break };
+            out.push(s.hand_out(k, e));
         }
         Ok(out)
     }
@@ -278,11 +280,7 @@ impl Outbox for MemoryOutbox {
     async fn retry(&self, event: &Claimed, due_ms: i64) -> EngineResult<()> {
         let mut s = self.inner.lock();
         // Dropped past the bound while it was attempted: it stays dropped.
-        if s.settle(&event.handle).is_none() {
-            return Ok(());
-        }
-        let k = (event.envelope.created_ms, s.next);
-        s.next += 1;
+        let Some(k) = s.settle(&event.handle) else { return Ok(()) };
         // An erasure while it was being attempted: only the erased form waits.
         let e = s.unless_erased(&event.envelope);
         s.bytes += e.weight();
@@ -346,7 +344,7 @@ impl Outbox for MemoryOutbox {
         *e = (e.0.max(upto_ms), now.saturating_add(keep_ms));
         let mut n = 0;
         let state = &mut *s;
-        for e in state.ready.iter_mut().chain(state.waiting.values_mut().map(|(_, e)| e)) {
+        for e in state.ready.iter_mut().map(|(_, e)| e).chain(state.waiting.values_mut().map(|(_, e)| e)) {
             if e.erased_by(sender, upto_ms) {
                 let erased = e.erased();
                 state.bytes = state.bytes.saturating_sub(e.weight()) + erased.weight();

@@ -158,3 +158,24 @@ async fn the_unread_schedule_keeps_the_earliest_time_per_conversation() {
     assert_eq!(o.due_unread(160, 10).await.unwrap(), ["d", "c"]);
     assert!(o.due_unread(1000, 10).await.unwrap().is_empty(), "each is handed out once");
 }
+
+#[tokio::test]
+async fn equal_milliseconds_are_ordered_by_push() {
+    // The webhooks suite saw 15 survive and 16 go: both made in the same
+    // millisecond, 15 waiting for a retry, 16 ready; the bound dropped the
+    // ready one first.
+    for attempted in [false, true] {
+        let o = MemoryOutbox::default();
+        o.push(&[env("a", 7), env("b", 7)], 2, usize::MAX).await.unwrap();
+        let a = o.take(1, 0).await.unwrap().remove(0);
+        if attempted {
+            o.retry(&a, i64::MAX).await.unwrap();
+        }
+        assert_eq!(o.push(&[env("c", 7)], 2, usize::MAX).await.unwrap(), 1);
+        if !attempted {
+            o.retry(&a, 0).await.unwrap();
+        }
+        let ids: Vec<String> = o.take(10, 0).await.unwrap().into_iter().map(|c| c.envelope.id).collect();
+        assert_eq!(ids, ["b", "c"], "a, pushed first, is the oldest (retried: {attempted})");
+    }
+}
