@@ -47,7 +47,10 @@ mod delivery;
 mod outbox;
 mod sign;
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicI64, AtomicU64, Ordering},
+};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -63,8 +66,32 @@ use crate::{config::WebhooksConfig, metrics, protocol};
 
 /// Events waiting in one node's hand-off queue at most.
 pub const QUEUE: usize = 16_384;
-/// The least time between two "outbox full" warnings.
-const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// The least time between two warnings of the same kind of drop.
+const WARN_EVERY_MS: i64 = 10_000;
+
+/// A warning that comes at most every [`WARN_EVERY_MS`], with the number of
+/// drops since the last one (a flood logged a line per push or per event:
+/// 85,000 lines in 10 s). The metric counts every drop.
+struct Throttled {
+    last_ms: AtomicI64,
+    unreported: AtomicU64,
+}
+
+impl Throttled {
+    fn new() -> Self {
+        Throttled { last_ms: AtomicI64::new(i64::MIN / 2), unreported: AtomicU64::new(0) }
+    }
+
+    /// Counts `n` drops; the number to report when a line is due now.
+    fn drops(&self, n: u64) -> Option<u64> {
+        self.unreported.fetch_add(n, Ordering::Relaxed);
+        let now = protocol::now_ms();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= WARN_EVERY_MS
+            && self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+        due.then(|| self.unreported.swap(0, Ordering::Relaxed))
+    }
+}
 
 /// The event types (PROTOCOL v1.1, *Webhooks*).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,8 +162,9 @@ pub struct Webhooks {
     key: Vec<u8>,
     url: reqwest::Url,
     client: reqwest::Client,
-    /// When the last "hand-off queue full" line was logged (ms).
-    queue_full_warned_ms: std::sync::atomic::AtomicI64,
+    /// Warnings of events dropped by a full hand-off queue, by a full outbox.
+    queue_full: Throttled,
+    outbox_full: Throttled,
 }
 
 #[derive(Serialize)]
@@ -195,7 +223,8 @@ impl Webhooks {
             key,
             url,
             client,
-            queue_full_warned_ms: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
+            queue_full: Throttled::new(),
+            outbox_full: Throttled::new(),
         })))
     }
 
@@ -243,22 +272,11 @@ impl Webhooks {
             metrics::webhook_queued(ty.as_str());
         } else {
             metrics::webhook_dropped("queue_full", 1);
-            // At most one line per WARN_EVERY (the metric counts them all).
-            let last = self.queue_full_warned_ms.load(std::sync::atomic::Ordering::Relaxed);
-            if now.saturating_sub(last) >= WARN_EVERY.as_millis() as i64
-                && self
-                    .queue_full_warned_ms
-                    .compare_exchange(
-                        last,
-                        now,
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                    )
-                    .is_ok()
-            {
+            if let Some(dropped) = self.queue_full.drops(1) {
                 tracing::warn!(
+                    dropped,
                     event = ty.as_str(),
-                    "webhook hand-off queue full: events dropped (chat_webhooks_dropped_total{{reason=\"queue_full\"}}; this line comes at most every 10 s)"
+                    "webhook hand-off queue full: events dropped (this line comes at most every 10 s)"
                 );
             }
         }
@@ -299,11 +317,6 @@ impl Webhooks {
     /// unreachable the batch waits and the hand-off queue fills (then drops).
     async fn emit_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Queued>) {
         let mut buf = Vec::with_capacity(256);
-        // The outbox-full warning, at most once per WARN_EVERY with the
-        // number dropped since (each push could drop: 85,000 lines in 10 s
-        // of a flood, before).
-        let mut warned: Option<std::time::Instant> = None;
-        let mut unreported = 0u64;
         while rx.recv_many(&mut buf, 256).await > 0 {
             let mut events = Vec::new();
             let mut unread: Vec<(String, i64)> = Vec::new();
@@ -325,16 +338,13 @@ impl Webhooks {
                     Ok(dropped) => {
                         if dropped > 0 {
                             metrics::webhook_dropped("outbox_full", dropped);
-                            unreported += dropped;
-                            if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-                                warned = Some(std::time::Instant::now());
+                            if let Some(dropped) = self.outbox_full.drops(dropped) {
                                 tracing::warn!(
-                                    dropped = unreported,
+                                    dropped,
                                     outbox_max = self.cfg.outbox_max,
                                     outbox_max_bytes = self.cfg.outbox_max_bytes,
                                     "webhook outbox full: oldest events dropped (this line comes at most every 10 s)"
                                 );
-                                unreported = 0;
                             }
                         }
                         break;
@@ -353,5 +363,22 @@ impl Webhooks {
             }
             self.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_warning_comes_once_per_period_with_the_drops_since() {
+        let t = Throttled::new();
+        assert_eq!(t.drops(3), Some(3), "the first drop is reported at once");
+        assert_eq!(t.drops(2), None);
+        assert_eq!(t.drops(5), None);
+        // The period is over: the next line carries the 7 dropped meanwhile plus its own.
+        t.last_ms.store(protocol::now_ms() - WARN_EVERY_MS, Ordering::Relaxed);
+        assert_eq!(t.drops(1), Some(8));
+        assert_eq!(t.drops(1), None);
     }
 }
