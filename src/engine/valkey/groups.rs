@@ -13,6 +13,22 @@ use crate::{
     protocol::ConversationObject,
 };
 
+/// A pipelined reply, taken out of the list without copying it.
+fn take(v: &mut fred::types::Value) -> fred::types::Value {
+    std::mem::replace(v, fred::types::Value::Null)
+}
+
+/// The title of a group from `HMGET meta group title`, `None` when the
+/// conversation is not a group.
+fn group_title(meta: fred::types::Value) -> EngineResult<Option<String>> {
+    let meta: Vec<Option<String>> = meta.convert().map_err(err)?;
+    let mut meta = meta.into_iter();
+    Ok(match (meta.next().flatten().as_deref(), meta.next()) {
+        (Some("1"), title) => Some(title.flatten().unwrap_or_default()),
+        _ => None,
+    })
+}
+
 #[async_trait]
 impl Groups for ValkeyEngine {
     async fn group(&self, conversation: &str) -> EngineResult<Option<Arc<Group>>> {
@@ -32,16 +48,13 @@ impl Groups for ValkeyEngine {
         let mut replies: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
         let mut out = Vec::with_capacity(conversations.len());
         for pair in replies.chunks_mut(2) {
-            let meta: Vec<Option<String>> =
-                std::mem::replace(&mut pair[0], fred::types::Value::Null).convert().map_err(err)?;
-            if meta.first().cloned().flatten().as_deref() != Some("1") {
+            let Some(title) = group_title(take(&mut pair[0]))? else {
                 out.push(None);
                 continue;
-            }
-            let mut members: Vec<String> =
-                std::mem::replace(&mut pair[1], fred::types::Value::Null).convert().map_err(err)?;
+            };
+            let mut members: Vec<String> = take(&mut pair[1]).convert().map_err(err)?;
             members.sort();
-            out.push(Some(Arc::new(Group { title: meta.get(1).cloned().flatten().unwrap_or_default(), members })));
+            out.push(Some(Arc::new(Group { title, members })));
         }
         Ok(out)
     }
@@ -65,25 +78,20 @@ impl Groups for ValkeyEngine {
             let _: () = pipe.sismember(k.conv(c, "mem"), user).await.map_err(err)?;
             let _: () = pipe.scard(k.conv(c, "mem")).await.map_err(err)?;
         }
-        let replies: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
+        let mut replies: Vec<fred::types::Value> = pipe.all().await.map_err(err)?;
         let mut out = Vec::with_capacity(conversations.len());
         let mut listed = Vec::new();
-        for (i, r) in replies.chunks(3).enumerate() {
-            let meta: Vec<Option<String>> = r[0].clone().convert().map_err(err)?;
-            if meta.first().cloned().flatten().as_deref() != Some("1") {
+        for (i, r) in replies.chunks_mut(3).enumerate() {
+            let Some(title) = group_title(take(&mut r[0]))? else {
                 out.push(None);
                 continue;
-            }
-            let member: bool = r[1].clone().convert().map_err(err)?;
-            let count: usize = r[2].clone().convert().map_err(err)?;
+            };
+            let member: bool = take(&mut r[1]).convert().map_err(err)?;
+            let count: usize = take(&mut r[2]).convert().map_err(err)?;
             if member && count <= members_up_to {
                 listed.push(i);
             }
-            out.push(Some(GroupHead {
-                title: meta.get(1).cloned().flatten().unwrap_or_default(),
-                member,
-                members: None,
-            }));
+            out.push(Some(GroupHead { title, member, members: None }));
         }
         if !listed.is_empty() {
             let pipe = self.inner.pool.next().pipeline();
