@@ -78,6 +78,11 @@ impl ChatError {
             retry_after_ms: Some(retry_after_ms.max(1)),
         }
     }
+
+    /// Over `limits.send_bytes_per_s`: `rate_limited`, saying which budget.
+    pub fn bytes_limited(retry_after_ms: u64) -> Self {
+        Self::rate_limited(retry_after_ms).with_message("too many bytes sent (limits.send_bytes_per_s)")
+    }
 }
 
 /// A storage or fan-out failure inside an engine.
@@ -98,6 +103,10 @@ pub enum EngineError {
     /// The sender's cluster-wide send bucket is empty; retry after this many ms.
     #[error("rate limited")]
     RateLimited(u64),
+    /// The sender's cluster-wide send byte bucket is short of the body;
+    /// retry after this many ms.
+    #[error("byte budget exceeded")]
+    BytesLimited(u64),
 }
 
 impl EngineError {
@@ -125,6 +134,7 @@ impl From<EngineError> for ChatError {
                 )
             }
             EngineError::RateLimited(ms) => ChatError::rate_limited(ms),
+            EngineError::BytesLimited(ms) => ChatError::bytes_limited(ms),
             EngineError::Internal(detail) => {
                 tracing::error!(error = %detail, "storage internal error");
                 crate::metrics::storage_error();

@@ -66,6 +66,7 @@ abuse_suite!(
     typing_is_throttled_per_user_and_conversation,
     typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate,
     the_send_byte_budget_bounds_a_flood_of_the_largest_bodies,
+    the_send_byte_budget_bounds_a_flood_of_the_largest_edits,
     membership_change_racing_the_connect_is_honoured,
 );
 
@@ -1633,19 +1634,39 @@ async fn typing_in_a_60_member_room_is_batched_and_a_small_room_stays_immediate(
 /// budget is cluster-wide on Valkey); refusals are `rate_limited` with
 /// `retry_after_ms`. Short messages of another user are untouched.
 async fn the_send_byte_budget_bounds_a_flood_of_the_largest_bodies(engine: Engine) {
+    byte_budget_flood(engine, false).await
+}
+
+/// The same with edits (v1.2: an edit's body draws from the byte budget):
+/// one short message, then edits of it with the largest body, from a
+/// connection on each node.
+async fn the_send_byte_budget_bounds_a_flood_of_the_largest_edits(engine: Engine) {
+    byte_budget_flood(engine, true).await
+}
+
+async fn byte_budget_flood(engine: Engine, edits: bool) {
     let env = [("CHAT_LIMITS__SEND_BYTES_PER_S", "8192"), ("CHAT_LIMITS__SEND_BYTES_BURST", "32768")];
     let s = setup(engine, &env).await;
     let room = unique("bytes");
     s.s(0).put_group(&room, &["flooder", "chatter"]).await;
-    let body: String = "\u{1}".repeat(4000);
+    // Two bodies of the same size, alternating: an edit that repeats the
+    // current body changes nothing and is not stored.
+    let bodies: [String; 2] = ["\u{1}".repeat(4000), "\u{2}".repeat(4000)];
     const STORED: usize = 4000 * 6 + 2;
-    let start = Instant::now();
-    let mut acked = 0usize;
-    let mut limited = 0usize;
     let mut conns = Vec::new();
     for i in 0..2 {
         conns.push(s.s(i).client("flooder").await);
     }
+    let target = if edits {
+        let ack = conns[0].say(&room, "to be edited").await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        ack["seq"].as_u64()
+    } else {
+        None
+    };
+    let start = Instant::now();
+    let mut acked = 0usize;
+    let mut limited = 0usize;
     // Each connection sends as fast as the server lets it: at once after an
     // ack, after `retry_after_ms` after a refusal (as a client must, or
     // strikes close it with 4008).
@@ -1657,8 +1678,14 @@ async fn the_send_byte_budget_bounds_a_flood_of_the_largest_bodies(engine: Engin
                 continue;
             }
             n += 1;
-            let r =
-                c.request(json!({"type":"send","conversation":room,"client_msg_id":format!("f{n}"),"body":body})).await;
+            let body = &bodies[n % 2];
+            let r = match target {
+                Some(seq) => c.request(json!({"type":"edit","conversation":room,"seq":seq,"body":body})).await,
+                None => {
+                    c.request(json!({"type":"send","conversation":room,"client_msg_id":format!("f{n}"),"body":body}))
+                        .await
+                }
+            };
             if r["type"] == "ack" {
                 acked += 1;
                 continue;
@@ -1674,7 +1701,10 @@ async fn the_send_byte_budget_bounds_a_flood_of_the_largest_bodies(engine: Engin
     }
     let secs = start.elapsed().as_secs_f64();
     let allowed = 32_768.0 + 8_192.0 * secs;
-    eprintln!("bytes: {acked} bodies acked ({} bytes), {limited} refused, in {secs:.1} s", acked * STORED);
+    eprintln!(
+        "bytes (edits: {edits}): {acked} bodies acked ({} bytes), {limited} refused, in {secs:.1} s",
+        acked * STORED
+    );
     assert!(acked >= 1, "the first body fits the burst");
     assert!(
         (acked * STORED) as f64 <= allowed + STORED as f64,

@@ -439,14 +439,6 @@ pub trait Broker: Send + Sync + 'static {
     async fn typing_gate(&self, _user: &str, _conversation: &str, _every: std::time::Duration) -> EngineResult<bool> {
         Ok(true)
     }
-
-    /// Takes `bytes` from `user`'s send byte budget across the cluster (a
-    /// token bucket of `burst` bytes refilled at `per_s`): `None` when taken,
-    /// else the milliseconds until it would be. The node checks its own
-    /// bucket first; an engine with one node has nothing to add.
-    async fn send_bytes_gate(&self, _user: &str, _bytes: u64, _per_s: f64, _burst: u64) -> EngineResult<Option<u64>> {
-        Ok(None)
-    }
 }
 
 /// Who is online: open connections per user, counted per node.

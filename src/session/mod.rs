@@ -342,7 +342,7 @@ impl Session<'_> {
     async fn send_budget(&mut self, body: Option<&str>) -> Result<(), ChatError> {
         let limited = match self.node.check_send_rate(&self.conn.user) {
             Ok(()) => match body {
-                Some(b) => self.node.check_send_bytes(&self.conn.user, b).await.err(),
+                Some(b) => self.node.check_send_bytes(&self.conn.user, b).err(),
                 None => None,
             },
             Err(e) => Some(e),

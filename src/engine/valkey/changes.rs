@@ -181,12 +181,19 @@ impl ValkeyEngine {
             if in_script { i.publish_cmd() } else { "n" }.to_string(),
             payload_head.clone(),
         ];
+        // An edit's body from the byte bucket, in the same step.
+        let bytes = match &u.change {
+            Change::Edit(body) if !u.moderation => protocol::json_len(body),
+            _ => 0,
+        };
+        args.extend(i.byte_budget(bytes));
         args.extend(route.iter().map(|t| k.channel(t)));
         let keys = self.write_keys(conv, &u.user.id);
         let r: Vec<i64> = i.scripts.update.run(&i.pool, keys, args).await?.convert().map_err(err)?;
         let seq = match r.as_slice() {
             [-1] => return refused(Refusal::NotMember),
             [-2, wait] => return Err(EngineError::RateLimited((*wait).max(1) as u64)),
+            [-5, wait] => return Err(EngineError::BytesLimited((*wait).max(1) as u64)),
             [-3] => return Ok(None),
             [-4] => return refused(Refusal::NoTarget),
             [seq] if *seq > 0 => *seq as u64,

@@ -368,6 +368,14 @@ impl Inner {
         });
     }
 
+    /// The append and update scripts' byte-bucket arguments: a body of
+    /// `bytes` (0: nothing to take, e.g. the service API), bytes per second
+    /// (0: no bucket), burst.
+    pub(super) fn byte_budget(&self, bytes: usize) -> [String; 3] {
+        let per_s = if bytes == 0 { 0 } else { self.send_bytes_per_s };
+        [bytes.to_string(), per_s.to_string(), self.send_bytes_burst.to_string()]
+    }
+
     pub(super) fn publish_cmd(&self) -> &'static str {
         if self.cluster { "s" } else { "p" }
     }
@@ -427,14 +435,6 @@ impl Broker for ValkeyEngine {
             .await
             .map_err(err)?;
         Ok(set.is_some())
-    }
-
-    async fn send_bytes_gate(&self, user: &str, bytes: u64, per_s: f64, burst: u64) -> EngineResult<Option<u64>> {
-        let key = format!("{}:{{u:{user}}}:rate:b", self.inner.keys.prefix);
-        let args = vec![bytes.to_string(), per_s.to_string(), burst.to_string()];
-        let wait: u64 =
-            self.inner.scripts.bytes.run(&self.inner.pool, vec![key], args).await?.convert().map_err(err)?;
-        Ok((wait > 0).then_some(wait))
     }
 
     async fn subscribe(&self, topics: &[Topic]) -> EngineResult<()> {

@@ -133,6 +133,9 @@ struct Inner {
     /// Cluster-wide per-user send quota (checked in the append script).
     send_per_s: f64,
     send_burst: u32,
+    /// Cluster-wide per-user send byte budget (the same scripts).
+    send_bytes_per_s: u64,
+    send_bytes_burst: u64,
     scripts: scripts::Scripts,
     /// Channels the subscriber is subscribed to (guarded for ordered changes).
     active: tokio::sync::Mutex<HashSet<String>>,
@@ -272,6 +275,8 @@ impl ValkeyEngine {
             retention_walk_ms: AtomicI64::new(0),
             send_per_s: cfg.limits.send_per_s,
             send_burst: cfg.limits.send_burst,
+            send_bytes_per_s: cfg.limits.send_bytes_per_s,
+            send_bytes_burst: cfg.limits.send_bytes_burst,
             scripts: scripts::Scripts::new(),
             active: tokio::sync::Mutex::default(),
             delivered: Mutex::default(),

@@ -40,13 +40,19 @@ pub struct Scripts {
     pub update: Lua,
     pub page: Lua,
     pub retain: Lua,
-    pub bytes: Lua,
 }
 
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            append: Lua::new("append", concat!(include_str!("lua/retention.lua"), include_str!("lua/append.lua"))),
+            append: Lua::new(
+                "append",
+                concat!(
+                    include_str!("lua/retention.lua"),
+                    include_str!("lua/bucket.lua"),
+                    include_str!("lua/append.lua")
+                ),
+            ),
             receipt: Lua::new("receipt", include_str!("lua/receipt.lua")),
             group: Lua::new("group", include_str!("lua/group.lua")),
             presence: Lua::new("presence", include_str!("lua/presence.lua")),
@@ -56,11 +62,17 @@ impl Scripts {
             erase: Lua::new("erase", include_str!("lua/erase.lua")),
             delete: Lua::new("delete", include_str!("lua/delete.lua")),
             regress: Lua::new("regress", include_str!("lua/regress.lua")),
-            connect: Lua::new("connect", include_str!("lua/connect.lua")),
-            update: Lua::new("update", concat!(include_str!("lua/retention.lua"), include_str!("lua/update.lua"))),
+            connect: Lua::new("connect", concat!(include_str!("lua/bucket.lua"), include_str!("lua/connect.lua"))),
+            update: Lua::new(
+                "update",
+                concat!(
+                    include_str!("lua/retention.lua"),
+                    include_str!("lua/bucket.lua"),
+                    include_str!("lua/update.lua")
+                ),
+            ),
             page: Lua::new("page", include_str!("lua/page.lua")),
             retain: Lua::new("retain", concat!(include_str!("lua/retention.lua"), include_str!("lua/retain.lua"))),
-            bytes: Lua::new("bytes", include_str!("lua/bytes.lua")),
         }
     }
 }

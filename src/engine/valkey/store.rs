@@ -56,6 +56,9 @@ impl MessageStore for ValkeyEngine {
             if msg.send_budget { i.send_per_s.to_string() } else { "0".to_string() },
             i.send_burst.to_string(),
         ];
+        // The body's bytes from the byte bucket, in the same step.
+        let bytes = if msg.send_budget { protocol::json_len(&msg.body) } else { 0 };
+        args.extend(i.byte_budget(bytes));
         args.extend(route.iter().map(|t| k.channel(t)));
         if let Some(pair) = &msg.participants {
             // Indexed before the write: a crash in between leaves an empty
@@ -70,6 +73,7 @@ impl MessageStore for ValkeyEngine {
         let (seq, ts_ms, dup, epoch) = match r.as_slice() {
             [code] if int(code)? == -1 => return Ok(None),
             [code, wait] if int(code)? == -2 => return Err(EngineError::RateLimited(int(wait)?.max(1) as u64)),
+            [code, wait] if int(code)? == -5 => return Err(EngineError::BytesLimited(int(wait)?.max(1) as u64)),
             [seq, ts, dup, epoch] => (
                 int(seq)? as u64,
                 int(ts)?,
@@ -233,10 +237,12 @@ impl ValkeyEngine {
             self.bucket(conv, user),
             k.conv(conv, "mseq"),
             k.conv(conv, "st"),
+            format!("{}:b", self.bucket(conv, user)),
         ]
     }
 
-    /// The user's send bucket (messages and changes draw from it): the
+    /// The user's send bucket (messages and changes draw from it; its byte
+    /// bucket is the same key with `:b`): the
     /// user's own slot where keys may span slots; on Cluster the script's
     /// keys share the conversation's slot, so the bucket is per user and
     /// conversation there (the node-local limiter still bounds a user across

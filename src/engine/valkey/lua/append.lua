@@ -9,6 +9,7 @@
 -- KEYS[5] the sender's send bucket (hash: tk = tokens, ts = ms of the last take)
 -- KEYS[6] message-seq index (sorted set: history pages and unread counts skip
 --         updates, v1.2)   KEYS[7] current-state hash (seq -> state of a changed message)
+-- KEYS[8] the sender's send byte bucket (limits.send_bytes_per_s)
 -- ARGV[1] idempotency key        ARGV[2] ts (ms)          ARGV[3] sender id
 -- ARGV[4] frame head (`..."seq":`) ARGV[5] frame tail (`,"ts":...}`)
 -- ARGV[6] max messages kept      ARGV[7] min ts kept (ms, 0 = no age limit)
@@ -20,10 +21,15 @@
 --          or its history was lost: seqs start again, under a new epoch)
 -- ARGV[13] sends per second per user, ARGV[14] burst (token bucket, across
 --          every node; Valkey's clock); rate "0": no bucket (the service API)
--- ARGV[15..] channels
+-- ARGV[15] the body's bytes (as stored), ARGV[16] bytes per second, ARGV[17]
+--          byte burst (the byte bucket, in the same step: one round trip);
+--          rate "0": no byte bucket
+-- ARGV[18..] channels
 -- Returns {seq, ts, duplicate(0|1), epoch}, {-1} when the sender is not a
--- member, {-2, retry_after_ms} when the sender's bucket is empty. Nothing is
--- written before these checks pass, so a refused write (OOM) stores nothing.
+-- member, {-2, retry_after_ms} when the sender's bucket is empty, {-5,
+-- retry_after_ms} when their byte bucket is short. Nothing is written before
+-- these checks pass, so a refused write (OOM) stores nothing; a repeat (same
+-- idempotency key) costs no token.
 
 if ARGV[8] == '1' and redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 0 then
   return {-1}
@@ -37,17 +43,21 @@ if known then
   return {tonumber(known), ts, 1, redis.call('HGET', KEYS[1], 'epoch') or ''}
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local rate, burst = tonumber(ARGV[13]), tonumber(ARGV[14])
 local tokens = 0
 if rate > 0 then
-  local bucket = redis.call('HMGET', KEYS[5], 'tk', 'ts')
-  tokens = tonumber(bucket[1]) or burst
-  local last_take = tonumber(bucket[2]) or now
-  tokens = math.min(burst, tokens + math.max(0, now - last_take) * rate / 1000)
+  tokens = bucket_level(KEYS[5], rate, burst, now)
   if tokens < 1 then
-    return {-2, math.ceil((1 - tokens) * 1000 / rate)}
+    return {-2, bucket_wait(tokens, 1, rate)}
+  end
+end
+local need, brate, bburst = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+local btokens = 0
+if brate > 0 then
+  btokens = bucket_level(KEYS[8], brate, bburst, now)
+  if btokens < need then
+    return {-5, bucket_wait(btokens, need, brate)}
   end
 end
 
@@ -59,8 +69,10 @@ if not epoch then
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
 if rate > 0 then
-  redis.call('HSET', KEYS[5], 'tk', tostring(tokens - 1), 'ts', now)
-  redis.call('PEXPIRE', KEYS[5], math.ceil(burst * 1000 / rate) + 1000)
+  bucket_take(KEYS[5], tokens, 1, rate, burst, now)
+end
+if brate > 0 then
+  bucket_take(KEYS[8], btokens, need, brate, bburst, now)
 end
 local frame = ARGV[4] .. seq .. ARGV[5]
 redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame, 't', ARGV[2], 'u', ARGV[3], 'k', ARGV[1])
@@ -74,7 +86,7 @@ if ARGV[10] ~= 'n' then
   local payload = ARGV[11] .. seq .. ':' .. epoch .. '\n' .. frame
   local cmd = 'PUBLISH'
   if ARGV[10] == 's' then cmd = 'SPUBLISH' end
-  for i = 15, #ARGV do
+  for i = 18, #ARGV do
     redis.call(cmd, ARGV[i], payload)
   end
 end

@@ -8,6 +8,7 @@
 -- KEYS[1] meta hash   KEYS[2] message stream   KEYS[3] idempotency hash
 -- KEYS[4] members set   KEYS[5] the user's send bucket
 -- KEYS[6] message-seq index   KEYS[7] current-state hash
+-- KEYS[8] the user's send byte bucket (limits.send_bytes_per_s)
 -- ARGV[1] target seq   ARGV[2] the target's state as read ("" = none)
 -- ARGV[3] the epoch read   ARGV[4] "1": user must be in KEYS[4]
 -- ARGV[5] user id   ARGV[6] ts (ms)   ARGV[7] kind (e, d, r)
@@ -18,9 +19,12 @@
 -- ARGV[14] max entries kept   ARGV[15] min ts kept (0 = no age limit)
 -- ARGV[16] own-seqs key prefix   ARGV[17] sends per second (0: no bucket)   ARGV[18] burst
 -- ARGV[19] pub/sub: "p", "s" or "n"   ARGV[20] payload head
--- ARGV[21..] channels
+-- ARGV[21] an edit's body bytes (as stored)   ARGV[22] bytes per second
+--          (0: no byte bucket)   ARGV[23] byte burst
+-- ARGV[24..] channels
 -- Returns {seq}, {-1} not a member, {-2, retry_after_ms} bucket empty,
--- {-3} the state or the epoch changed meanwhile, {-4} no such message.
+-- {-3} the state or the epoch changed meanwhile, {-4} no such message,
+-- {-5, retry_after_ms} the byte bucket is short.
 
 if ARGV[4] == '1' and redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then
   return {-1}
@@ -36,20 +40,29 @@ if (redis.call('HGET', KEYS[7], ARGV[1]) or '') ~= ARGV[2] then
   return {-3}
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local rate, burst = tonumber(ARGV[17]), tonumber(ARGV[18])
 -- rate 0: no bucket (the service API's moderation, as for its posts).
+local tokens = 0
 if rate > 0 then
-  local bucket = redis.call('HMGET', KEYS[5], 'tk', 'ts')
-  local tokens = tonumber(bucket[1]) or burst
-  local last_take = tonumber(bucket[2]) or now
-  tokens = math.min(burst, tokens + math.max(0, now - last_take) * rate / 1000)
+  tokens = bucket_level(KEYS[5], rate, burst, now)
   if tokens < 1 then
-    return {-2, math.ceil((1 - tokens) * 1000 / rate)}
+    return {-2, bucket_wait(tokens, 1, rate)}
   end
-  redis.call('HSET', KEYS[5], 'tk', tostring(tokens - 1), 'ts', now)
-  redis.call('PEXPIRE', KEYS[5], math.ceil(burst * 1000 / rate) + 1000)
+end
+local need, brate, bburst = tonumber(ARGV[21]), tonumber(ARGV[22]), tonumber(ARGV[23])
+local btokens = 0
+if brate > 0 then
+  btokens = bucket_level(KEYS[8], brate, bburst, now)
+  if btokens < need then
+    return {-5, bucket_wait(btokens, need, brate)}
+  end
+end
+if rate > 0 then
+  bucket_take(KEYS[5], tokens, 1, rate, burst, now)
+end
+if brate > 0 then
+  bucket_take(KEYS[8], btokens, need, brate, bburst, now)
 end
 
 local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
@@ -67,7 +80,7 @@ if ARGV[19] ~= 'n' then
   local payload = ARGV[20] .. seq .. ':' .. ARGV[3] .. '\n' .. frame
   local cmd = 'PUBLISH'
   if ARGV[19] == 's' then cmd = 'SPUBLISH' end
-  for i = 21, #ARGV do
+  for i = 24, #ARGV do
     redis.call(cmd, ARGV[i], payload)
   end
 end
