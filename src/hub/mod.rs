@@ -18,13 +18,12 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicU16, AtomicU32, Ordering},
     },
 };
 
 use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -36,9 +35,11 @@ use crate::{
 };
 
 mod batch;
+mod queue;
 pub mod streams;
 
 use batch::Batch;
+use queue::{Full, Queue};
 
 /// Where an event is published.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -143,11 +144,9 @@ impl Closer {
 pub struct Conn {
     pub id: u64,
     pub user: Arc<str>,
-    tx: mpsc::Sender<Outgoing>,
-    /// Bytes queued and not yet taken by the writer.
-    queued_bytes: AtomicUsize,
-    /// The byte budget of the queue (`limits.outbound_bytes`).
-    max_bytes: usize,
+    /// Frames waiting for the writer (`limits.outbound_queue` frames and
+    /// `limits.outbound_bytes` bytes at most).
+    queue: Queue,
     pub closer: Closer,
     /// Conversation topics this connection is subscribed to.
     subs: Mutex<HashSet<Arc<str>>>,
@@ -159,18 +158,16 @@ pub struct Conn {
 impl Conn {
     /// A connection whose outbound queue holds at most `queue` frames and
     /// `max_bytes` bytes.
-    pub fn new(id: u64, user: Arc<str>, queue: usize, max_bytes: usize) -> (Arc<Conn>, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(queue);
+    pub fn new(id: u64, user: Arc<str>, queue: usize, max_bytes: usize) -> (Arc<Conn>, Receiver) {
         let conn = Arc::new(Conn {
             id,
             user,
-            tx,
-            queued_bytes: AtomicUsize::new(0),
-            max_bytes,
+            queue: Queue::new(queue, max_bytes),
             closer: Closer::default(),
             subs: Mutex::default(),
             joins: AtomicU32::new(0),
         });
+        let rx = Receiver(conn.clone());
         (conn, rx)
     }
 
@@ -178,21 +175,14 @@ impl Conn {
     /// closes the connection with 1013 (slow consumer). Returns whether the
     /// frame was queued.
     pub fn push(&self, frame: impl Into<Outgoing>) -> bool {
-        let frame = frame.into();
-        let len = frame.len();
-        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if before + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.slow_consumer("outbound bytes over limits.outbound_bytes");
-            return false;
-        }
-        match self.tx.try_send(frame) {
+        match self.queue.push(frame.into()) {
             Ok(()) => true,
-            Err(e) => {
-                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                if let mpsc::error::TrySendError::Full(_) = e {
-                    self.slow_consumer("outbound queue full");
-                }
+            Err(Full::Bytes) => {
+                self.slow_consumer("outbound bytes over limits.outbound_bytes");
+                false
+            }
+            Err(Full::Frames) => {
+                self.slow_consumer("outbound queue full");
                 false
             }
         }
@@ -204,16 +194,40 @@ impl Conn {
         self.joins.load(Ordering::Acquire)
     }
 
-    /// The writer took a frame of `len` bytes off the queue.
-    pub fn taken(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-    }
-
     fn slow_consumer(&self, why: &'static str) {
         if self.closer.close(close::TRY_LATER) {
             metrics::slow_consumer_close();
             tracing::warn!(conn = self.id, user = %self.user, why, "slow consumer: closing 1013");
         }
+    }
+}
+
+/// The taking end of a connection's outbound queue: its writer's, one per
+/// connection.
+#[derive(Debug)]
+pub struct Receiver(Arc<Conn>);
+
+impl Receiver {
+    /// The next frame, waiting for one (cancel-safe).
+    pub async fn recv(&self) -> Outgoing {
+        self.0.queue.recv().await
+    }
+    pub fn try_recv(&self) -> Option<Outgoing> {
+        self.0.queue.try_recv()
+    }
+    /// See [`Queue::drain`].
+    pub fn drain(&self, room: impl FnMut(&Outgoing) -> bool, put: impl FnMut(Outgoing)) {
+        self.0.queue.drain(room, put)
+    }
+    pub fn len(&self) -> usize {
+        self.0.queue.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Payload bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.0.queue.bytes()
     }
 }
 

@@ -256,7 +256,7 @@ mod tests {
 
     /// A node with group `race` (bob only) and alice's connection subscribed
     /// to it, as a candidate read from the per-user index would be.
-    async fn setup() -> (Arc<Node>, Arc<Conn>, tokio::sync::mpsc::Receiver<crate::protocol::Outgoing>) {
+    async fn setup() -> (Arc<Node>, Arc<Conn>, crate::hub::Receiver) {
         let hub = Hub::new();
         let node = Node::new(Arc::new(Config::default()), Arc::new(MemoryEngine::new(hub.clone(), 100)), hub);
         node.put_group("race", "Race", vec!["bob".into()]).await.unwrap();

@@ -46,7 +46,7 @@ pub(super) fn close_message(code: u16) -> Message {
 pub async fn finish<W: Wire>(
     wire: &mut W,
     end: End,
-    queued: Option<(&mut Writer, &Conn, &mut mpsc::Receiver<Outgoing>)>,
+    queued: Option<(&mut Writer, &Receiver)>,
     write_timeout: Duration,
 ) {
     match end {
@@ -67,7 +67,7 @@ pub async fn finish<W: Wire>(
             // Each step is bounded by progress, not in total: a slow reader
             // that keeps reading gets its close frame.
             let sent: io::Result<()> = async {
-                if let Some((out, conn, rx)) = queued {
+                if let Some((out, rx)) = queued {
                     if code == close::TRY_LATER {
                         // A slow consumer's backlog is dropped; a frame cut
                         // short is finished, so the close frame can follow.
@@ -75,10 +75,7 @@ pub async fn finish<W: Wire>(
                     } else {
                         // Replies queued before the decision (the error that
                         // explains a 4008, say) go out first.
-                        while let Ok(f) = rx.try_recv() {
-                            conn.taken(f.len());
-                            out.push(f);
-                        }
+                        rx.drain(|_| true, |f| out.push(f));
                     }
                     wire.write(out, write_timeout).await?;
                 }

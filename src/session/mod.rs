@@ -44,7 +44,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
     time::{Instant, sleep_until, timeout, timeout_at},
 };
 use tokio_tungstenite::WebSocketStream;
@@ -59,7 +58,7 @@ use crate::{
     auth::Verified,
     engine::Page,
     error::{ChatError, ErrorCode},
-    hub::Conn,
+    hub::{Conn, Receiver},
     metrics,
     node::Node,
     protocol::{self, Ack, Command, Inbound, Outgoing, Refreshed, ServerFrame, Text, UserRef, Welcome, close, kind},
@@ -113,7 +112,7 @@ pub async fn run<W: Wire>(node: Arc<Node>, mut wire: W, pre_auth: Option<(Verifi
         Box::pin(write_direct(ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout)).await;
         return Box::pin(finish(ws, End::Close(close::POLICY), None, write_timeout)).await;
     }
-    let (conn, mut rx) =
+    let (conn, rx) =
         Conn::new(node.next_conn_id(), user.id.as_str().into(), limits.outbound_queue, limits.outbound_bytes);
     let span = tracing::info_span!("session", conn = conn.id, user = %user.id, transport = W::TRANSPORT);
     async move {
@@ -146,13 +145,13 @@ pub async fn run<W: Wire>(node: Arc<Node>, mut wire: W, pre_auth: Option<(Verifi
                 }
             }
             let mut s = Session { node: &node, conn: &conn, user: &user, exp: token.exp, strikes: &mut strikes };
-            Box::pin(s.run(ws, &mut out, &mut rx)).await
+            Box::pin(s.run(ws, &mut out, &rx)).await
         } else {
             End::Stalled
         };
         // The close handshake, then presence (which may wait on storage).
         conn.closer.close(close::NORMAL);
-        Box::pin(finish(ws, end, Some((&mut out, &conn, &mut rx)), write_timeout)).await;
+        Box::pin(finish(ws, end, Some((&mut out, &rx)), write_timeout)).await;
         metrics::connection_closed(W::TRANSPORT);
         Box::pin(node.close_session(&conn, opened.counted, &opened.dm_partners)).await;
         tracing::debug!(?end, "closed");
@@ -197,7 +196,7 @@ fn expiry_instant(exp: u64) -> Instant {
 }
 
 impl Session<'_> {
-    async fn run<W: Wire>(&mut self, ws: &mut W, out: &mut Writer, rx: &mut mpsc::Receiver<Outgoing>) -> End {
+    async fn run<W: Wire>(&mut self, ws: &mut W, out: &mut Writer, rx: &Receiver) -> End {
         let cfg = &self.node.cfg;
         let heartbeat = Duration::from_secs(cfg.server.heartbeat_s);
         let write_timeout = Duration::from_secs(cfg.limits.write_timeout_s);
@@ -223,13 +222,12 @@ impl Session<'_> {
                     expiry.as_mut().reset(never());
                 }
                 frame = rx.recv() => {
-                    let Some(frame) = frame else { return End::Gone };
                     // A close decided while a write is blocked (a slow
                     // consumer, a drain) is acted on at once.
                     let written = tokio::select! {
                         biased;
                         _ = self.conn.closer.closed() => None,
-                        r = write_batch(ws, out, rx, self.conn, frame, write_timeout) => Some(r),
+                        r = write_batch(ws, out, rx, frame, write_timeout) => Some(r),
                     };
                     match written {
                         None => return End::Close(self.conn.closer.code().unwrap_or(close::NORMAL)),
@@ -430,8 +428,7 @@ impl Session<'_> {
 async fn write_batch<W: Wire>(
     ws: &mut W,
     out: &mut Writer,
-    rx: &mut mpsc::Receiver<Outgoing>,
-    conn: &Conn,
+    rx: &Receiver,
     first: Outgoing,
     stall: Duration,
 ) -> io::Result<()> {
@@ -439,17 +436,19 @@ async fn write_batch<W: Wire>(
     if depth > 0 {
         metrics::queue_depth(depth);
     }
-    let mut bytes = first.len();
-    conn.taken(first.len());
+    let (mut n, mut bytes) = (1, first.len());
     out.push(first);
-    let mut n = 1;
-    while n < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
-        let Ok(f) = rx.try_recv() else { break };
-        bytes += f.len();
-        conn.taken(f.len());
-        out.push(f);
-        n += 1;
-    }
+    rx.drain(
+        |f| {
+            let room = n < WRITE_BATCH && bytes < WRITE_BATCH_BYTES;
+            if room {
+                n += 1;
+                bytes += f.len();
+            }
+            room
+        },
+        |f| out.push(f),
+    );
     ws.write(out, stall).await
 }
 

@@ -168,6 +168,8 @@ impl Writer {
             }
             self.advance(n);
         }
+        // Written out: an idle connection keeps no slots from its last burst.
+        self.frames = VecDeque::new();
         stalled(stall, io.flush()).await
     }
 
