@@ -24,7 +24,7 @@ use std::{
 
 use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::{
     metrics,
@@ -115,17 +115,18 @@ pub fn now_us() -> i64 {
 }
 
 /// Asks a connection to close with a code; the first request wins.
+/// Allocation-free (it lives in every connection's [`Conn`]).
 #[derive(Debug, Default)]
 pub struct Closer {
     code: AtomicU16,
-    token: CancellationToken,
+    closing: Notify,
 }
 
 impl Closer {
     /// Returns true if this call decided the code.
     pub fn close(&self, code: u16) -> bool {
         let won = self.code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
-        self.token.cancel();
+        self.closing.notify_waiters();
         won
     }
     pub fn code(&self) -> Option<u16> {
@@ -134,8 +135,14 @@ impl Closer {
             c => Some(c),
         }
     }
+    /// Ready once [`close`](Self::close) was called (before or after).
     pub async fn closed(&self) {
-        self.token.cancelled().await
+        // A `Notified` sees every `notify_waiters` from its creation on, so
+        // a close between this check and the wait is not missed.
+        let notified = self.closing.notified();
+        if self.code().is_none() {
+            notified.await;
+        }
     }
 }
 

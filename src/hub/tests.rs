@@ -146,3 +146,25 @@ fn membership_event_moves_subscriptions() {
     let got: Vec<String> = std::iter::from_fn(|| rx.try_recv()).map(|f| f.to_text().to_string()).collect();
     assert_eq!(got, ["joined", "m", "left"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_before_or_during_the_wait_ends_it_and_the_first_code_wins() {
+    let early = Closer::default();
+    assert!(early.close(4008));
+    assert!(!early.close(1000), "the first code wins");
+    early.closed().await;
+    assert_eq!(early.code(), Some(4008));
+    for _ in 0..200 {
+        let c = Arc::new(Closer::default());
+        let waiter = tokio::spawn({
+            let c = c.clone();
+            async move { c.closed().await }
+        });
+        tokio::task::yield_now().await;
+        c.close(1013);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("a waiting close ends when the connection is closed")
+            .unwrap();
+    }
+}

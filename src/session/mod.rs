@@ -83,17 +83,30 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// A session from the upgraded socket (or opened stream) to the closed
 /// connection. `pre_auth`: the token given before the session (at upgrade,
 /// or in the HTTP request), already verified, and the id of its `hello`.
-pub async fn run<W: Wire>(node: Arc<Node>, mut wire: W, pre_auth: Option<(Verified, Option<Value>)>) {
-    let ws = &mut wire;
+///
+/// Not an `async fn`: the arguments of one are copied into its future's
+/// state next to the originals, and this future lives as long as the
+/// connection (the WebSocket alone is 328 bytes). An `async move` block
+/// keeps one copy.
+#[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+pub fn run<W: Wire>(
+    node: Arc<Node>,
+    mut wire: W,
+    mut pre_auth: Option<(Verified, Option<Value>)>,
+) -> impl Future<Output = ()> {
+    async move { run_inner(&node, &mut wire, &mut pre_auth).await }
+}
+
+async fn run_inner<W: Wire>(node: &Arc<Node>, ws: &mut W, pre_auth: &mut Option<(Verified, Option<Value>)>) {
     let write_timeout = Duration::from_secs(node.cfg.limits.write_timeout_s);
     let mut strikes = Strikes { bad: 0, rate: 0, max: node.cfg.limits.max_bad_frames };
     // A token given at upgrade took its connect token there.
     let via_hello = pre_auth.is_none();
-    let (token, hello_id) = match pre_auth {
+    let (token, hello_id) = match pre_auth.take() {
         Some(x) => x,
         // Boxed sub-futures: only the running phase's state stays in the
         // session's future for the connection's life (memory per connection).
-        None => match Box::pin(authenticate(&node, ws, write_timeout)).await {
+        None => match Box::pin(authenticate(node, ws, write_timeout)).await {
             Ok(x) => x,
             Err(end) => return Box::pin(finish(ws, end, None, write_timeout)).await,
         },
@@ -144,7 +157,7 @@ pub async fn run<W: Wire>(node: Arc<Node>, mut wire: W, pre_auth: Option<(Verifi
                     tracing::debug!(error = %e, "presence announcement failed");
                 }
             }
-            let mut s = Session { node: &node, conn: &conn, user: &user, exp: token.exp, strikes: &mut strikes };
+            let mut s = Session { node, conn: &conn, user: &user, exp: token.exp, strikes: &mut strikes };
             Box::pin(s.run(ws, &mut out, &rx)).await
         } else {
             End::Stalled

@@ -144,7 +144,9 @@ pub async fn upgrade(
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return api_error(&ChatError::bad_request("this connection cannot be upgraded"));
     };
-    let config = websocket_config(node.cfg.limits.max_frame_bytes);
+    // What the task keeps lives as long as the connection: the WebSocket
+    // settings are made inside it, and the upgrade's leftover bytes are
+    // copied out in a scope of their own (see `session::run` on the size).
     let tracked = {
         let node = node.clone();
         async move {
@@ -159,17 +161,20 @@ pub async fn upgrade(
             // Our own TCP stream back (so the session can reset it), with any
             // bytes the client sent right after the request.
             match io.downcast::<TokioIo<Counted>>() {
-                Ok(hyper::upgrade::Parts { io, read_buf, .. }) => {
+                Ok(parts) => {
                     // Copied and dropped here: `read_buf` is a view of hyper's
                     // whole request buffer, which would otherwise stay
                     // allocated for the life of the session.
-                    let early = read_buf.to_vec();
-                    drop(read_buf);
-                    let io = io.into_inner();
+                    let (io, early) = {
+                        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+                        (io.into_inner(), read_buf.to_vec())
+                    };
+                    let config = websocket_config(node.cfg.limits.max_frame_bytes);
                     let ws = WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
                     session::run(node, session::WsWire::new(ws), verified.map(|v| (v, None))).await;
                 }
                 Err(io) => {
+                    let config = websocket_config(node.cfg.limits.max_frame_bytes);
                     let ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(config)).await;
                     session::run(node, session::WsWire::new(ws), verified.map(|v| (v, None))).await;
                 }
@@ -189,7 +194,7 @@ pub fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
     config.max_message_size = Some(max_frame_bytes);
     // Frames are small; the buffer grows for a large one. Keeps idle
     // connections cheap.
-    config.read_buffer_size = 1024;
+    config.read_buffer_size = 512;
     config.write_buffer_size = 0;
     config
 }
