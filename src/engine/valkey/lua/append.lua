@@ -43,22 +43,9 @@ if known then
   return {tonumber(known), ts, 1, redis.call('HGET', KEYS[1], 'epoch') or ''}
 end
 
-local now = now_ms()
-local rate, burst = tonumber(ARGV[13]), tonumber(ARGV[14])
-local tokens = 0
-if rate > 0 then
-  tokens = bucket_level(KEYS[5], rate, burst, now)
-  if tokens < 1 then
-    return {-2, bucket_wait(tokens, 1, rate)}
-  end
-end
-local need, brate, bburst = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
-local btokens = 0
-if brate > 0 then
-  btokens = bucket_level(KEYS[8], brate, bburst, now)
-  if btokens < need then
-    return {-5, bucket_wait(btokens, need, brate)}
-  end
+local refused, take_budget = send_budget(KEYS[5], ARGV[13], ARGV[14], KEYS[8], ARGV[15], ARGV[16], ARGV[17])
+if refused then
+  return refused
 end
 
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -68,12 +55,7 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'mseq', '1')
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
-if rate > 0 then
-  bucket_take(KEYS[5], tokens, 1, rate, burst, now)
-end
-if brate > 0 then
-  bucket_take(KEYS[8], btokens, need, brate, bburst, now)
-end
+take_budget()
 local frame = ARGV[4] .. seq .. ARGV[5]
 redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame, 't', ARGV[2], 'u', ARGV[3], 'k', ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)

@@ -27,3 +27,34 @@ local function bucket_take(key, tokens, need, rate, burst, now)
   redis.call('HSET', key, 'tk', tostring(tokens - need), 'ts', now)
   redis.call('PEXPIRE', key, math.ceil(burst * 1000 / rate) + 1000)
 end
+
+-- A sender's two budgets, checked together before anything is written: the
+-- send bucket `key` (one token; `rate` 0: none) and the byte bucket `bkey`
+-- (`need` bytes; `brate` 0: none). Returns the refusal ({-2, ms}: no send
+-- token, {-5, ms}: too few bytes), or nil and a function that takes both.
+local function send_budget(key, rate, burst, bkey, need, brate, bburst)
+  local now = now_ms()
+  rate, burst = tonumber(rate), tonumber(burst)
+  need, brate, bburst = tonumber(need), tonumber(brate), tonumber(bburst)
+  local tokens, btokens = 0, 0
+  if rate > 0 then
+    tokens = bucket_level(key, rate, burst, now)
+    if tokens < 1 then
+      return {-2, bucket_wait(tokens, 1, rate)}
+    end
+  end
+  if brate > 0 then
+    btokens = bucket_level(bkey, brate, bburst, now)
+    if btokens < need then
+      return {-5, bucket_wait(btokens, need, brate)}
+    end
+  end
+  return nil, function()
+    if rate > 0 then
+      bucket_take(key, tokens, 1, rate, burst, now)
+    end
+    if brate > 0 then
+      bucket_take(bkey, btokens, need, brate, bburst, now)
+    end
+  end
+end

@@ -40,30 +40,12 @@ if (redis.call('HGET', KEYS[7], ARGV[1]) or '') ~= ARGV[2] then
   return {-3}
 end
 
-local now = now_ms()
-local rate, burst = tonumber(ARGV[17]), tonumber(ARGV[18])
 -- rate 0: no bucket (the service API's moderation, as for its posts).
-local tokens = 0
-if rate > 0 then
-  tokens = bucket_level(KEYS[5], rate, burst, now)
-  if tokens < 1 then
-    return {-2, bucket_wait(tokens, 1, rate)}
-  end
+local refused, take_budget = send_budget(KEYS[5], ARGV[17], ARGV[18], KEYS[8], ARGV[21], ARGV[22], ARGV[23])
+if refused then
+  return refused
 end
-local need, brate, bburst = tonumber(ARGV[21]), tonumber(ARGV[22]), tonumber(ARGV[23])
-local btokens = 0
-if brate > 0 then
-  btokens = bucket_level(KEYS[8], brate, bburst, now)
-  if btokens < need then
-    return {-5, bucket_wait(btokens, need, brate)}
-  end
-end
-if rate > 0 then
-  bucket_take(KEYS[5], tokens, 1, rate, burst, now)
-end
-if brate > 0 then
-  bucket_take(KEYS[8], btokens, need, brate, bburst, now)
-end
+take_budget()
 
 local seq = redis.call('HINCRBY', KEYS[1], 'last', 1)
 local frame = ARGV[8] .. seq .. ARGV[9]
