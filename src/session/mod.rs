@@ -350,7 +350,7 @@ impl Session<'_> {
     /// Takes one send from the user's budget, and the bytes of its body
     /// (a message's, an edit's) from the byte budget (messages and changes
     /// alike). Past a budget too often in a row: close 4008.
-    async fn send_budget(&mut self, body: Option<&str>) -> Result<(), ChatError> {
+    fn send_budget(&mut self, body: Option<&str>) -> Result<(), ChatError> {
         let limited = match self.node.check_send_rate(&self.conn.user) {
             Ok(()) => match body {
                 Some(b) => self.node.check_send_bytes(&self.conn.user, b).err(),
@@ -392,7 +392,7 @@ impl Session<'_> {
             Command::Send { conversation, client_msg_id, body, reply_to } => {
                 node.validate_message(client_msg_id, body)?;
                 node.classify(conversation)?;
-                self.send_budget(Some(body)).await?;
+                self.send_budget(Some(body))?;
                 let a = node.store_message(user, conversation, client_msg_id.clone(), body.clone(), *reply_to).await?;
                 let ack = Ack { id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
                 self.reply(kind::ACK, protocol::render(&ServerFrame::Ack(ack)));
@@ -409,7 +409,7 @@ impl Session<'_> {
                     Command::Edit { body, .. } => Some(body.as_str()),
                     _ => None,
                 };
-                self.send_budget(body).await?;
+                self.send_budget(body)?;
                 let a = node.change(user, conversation, *seq, change).await?;
                 let ack = Ack { id, conversation, seq: a.seq, ts: a.ts_ms, duplicate: a.duplicate };
                 self.reply(kind::ACK, protocol::render(&ServerFrame::Ack(ack)));
