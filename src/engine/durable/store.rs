@@ -171,7 +171,7 @@ pub struct Opened {
 /// writes every page it touched to the WAL whole: a group commit of a few
 /// messages touches about three pages per message (the rows, the `(conv,
 /// seq)` key, the idempotency index), so smaller pages write and checksum a
-/// quarter of the bytes. Pairs on the durable engine: 7,100-8,200 round
+/// quarter of the bytes. Pairs on the durable engine: 7,100-8,500 round
 /// trips/s at 4,096, 8,600-9,800 at 1,024 (BENCHMARKS.md). A store created
 /// before keeps its page size (SQLite changes it only by a VACUUM).
 const PAGE_SIZE: i64 = 1024;
@@ -194,7 +194,7 @@ pub fn open(dir: &Path, fsync: Fsync) -> anyhow::Result<Opened> {
     };
     let conn = Connection::open(&path).map_err(|e| unreadable(&e))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    conn.pragma_update(None, "page_size", PAGE_SIZE).map_err(|e| unreadable(&e))?;
     let mode: String =
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(|e| unreadable(&e))?;
     if !mode.eq_ignore_ascii_case("wal") {
