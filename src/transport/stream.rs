@@ -15,6 +15,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use futures_util::FutureExt;
 use serde_json::value::RawValue;
 use tracing::Instrument;
 
@@ -118,13 +119,11 @@ async fn open(node: Arc<Node>, req: Request, with_body: bool) -> Response {
     }
     let abort = parts.extensions.get::<Abort>().map(|a| a.0.clone());
     let (wire, body) = SseWire::open(node.hub.clone(), &node.node_id, inbox_bytes(limits.max_frame_bytes), abort);
-    let task = {
-        let node = node.clone();
-        async move {
-            let _slot = slot;
-            session::run(node, wire, Some((verified, hello_id))).await;
-        }
-    };
+    // The session's future itself, with the slot freed when it ends: an
+    // `async move` block around the call would keep the token, the `hello`
+    // id and the wire a second time for the stream's life (memory per
+    // connection, as in `session::run`).
+    let task = session::run(node.clone(), wire, Some((verified, hello_id))).map(move |()| drop(slot));
     node.sessions.spawn(task.instrument(tracing::info_span!("stream")));
     let body = Body::from_stream(body);
     let mut resp = (StatusCode::OK, body).into_response();
