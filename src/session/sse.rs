@@ -212,11 +212,19 @@ impl SseWire {
     async fn write_raw(&mut self, bytes: &[u8], stall: Duration) -> io::Result<()> {
         stalled(stall, self.body.write_all(bytes)).await
     }
+
+    /// The session takes no more frames: a POST from now on gets 404, not a
+    /// 202 for a frame nobody reads. Done before the client can see the
+    /// close (the `close` event, the end of the response or a reset); the
+    /// session's own end (presence, storage) comes later.
+    fn unroute(&self) {
+        self.hub.streams.remove(&self.id);
+    }
 }
 
 impl Drop for SseWire {
     fn drop(&mut self) {
-        self.hub.streams.remove(&self.id);
+        self.unroute();
     }
 }
 
@@ -245,6 +253,7 @@ impl Wire for SseWire {
     }
 
     async fn send_close(&mut self, code: u16, stall: Duration) -> io::Result<()> {
+        self.unroute();
         let frame = serde_json::json!({"type": "close", "code": code, "reason": close::reason(code)});
         let mut out = Writer::new(Framing::Sse);
         out.push(Text::from(frame.to_string()));
@@ -262,6 +271,7 @@ impl Wire for SseWire {
     async fn gone(&mut self) {}
 
     fn reset(&mut self) {
+        self.unroute();
         self.body.close();
         if let Some(abort) = &self.abort {
             abort.cancel();
@@ -269,6 +279,7 @@ impl Wire for SseWire {
     }
 
     async fn shutdown(&mut self) {
+        self.unroute();
         self.body.close();
     }
 }
