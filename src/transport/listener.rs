@@ -232,7 +232,14 @@ pub fn spawn(listener: TcpListener, router: Router, limits: Limits, stop: Cancel
     })
 }
 
-async fn serve_one(
+/// One HTTP connection. The connection is built here and only what the
+/// future awaits is moved into it: an `async fn` would keep its arguments
+/// (the socket, the router, the limits, the peer) beside the connection
+/// that already owns them, for as long as the connection lives (an HTTP
+/// stream: the session's life). Per connection: a 512-byte task and a
+/// 704-byte connection (768 with jemalloc's size classes), where the
+/// `async fn` was a 1,408-byte task (1,536), release build.
+fn serve_one(
     io: TokioIo<Counted>,
     peer: SocketAddr,
     router: Router,
@@ -240,7 +247,7 @@ async fn serve_one(
     stop: CancellationToken,
     plain: Arc<PlainGuard>,
     abort: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send {
     let on_request = abort.clone();
     let slot = PlainSlot(plain.clone());
     let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -249,35 +256,40 @@ async fn serve_one(
         req.extensions_mut().insert(slot.clone());
         req
     });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .serve_connection(io, TowerToHyperService::new(service))
-        .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, %peer, "http connection ended with an error");
+    // Boxed: pinned inside the future it would be kept twice (the captured
+    // value and the pinned one).
+    let mut conn = Box::pin(
+        http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(io, TowerToHyperService::new(service))
+            .with_upgrades(),
+    );
+    async move {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, %peer, "http connection ended with an error");
+                }
+            }
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::select! {
+                    r = tokio::time::timeout(Duration::from_secs(5), conn) => r.ok(),
+                    _ = abort.cancelled() => None,
+                };
+            }
+            // Dropping the connection resets it (see `Counted`'s drop).
+            _ = abort.cancelled() => {}
+            // Pushed out by newer plain connections: closed now (dropping the
+            // connection closes the socket).
+            _ = plain.evict.cancelled() => {
+                tracing::debug!(%peer, "oldest plain http connection closed (limits.max_http_connections)");
             }
         }
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::select! {
-                r = tokio::time::timeout(Duration::from_secs(5), conn) => r.ok(),
-                _ = abort.cancelled() => None,
-            };
-        }
-        // Dropping the connection resets it (see `Counted`'s drop).
-        _ = abort.cancelled() => {}
-        // Pushed out by newer plain connections: closed now (dropping the
-        // connection closes the socket).
-        _ = plain.evict.cancelled() => {
-            tracing::debug!(%peer, "oldest plain http connection closed (limits.max_http_connections)");
-        }
+        // Closed, or upgraded: the WebSocket no longer counts as plain HTTP.
+        drop(plain);
     }
-    // Closed, or upgraded: the WebSocket no longer counts as plain HTTP.
-    drop(plain);
 }
 
 #[cfg(test)]
