@@ -308,7 +308,7 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_thousand_idle_streams_cost_at_most_twice_a_websocket() {
+async fn two_thousand_idle_streams_cost_at_most_17_kib_each() {
     let chat = Engine::Memory.start(&[("CHAT_CHAT__OPEN_CONVERSATIONS", "[]")]).await;
     let n = &chat.nodes[0];
     let ws_url = n.ws_url();
@@ -336,9 +336,15 @@ async fn two_thousand_idle_streams_cost_at_most_twice_a_websocket() {
     let m = n.metrics().await;
     assert_eq!(metric_with(&m, "chat_connections", &["transport=\"http\""]), 2000.0, "{m}");
     assert_eq!(metric_with(&m, "chat_connections", &["transport=\"ws\""]), 2200.0, "{m}");
-    // The target is 2x; measured 2.2x (debug build): hyper holds its 8 KiB
-    // read buffer and 8 KiB head buffer for the life of a streamed response,
-    // which a WebSocket frees at the upgrade. This bound catches regressions.
-    assert!(http <= 2.5 * ws.max(4.0), "HTTP stream {http:.2} KiB vs WebSocket {ws:.2} KiB per idle connection");
+    // Issue 19 asks for at most 2x a WebSocket; that is measured on release
+    // builds (BENCHMARKS.md). A debug build cannot hold that ratio as a
+    // guard: hyper keeps its 8 KiB read and 8 KiB head buffers for the life
+    // of a streamed response (a WebSocket frees them at the upgrade), a cost
+    // that does not shrink when the session does. When the session's task
+    // shrank (issue 20), a WebSocket here went from 6.6-7.2 to 5.5-6.1 KiB,
+    // the stream stayed at 14.5-15.6 KiB, and a ratio bound failed a change
+    // that made the WebSocket cheaper and the stream no dearer. So the guard
+    // is the stream's own cost.
+    assert!(http <= 17.0, "HTTP stream {http:.2} KiB per idle connection (measured 14.5-15.6; WebSocket {ws:.2})");
     drop((warm, ws_held, http_held));
 }

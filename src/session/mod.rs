@@ -132,7 +132,7 @@ async fn run_inner<W: Wire>(node: &Arc<Node>, ws: &mut W, pre_auth: &mut Option<
         let opened = match Box::pin(node.open_session(&conn, &user)).await {
             Ok(o) => o,
             Err(e) => {
-                node.close_session(&conn, false, &[]).await;
+                Box::pin(node.close_session(&conn, false, &[])).await;
                 let code = if e.code == ErrorCode::Internal { close::INTERNAL } else { close::TRY_LATER };
                 Box::pin(write_direct(ws, protocol::error(hello_id.as_ref(), &e), kind::ERROR, write_timeout)).await;
                 return Box::pin(finish(ws, End::Close(code), None, write_timeout)).await;
