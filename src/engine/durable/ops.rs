@@ -7,7 +7,7 @@ use std::{
     sync::Arc,
 };
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Transaction, params};
 use tokio::sync::oneshot;
 
 use super::State;
@@ -213,31 +213,35 @@ pub(super) fn apply(tx: &Transaction, state: &State, b: &mut Batch, op: Op) -> r
                 return Ok(());
             }
             let id = d.id;
-            let repeat: Option<(i64, i64)> = tx
+            let seq = d.last_seq + 1;
+            // Idempotency in the insert itself: a repeat of (sender,
+            // client_msg_id) inserts nothing, and only then is the stored one
+            // looked up (one index search per message, not two).
+            let inserted = tx
                 .prepare_cached(
-                    "SELECT seq, ts_ms FROM messages WHERE conv = ?1 AND sender_id = ?2 AND client_msg_id = ?3",
+                    "INSERT INTO messages (conv, seq, ts_ms, sender_id, sender_name, body, client_msg_id, reply_to) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                     ON CONFLICT (conv, sender_id, client_msg_id) DO NOTHING",
                 )?
-                .query_row(params![id, msg.sender.id, msg.client_msg_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            if let Some((seq, ts_ms)) = repeat {
+                .execute(params![
+                    id,
+                    seq as i64,
+                    msg.ts_ms,
+                    msg.sender.id,
+                    msg.sender.name,
+                    msg.body,
+                    msg.client_msg_id,
+                    msg.reply_to.map(|r| r as i64)
+                ])?;
+            if inserted == 0 {
+                let (seq, ts_ms): (i64, i64) = tx
+                    .prepare_cached(
+                        "SELECT seq, ts_ms FROM messages WHERE conv = ?1 AND sender_id = ?2 AND client_msg_id = ?3",
+                    )?
+                    .query_row(params![id, msg.sender.id, msg.client_msg_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 b.pending.push(pending(reply, Some(Appended { seq: seq as u64, ts_ms, duplicate: true })));
                 return Ok(());
             }
-            let seq = d.last_seq + 1;
-            tx.prepare_cached(
-                "INSERT INTO messages (conv, seq, ts_ms, sender_id, sender_name, body, client_msg_id, reply_to) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                id,
-                seq as i64,
-                msg.ts_ms,
-                msg.sender.id,
-                msg.sender.name,
-                msg.body,
-                msg.client_msg_id,
-                msg.reply_to.map(|r| r as i64)
-            ])?;
             d.last_seq = seq;
             d.seq_dirty = true;
             if seq == 1
