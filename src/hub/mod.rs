@@ -182,8 +182,23 @@ impl Conn {
     /// closes the connection with 1013 (slow consumer). Returns whether the
     /// frame was queued.
     pub fn push(&self, frame: impl Into<Outgoing>) -> bool {
-        match self.queue.push(frame.into()) {
-            Ok(()) => true,
+        self.push_then(frame.into(), Queue::wake)
+    }
+
+    /// Queues a frame like [`Conn::push`], leaving the writer's wake-up to
+    /// `wakes` (see [`Wakes`]).
+    pub fn push_deferred(self: &Arc<Self>, frame: Outgoing, wakes: &mut Wakes) -> bool {
+        self.push_then(frame, |_| wakes.0.push(self.clone()))
+    }
+
+    fn push_then(&self, frame: Outgoing, wake: impl FnOnce(&Queue)) -> bool {
+        match self.queue.push_quiet(frame) {
+            Ok(woken) => {
+                if woken {
+                    wake(&self.queue);
+                }
+                true
+            }
             Err(Full::Bytes) => {
                 self.slow_consumer("outbound bytes over limits.outbound_bytes");
                 false
@@ -206,6 +221,31 @@ impl Conn {
             metrics::slow_consumer_close();
             tracing::warn!(conn = self.id, user = %self.user, why, "slow consumer: closing 1013");
         }
+    }
+}
+
+/// Writers to wake once a run of fan-outs is queued: each connection whose
+/// queue a deferred push found empty, woken when this is flushed or dropped.
+///
+/// A node that delivers messages one after another (the Valkey engine's
+/// pub/sub receiver) queues a run of them before any writer runs, so each
+/// writer sends the run in one write instead of racing the fan-out frame by
+/// frame. The caller bounds the run; it must flush before it waits.
+#[derive(Default)]
+pub struct Wakes(Vec<Arc<Conn>>);
+
+impl Wakes {
+    /// Wakes every writer recorded so far.
+    pub fn flush(&mut self) {
+        for c in self.0.drain(..) {
+            c.queue.wake();
+        }
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -350,6 +390,15 @@ impl Hub {
     /// Delivers an event to the local connections of a topic. Returns the
     /// number of connections it was queued to.
     pub fn dispatch(&self, topic: &Topic, event: &Event) -> usize {
+        self.dispatch_with(topic, event, |c, f| c.push(f))
+    }
+
+    /// [`Hub::dispatch`], with the writers' wake-ups left to `wakes`.
+    pub fn dispatch_deferred(&self, topic: &Topic, event: &Event, wakes: &mut Wakes) -> usize {
+        self.dispatch_with(topic, event, |c, f| c.push_deferred(f, wakes))
+    }
+
+    fn dispatch_with(&self, topic: &Topic, event: &Event, mut push: impl FnMut(&Arc<Conn>, Outgoing) -> bool) -> usize {
         let exclude = event.exclude_user.as_deref();
         let deliver = |set: &ConnSet| {
             let mut n = 0usize;
@@ -357,7 +406,7 @@ impl Hub {
                 if exclude.is_some_and(|u| *u == *c.user) {
                     continue;
                 }
-                if c.push(event.frame.clone()) {
+                if push(c, event.frame.clone().into()) {
                     n += 1;
                 }
             }

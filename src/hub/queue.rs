@@ -58,7 +58,11 @@ impl Queue {
     }
 
     /// Queues `frame` unless that would pass either bound; never waits.
-    pub fn push(&self, frame: Outgoing) -> Result<(), Full> {
+    /// Waking the consumer is left to the caller: returns whether it must
+    /// [`Queue::wake`] it (the queue was empty, so the consumer may be
+    /// waiting). Lets a fan-out of several frames wake each consumer once,
+    /// after the last.
+    pub fn push_quiet(&self, frame: Outgoing) -> Result<bool, Full> {
         let was_empty = {
             let mut s = self.state.lock();
             if s.frames.len() >= self.max_frames {
@@ -71,10 +75,12 @@ impl Queue {
             s.frames.push_back(frame);
             s.frames.len() == 1
         };
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Ok(())
+        Ok(was_empty)
+    }
+
+    /// Wakes the consumer (or lets its next wait return at once).
+    pub fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// The next frame, waiting for one. Cancel-safe: a frame is taken only
@@ -114,7 +120,15 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
+    use std::{
+        pin::pin,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        task::{Context, Poll, Wake, Waker},
+        time::Duration,
+    };
 
     use super::*;
     use crate::protocol::Text;
@@ -123,24 +137,56 @@ mod tests {
         Outgoing::Whole(Text::from(s.to_string()))
     }
 
+    /// Counts wake-ups.
+    #[derive(Default)]
+    struct Wakeups(AtomicUsize);
+
+    impl Wake for Wakeups {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn both_bounds_refuse_and_taking_frees_room() {
         let q = Queue::new(2, 10);
-        assert_eq!(q.push(frame("abcd")), Ok(()));
-        assert_eq!(q.push(frame("abcdefg")), Err(Full::Bytes));
-        assert_eq!(q.push(frame("efgh")), Ok(()));
-        assert_eq!(q.push(frame("i")), Err(Full::Frames));
+        assert_eq!(q.push_quiet(frame("abcd")), Ok(true));
+        assert_eq!(q.push_quiet(frame("abcdefg")), Err(Full::Bytes));
+        assert_eq!(q.push_quiet(frame("efgh")), Ok(false));
+        assert_eq!(q.push_quiet(frame("i")), Err(Full::Frames));
         assert_eq!((q.len(), q.bytes()), (2, 8));
         assert_eq!(q.try_recv().map(|f| f.len()), Some(4));
-        assert_eq!(q.push(frame("ij")), Ok(()));
+        assert_eq!(q.push_quiet(frame("ij")), Ok(false));
         assert_eq!((q.len(), q.bytes()), (2, 6));
+    }
+
+    #[test]
+    fn a_waiting_consumer_is_woken_once_and_only_when_asked() {
+        let q = Queue::new(8, 1 << 10);
+        let wakeups = Arc::new(Wakeups::default());
+        let waker = Waker::from(wakeups.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut recv = pin!(q.recv());
+        assert!(recv.as_mut().poll(&mut cx).is_pending(), "nothing queued yet");
+        // The first frame into an empty queue asks for a wake-up; the ones
+        // after it do not (the consumer will find them with the first).
+        assert_eq!(q.push_quiet(frame("a")), Ok(true));
+        assert_eq!(q.push_quiet(frame("b")), Ok(false));
+        assert_eq!(wakeups.0.load(Ordering::SeqCst), 0, "a quiet push wakes nobody");
+        q.wake();
+        assert_eq!(wakeups.0.load(Ordering::SeqCst), 1);
+        match recv.as_mut().poll(&mut cx) {
+            Poll::Ready(f) => assert_eq!(f.to_text(), "a"),
+            Poll::Pending => panic!("woken, the consumer finds the first frame"),
+        }
+        assert_eq!(q.try_recv().map(|f| f.to_text().to_string()).as_deref(), Some("b"));
     }
 
     #[test]
     fn frames_come_out_in_order_and_an_empty_queue_holds_no_memory() {
         let q = Queue::new(100, 1 << 20);
         for i in 0..40 {
-            q.push(frame(&i.to_string())).unwrap();
+            q.push_quiet(frame(&i.to_string())).unwrap();
         }
         assert!(q.state.lock().frames.capacity() >= 40);
         let mut first = Vec::new();
@@ -160,7 +206,9 @@ mod tests {
                 let q = q.clone();
                 tokio::spawn(async move {
                     for i in 0..2_000 {
-                        q.push(frame(&format!("{p}:{i}"))).unwrap();
+                        if q.push_quiet(frame(&format!("{p}:{i}"))).unwrap() {
+                            q.wake();
+                        }
                         if i % 100 == 0 {
                             tokio::task::yield_now().await;
                         }

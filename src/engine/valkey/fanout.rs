@@ -11,6 +11,7 @@ use std::{
 
 use async_trait::async_trait;
 use fred::prelude::*;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::Instrument;
 
 use super::{
@@ -21,26 +22,51 @@ use super::{
 use crate::{
     engine::{Broker, Route},
     error::EngineResult,
-    hub::{Event, EventKind, Topic},
+    hub::{Event, EventKind, Topic, Wakes},
     ids, telemetry,
 };
 
 /// The last message delivered of a (topic, conversation): its epoch and seq.
 pub(super) type Mark = (Arc<str>, u64);
 
+/// At most this many pub/sub messages are queued to the local connections
+/// before their writers are woken (see [`Wakes`]).
+const RUN: usize = 32;
+
 /// Delivers pub/sub messages to the hub, in arrival order.
+///
+/// Messages already received are delivered as a run of at most [`RUN`]
+/// before the writers they reached are woken, so a writer sends the run in
+/// one write. A run ends as soon as no message is waiting: a lone message
+/// is not held back.
 pub(super) async fn receive(inner: Arc<Inner>) {
     let mut rx = inner.sub.message_rx();
     let control = inner.control_channel();
+    let mut wakes = Wakes::default();
+    let mut run = 0usize;
     loop {
-        match rx.recv().await {
+        let next = match (run > 0 && run < RUN).then(|| rx.try_recv()) {
+            Some(Err(TryRecvError::Empty)) | None => {
+                wakes.flush();
+                run = 0;
+                rx.recv().await
+            }
+            Some(Ok(msg)) => Ok(msg),
+            Some(Err(TryRecvError::Lagged(n))) => Err(RecvError::Lagged(n)),
+            Some(Err(TryRecvError::Closed)) => Err(RecvError::Closed),
+        };
+        match next {
             Ok(msg) => {
+                // Every message counts toward the run, so the loop goes back
+                // to `recv` (and yields to the scheduler) at least every RUN.
+                run += 1;
                 let Some(payload) = msg.value.as_str() else { continue };
                 if *msg.channel == *control {
                     inner.on_control(&payload);
                     continue;
                 }
                 if msg.channel == inner.keys.broadcast() {
+                    wakes.flush();
                     broadcast::deliver(&inner, &payload).await;
                     continue;
                 }
@@ -57,19 +83,22 @@ pub(super) async fn receive(inner: Arc<Inner>) {
                 }
                 if let Some((conv, epoch, seq)) = seq {
                     // Messages go through the in-order path (gap fill, no repeats).
-                    let n = deliver_message(&inner, &topic, &conv, &epoch, seq, &event).instrument(span.clone()).await;
+                    let n = deliver_message(&inner, &topic, &conv, &epoch, seq, &event, &mut wakes)
+                        .instrument(span.clone())
+                        .await;
                     span.record("recipients", n);
                     continue;
                 }
+                wakes.flush();
                 let n = dispatch_users(&inner, std::slice::from_ref(&topic), &event, &span).await;
                 span.record("recipients", n);
             }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+            Err(RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "pub/sub receiver lagged; re-sending from storage");
                 let inner = inner.clone();
                 tokio::spawn(async move { recover(&inner).await });
             }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            Err(RecvError::Closed) => return,
         }
     }
 }
@@ -119,7 +148,15 @@ enum Order {
 /// Delivers one message of `conv` on `topic` if it is the next in seq order
 /// of its epoch (or the first this node sees), under the lock that keeps the
 /// mark and the delivery in step.
-fn deliver_next(inner: &Inner, topic: &Topic, conv: &Arc<str>, epoch: &Arc<str>, seq: u64, event: &Event) -> Order {
+fn deliver_next(
+    inner: &Inner,
+    topic: &Topic,
+    conv: &Arc<str>,
+    epoch: &Arc<str>,
+    seq: u64,
+    event: &Event,
+    wakes: &mut Wakes,
+) -> Order {
     let mut marks = inner.delivered.lock();
     let key = (topic.clone(), conv.clone());
     // Another epoch: the history was lost and seqs start again. What was
@@ -133,7 +170,7 @@ fn deliver_next(inner: &Inner, topic: &Topic, conv: &Arc<str>, epoch: &Arc<str>,
         Some(mark) if seq <= mark => Order::Repeat,
         Some(mark) if seq > mark + 1 => Order::GapAfter(mark),
         _ => {
-            let n = inner.hub.dispatch(topic, event);
+            let n = inner.hub.dispatch_deferred(topic, event, wakes);
             marks.insert(key, (epoch.clone(), seq));
             Order::Delivered(n)
         }
@@ -149,12 +186,15 @@ async fn deliver_message(
     epoch: &Arc<str>,
     seq: u64,
     event: &Event,
+    wakes: &mut Wakes,
 ) -> usize {
-    let mark = match deliver_next(inner, topic, conv, epoch, seq, event) {
+    let mark = match deliver_next(inner, topic, conv, epoch, seq, event, wakes) {
         Order::Delivered(n) => return n,
         Order::Repeat => return 0,
         Order::GapAfter(mark) => mark,
     };
+    // What is queued goes out while storage is asked.
+    wakes.flush();
     let key = inner.keys.conv(conv, "msgs");
     let missing: Result<Vec<StreamEntry>, _> =
         inner.pool.next().xrange(&key, format!("{}-0", mark + 1), format!("{}-0", seq - 1), None).await;
@@ -162,7 +202,7 @@ async fn deliver_message(
         Ok(entries) => {
             for e in &entries {
                 if let Some((seq, event)) = entry_event(e) {
-                    deliver_next(inner, topic, conv, epoch, seq, &event);
+                    deliver_next(inner, topic, conv, epoch, seq, &event, wakes);
                 }
             }
             crate::metrics::pubsub_resent(entries.len() as u64);
@@ -171,12 +211,12 @@ async fn deliver_message(
     }
     // Delivered after the fill (or, if storage failed, anyway: clients see
     // the gap by seq and sync).
-    match deliver_next(inner, topic, conv, epoch, seq, event) {
+    match deliver_next(inner, topic, conv, epoch, seq, event, wakes) {
         Order::Delivered(n) => n,
         Order::Repeat => 0,
         Order::GapAfter(_) => {
             inner.delivered.lock().insert((topic.clone(), conv.clone()), (epoch.clone(), seq - 1));
-            match deliver_next(inner, topic, conv, epoch, seq, event) {
+            match deliver_next(inner, topic, conv, epoch, seq, event, wakes) {
                 Order::Delivered(n) => n,
                 _ => 0,
             }
@@ -309,10 +349,12 @@ async fn resend(inner: &Inner, topic: &Topic, conv: &str, since_ms: i64) -> Engi
         }
     };
     let mut n = 0;
+    // The whole page is queued before a writer is woken (dropping wakes them).
+    let mut wakes = Wakes::default();
     for e in &entries {
         let (seq, event) =
             entry_event(e).ok_or_else(|| crate::error::EngineError::Internal(format!("stream entry {}", e.0)))?;
-        if matches!(deliver_next(inner, topic, &conv, &epoch, seq, &event), Order::Delivered(_)) {
+        if matches!(deliver_next(inner, topic, &conv, &epoch, seq, &event, &mut wakes), Order::Delivered(_)) {
             n += 1;
         }
     }
