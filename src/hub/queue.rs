@@ -119,9 +119,9 @@ impl Queue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::{
-        pin::pin,
+        pin::{Pin, pin},
         sync::{
             Arc,
             atomic::{AtomicUsize, Ordering},
@@ -137,13 +137,26 @@ mod tests {
         Outgoing::Whole(Text::from(s.to_string()))
     }
 
-    /// Counts wake-ups.
+    /// A waker that counts its wake-ups (the hub's tests use it too).
     #[derive(Default)]
-    struct Wakeups(AtomicUsize);
+    pub(in crate::hub) struct Wakeups(AtomicUsize);
 
     impl Wake for Wakeups {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Wakeups {
+        /// Polls `fut` once with a waker that counts here.
+        pub(in crate::hub) fn poll<F: Future>(self: &Arc<Self>, fut: Pin<&mut F>) -> Poll<F::Output> {
+            let waker = Waker::from(self.clone());
+            fut.poll(&mut Context::from_waker(&waker))
+        }
+
+        /// Wake-ups so far.
+        pub(in crate::hub) fn count(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
         }
     }
 
@@ -164,18 +177,16 @@ mod tests {
     fn a_waiting_consumer_is_woken_once_and_only_when_asked() {
         let q = Queue::new(8, 1 << 10);
         let wakeups = Arc::new(Wakeups::default());
-        let waker = Waker::from(wakeups.clone());
-        let mut cx = Context::from_waker(&waker);
         let mut recv = pin!(q.recv());
-        assert!(recv.as_mut().poll(&mut cx).is_pending(), "nothing queued yet");
+        assert!(wakeups.poll(recv.as_mut()).is_pending(), "nothing queued yet");
         // The first frame into an empty queue asks for a wake-up; the ones
         // after it do not (the consumer will find them with the first).
         assert_eq!(q.push_quiet(frame("a")), Ok(true));
         assert_eq!(q.push_quiet(frame("b")), Ok(false));
-        assert_eq!(wakeups.0.load(Ordering::SeqCst), 0, "a quiet push wakes nobody");
+        assert_eq!(wakeups.count(), 0, "a quiet push wakes nobody");
         q.wake();
-        assert_eq!(wakeups.0.load(Ordering::SeqCst), 1);
-        match recv.as_mut().poll(&mut cx) {
+        assert_eq!(wakeups.count(), 1);
+        match wakeups.poll(recv.as_mut()) {
             Poll::Ready(f) => assert_eq!(f.to_text(), "a"),
             Poll::Pending => panic!("woken, the consumer finds the first frame"),
         }

@@ -30,13 +30,7 @@ fn conv_fanout_excludes_and_counts() {
 
 #[test]
 fn deferred_fanout_queues_a_run_and_wakes_each_writer_once_when_flushed() {
-    #[derive(Default)]
-    struct Wakeups(std::sync::atomic::AtomicUsize);
-    impl std::task::Wake for Wakeups {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use queue::tests::Wakeups;
     let hub = Hub::new();
     let (a, ra) = Conn::new(1, "alice".into(), 8, 1 << 20);
     let (b, rb) = Conn::new(2, "bob".into(), 8, 1 << 20);
@@ -48,17 +42,16 @@ fn deferred_fanout_queues_a_run_and_wakes_each_writer_once_when_flushed() {
     let wakeups: Vec<Arc<Wakeups>> = (0..2).map(|_| Arc::default()).collect();
     let mut waits: Vec<_> = [&ra, &rb].into_iter().map(|r| Box::pin(r.recv())).collect();
     for (w, n) in waits.iter_mut().zip(&wakeups) {
-        let waker = std::task::Waker::from(n.clone());
-        assert!(w.as_mut().poll(&mut std::task::Context::from_waker(&waker)).is_pending());
+        assert!(n.poll(w.as_mut()).is_pending());
     }
     let topic = Topic::Conv("g".into());
     let mut wakes = Wakes::default();
     for m in ["m1", "m2", "m3"] {
         assert_eq!(hub.dispatch_deferred(&topic, &Event::new(EventKind::Message, frame(m)), &mut wakes), 2);
     }
-    assert!(wakeups.iter().all(|n| n.0.load(Ordering::SeqCst) == 0), "no writer woken before the flush");
+    assert!(wakeups.iter().all(|n| n.count() == 0), "no writer woken before the flush");
     wakes.flush();
-    assert!(wakeups.iter().all(|n| n.0.load(Ordering::SeqCst) == 1), "each writer woken once for the run");
+    assert!(wakeups.iter().all(|n| n.count() == 1), "each writer woken once for the run");
     drop(waits);
     for r in [&ra, &rb] {
         let got: Vec<String> = std::iter::from_fn(|| r.try_recv()).map(|f| f.to_text().to_string()).collect();
@@ -67,13 +60,12 @@ fn deferred_fanout_queues_a_run_and_wakes_each_writer_once_when_flushed() {
     // Dropping a run that was not flushed wakes its writers too.
     let wakeup = Arc::new(Wakeups::default());
     let mut wait = Box::pin(ra.recv());
-    let waker = std::task::Waker::from(wakeup.clone());
-    assert!(wait.as_mut().poll(&mut std::task::Context::from_waker(&waker)).is_pending());
+    assert!(wakeup.poll(wait.as_mut()).is_pending());
     let mut wakes = Wakes::default();
     hub.dispatch_deferred(&topic, &Event::new(EventKind::Message, frame("m4")), &mut wakes);
-    assert_eq!(wakeup.0.load(Ordering::SeqCst), 0);
+    assert_eq!(wakeup.count(), 0);
     drop(wakes);
-    assert_eq!(wakeup.0.load(Ordering::SeqCst), 1);
+    assert_eq!(wakeup.count(), 1);
 }
 
 #[test]
