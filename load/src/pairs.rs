@@ -33,6 +33,18 @@ pub struct Opts {
     /// Seconds a round trip may take before it counts as timed out (and the next starts).
     #[arg(long, default_value_t = 5)]
     pub rt_timeout_s: u64,
+    /// Shape of each send's `client_msg_id`: `uuid`, random-looking v4 UUIDs
+    /// as `chat.js` sends (the durable store's idempotency index then takes
+    /// them at random places, as in production); `counter`, `<prefix>-p<i><side><n>`
+    /// (this tool's ids before issue 20: nearly in order, so cheaper to index).
+    #[arg(long, value_enum, default_value_t = CmidShape::Uuid)]
+    pub cmid: CmidShape,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmidShape {
+    Uuid,
+    Counter,
 }
 
 pub async fn run(ctx: &Ctx, opts: &Opts, duration: Duration) -> Result<Value, Fatal> {
@@ -65,6 +77,7 @@ pub async fn run(ctx: &Ctx, opts: &Opts, duration: Duration) -> Result<Value, Fa
             conv: format!("dm:{}:{}", users[2 * i], users[2 * i + 1]),
             until: start + duration,
             rt_timeout,
+            cmid: opts.cmid,
         };
         tasks.push(tokio::spawn(pair.run(a, b, rtt.recorder(), one_way.recorder())));
     }
@@ -198,11 +211,32 @@ struct Pair {
     /// Ping-pong until then.
     until: Instant,
     rt_timeout: Duration,
+    cmid: CmidShape,
+}
+
+/// A v4-UUID-shaped id that looks random but is a function of `key`, so a
+/// side can recognise the other's message by recomputing it.
+fn uuid_like(key: &impl std::hash::Hash) -> String {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let build = BuildHasherDefault::<DefaultHasher>::default();
+    let hi = build.hash_one(key);
+    let lo = build.hash_one((hi, key));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xfff,
+        0x8000 | (lo >> 48) & 0x3fff,
+        lo & 0xffff_ffff_ffff
+    )
 }
 
 impl Pair {
     fn cmid(&self, side: char, n: u64) -> String {
-        format!("{}-p{}{side}{n}", self.prefix, self.i)
+        match self.cmid {
+            CmidShape::Counter => format!("{}-p{}{side}{n}", self.prefix, self.i),
+            CmidShape::Uuid => uuid_like(&(&self.prefix, self.i, side, n)),
+        }
     }
 
     fn frame(&self, side: char, n: u64) -> String {
@@ -357,5 +391,27 @@ impl Pair {
         let _ = timeout(Duration::from_secs(1), a.tx.close()).await;
         let _ = timeout(Duration::from_secs(1), b.tx.close()).await;
         st
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uuid_like;
+
+    #[test]
+    fn uuid_like_ids_are_v4_shaped_repeatable_and_distinct() {
+        let a = uuid_like(&("run", 3usize, 'a', 7u64));
+        assert_eq!(a, uuid_like(&("run", 3usize, 'a', 7u64)), "the other side recomputes it");
+        assert_ne!(a, uuid_like(&("run", 3usize, 'b', 7u64)));
+        assert_ne!(a, uuid_like(&("run", 3usize, 'a', 8u64)));
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{a}");
+        assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{a}");
+        assert!(parts[2].starts_with('4'), "version 4: {a}");
+        assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'), "RFC 4122 variant: {a}");
+        // Spread over the whole id space, not counting up.
+        let firsts: std::collections::HashSet<char> =
+            (0..64u64).map(|n| uuid_like(&("run", 0usize, 'a', n)).chars().next().unwrap()).collect();
+        assert!(firsts.len() > 8, "{firsts:?}");
     }
 }
