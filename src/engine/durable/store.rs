@@ -119,9 +119,17 @@ pub fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
 }
 
-/// Pages of the write connection's cache (`cache_size`, negative: KiB): the
-/// idempotency index is written at random places, and a miss is a `pread`.
-const WRITER_CACHE_KIB: i64 = 16 << 10;
+/// The write connection's page cache (`cache_size`, negative: KiB). Small on
+/// purpose: inserting into the idempotency index at random places (clients
+/// send random UUIDs) splits b-tree pages out of page-number order, SQLite
+/// renumbers them through the locking page's number, and the next COMMIT then
+/// walks every page in the cache (`pcache1TruncateUnsafe`), whatever it wrote.
+/// That walk grows with the cache, not with the commit: with random ids the
+/// store alone (`examples/store_floor.rs`, batches of 16) costs 23.8 µs per
+/// message with 16 MiB and 13.8 µs with 2 MiB, 37.5 against 18.3 µs at a
+/// million messages (BENCHMARKS.md). A page it misses is a `pread` from the
+/// OS's cache, far cheaper than walking thousands of pages at every commit.
+const WRITER_CACHE_KIB: i64 = 2 << 10;
 
 /// The write connection's settings for `fsync`: WAL, and `synchronous=FULL`
 /// (every commit fsyncs the WAL) or `NORMAL` (commits reach the OS; the
