@@ -125,9 +125,9 @@ pub fn boot_id() -> Option<String> {
 /// renumbers them through the locking page's number, and the next COMMIT then
 /// walks every page in the cache (`pcache1TruncateUnsafe`), whatever it wrote.
 /// That walk grows with the cache, not with the commit: with random ids the
-/// store alone (`examples/store_floor.rs`, batches of 16) costs 23.8 µs per
-/// message with 16 MiB and 13.8 µs with 2 MiB, 37.5 against 18.3 µs at a
-/// million messages (BENCHMARKS.md). A page it misses is a `pread` from the
+/// store alone (`examples/store_floor.rs`, batches of 16) costs 21.9 µs per
+/// message with 16 MiB and 12.4 µs with 2 MiB, 35.8-37.5 against 18.3-24.9 µs
+/// at a million messages (BENCHMARKS.md). A page it misses is a `pread` from the
 /// OS's cache, far cheaper than walking thousands of pages at every commit.
 const WRITER_CACHE_KIB: i64 = 2 << 10;
 
