@@ -221,14 +221,8 @@ fn uuid_like(key: &impl std::hash::Hash) -> String {
     let build = BuildHasherDefault::<DefaultHasher>::default();
     let hi = build.hash_one(key);
     let lo = build.hash_one((hi, key));
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xfff,
-        0x8000 | (lo >> 48) & 0x3fff,
-        lo & 0xffff_ffff_ffff
-    )
+    let bytes = ((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes();
+    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
 }
 
 impl Pair {
