@@ -4,15 +4,20 @@ fn frame(s: &str) -> Text {
     Text::from(s.to_string())
 }
 
+/// A connection of `user` (a queue of `frames`, 1 MiB), registered and
+/// subscribed to the conversation `conv`.
+fn member(hub: &Hub, id: u64, user: &str, frames: usize, conv: &str) -> (Arc<Conn>, Receiver) {
+    let (c, rx) = Conn::new(id, user.into(), frames, 1 << 20);
+    hub.register(&c);
+    hub.subscribe(&c, [conv.into()]);
+    (c, rx)
+}
+
 #[test]
 fn conv_fanout_excludes_and_counts() {
     let hub = Hub::new();
-    let (a, ra) = Conn::new(1, "alice".into(), 8, 1 << 20);
-    let (b, rb) = Conn::new(2, "bob".into(), 8, 1 << 20);
-    hub.register(&a);
-    hub.register(&b);
-    hub.subscribe(&a, ["g".into()]);
-    hub.subscribe(&b, ["g".into()]);
+    let (a, ra) = member(&hub, 1, "alice", 8, "g");
+    let (b, rb) = member(&hub, 2, "bob", 8, "g");
     let topic = Topic::Conv("g".into());
     assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Message, frame("m"))), 2);
     assert_eq!(hub.dispatch(&topic, &Event::new(EventKind::Typing, frame("t")).excluding("alice")), 1);
@@ -32,12 +37,8 @@ fn conv_fanout_excludes_and_counts() {
 fn deferred_fanout_queues_a_run_and_wakes_each_writer_once_when_flushed() {
     use queue::tests::Wakeups;
     let hub = Hub::new();
-    let (a, ra) = Conn::new(1, "alice".into(), 8, 1 << 20);
-    let (b, rb) = Conn::new(2, "bob".into(), 8, 1 << 20);
-    for c in [&a, &b] {
-        hub.register(c);
-        hub.subscribe(c, ["g".into()]);
-    }
+    let (_a, ra) = member(&hub, 1, "alice", 8, "g");
+    let (_b, rb) = member(&hub, 2, "bob", 8, "g");
     // Both writers wait for a frame.
     let wakeups: Vec<Arc<Wakeups>> = (0..2).map(|_| Arc::default()).collect();
     let mut waits: Vec<_> = [&ra, &rb].into_iter().map(|r| Box::pin(r.recv())).collect();
@@ -71,12 +72,8 @@ fn deferred_fanout_queues_a_run_and_wakes_each_writer_once_when_flushed() {
 #[test]
 fn full_queue_closes_1013_without_blocking_others() {
     let hub = Hub::new();
-    let (slow, _rs) = Conn::new(1, "slow".into(), 8, 1 << 20);
-    let (fast, rf) = Conn::new(2, "fast".into(), 64, 1 << 20);
-    for c in [&slow, &fast] {
-        hub.register(c);
-        hub.subscribe(c, ["g".into()]);
-    }
+    let (slow, _rs) = member(&hub, 1, "slow", 8, "g");
+    let (_fast, rf) = member(&hub, 2, "fast", 64, "g");
     for _ in 0..20 {
         hub.dispatch(&Topic::Conv("g".into()), &Event::new(EventKind::Message, frame("m")));
     }
@@ -103,12 +100,8 @@ fn byte_budget_closes_1013_and_frees_on_take() {
 #[test]
 fn batches_carry_the_latest_state_per_user_once_per_flush() {
     let hub = Hub::new();
-    let (a, ra) = Conn::new(1, "alice".into(), 64, 1 << 20);
-    let (b, rb) = Conn::new(2, "bob".into(), 64, 1 << 20);
-    for c in [&a, &b] {
-        hub.register(c);
-        hub.subscribe(c, ["general".into()]);
-    }
+    let (_a, ra) = member(&hub, 1, "alice", 64, "general");
+    let (_b, rb) = member(&hub, 2, "bob", 64, "general");
     let topic = Topic::Conv("general".into());
     let presence = |user: &str, online: bool| {
         let f = render(&crate::protocol::ServerFrame::PresenceChange(crate::protocol::PresenceChange {
